@@ -1,0 +1,33 @@
+# cpx_devops: `make demo` shows it, `make test` checks it. Nothing to install.
+PYTHON ?= python3
+# A pyenv shim for a version that is installed but not selected fails to run:
+# fall back to that version's own binary, so `make test PYTHON=python3.7` works.
+PY := $(shell p='$(PYTHON)'; if "$$p" -c '' >/dev/null 2>&1; then echo "$$p"; else \
+        for c in $${PYENV_ROOT:-$$HOME/.pyenv}/versions/*/bin/$$p; do \
+          [ -x "$$c" ] && "$$c" -c '' >/dev/null 2>&1 && { echo "$$c"; break; }; done; fi)
+
+.PHONY: help demo test
+.DEFAULT_GOAL := help
+
+help: ## this list
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 12
+
+check-python:
+	@[ -n "$(PY)" ] || { echo "make: no working $(PYTHON) found" >&2; exit 2; }
+
+demo: check-python ## run the tool against its own simulator
+	@log=$$(mktemp); sim=; \
+	trap 'test -n "$$sim" && kill $$sim 2>/dev/null; rm -f $$log' EXIT INT TERM; \
+	$(PY) cpx_devops.py simulate --port 0 --seed 42 2>$$log & sim=$$!; \
+	url=; for i in $$(seq 100); do \
+	  url=$$(sed -n 's/.*listening on \(http[^ ]*\).*/\1/p' $$log); [ -n "$$url" ] && break; sleep 0.05; done; \
+	[ -n "$$url" ] || { cat $$log >&2; echo "demo: the simulator did not start" >&2; exit 1; }; \
+	cpx() { echo; echo "\$$ cpx_devops.py $$*"; $(PY) cpx_devops.py --url $$url "$$@"; }; \
+	cpx services --sort cpu | head -12; \
+	cpx status; \
+	cpx unhealthy || echo "(exit status $$?: at least one service flagged)"; \
+	cpx track MailService --interval 1 --count 3
+
+test: check-python ## the whole suite (PYTHON=python3.7 for another Python)
+	@$(PY) --version
+	@$(PY) test_cpx_devops.py

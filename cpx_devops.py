@@ -1,0 +1,1243 @@
+#!/usr/bin/env python3
+"""cpx_devops: the health of a fleet on Cloud Provider X (CPX), in seconds.
+
+One file, standard library only, Python 3.7 or newer. It reads the CPX API
+(GET /servers, then GET /<ip> for every instance, concurrently) and prints
+what an SRE needs during an incident.
+
+Usage:
+  cpx_devops.py [global options] services [--service NAME] [--sort KEY]
+  cpx_devops.py [global options] status [SERVICE]
+  cpx_devops.py [global options] unhealthy [--min-healthy N]
+  cpx_devops.py [global options] track SERVICE [-n SECONDS] [-c COUNT]
+  cpx_devops.py simulate [--port 8080] [--servers 150] [--latency-ms 0] [--seed N]
+
+Health rule: an instance is Unhealthy when its cpu or its memory is strictly
+above its threshold (90% each by default), Unknown when it could not be read
+or its data is invalid, Healthy otherwise.
+
+Exit status:
+  0    success (for `unhealthy`: no service flagged)
+  1    `unhealthy` flagged at least one service
+  2    usage error (bad option, unknown service, URL not http/https)
+  3    CPX unavailable (server list unreadable, or no instance readable)
+  130  interrupted by Ctrl+C (`track` exits 0: Ctrl+C is how it stops)
+  141  stdout closed early (e.g. `| head -1`)
+  143  terminated by SIGTERM
+"""
+
+import argparse
+import csv
+import difflib
+import io
+import ipaddress
+import json
+import os
+import random
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+__version__ = "1.0.0"
+
+PROG = "cpx_devops"
+
+EXIT_OK = 0
+EXIT_FLAGGED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+EXIT_TERMINATED = 143
+
+DEFAULT_URL = "http://localhost:8080"
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_DEADLINE = 60.0
+DEFAULT_RETRIES = 2
+DEFAULT_WORKERS = 32
+DEFAULT_THRESHOLD = 90.0
+DEFAULT_MIN_HEALTHY = 2
+DEFAULT_INTERVAL = 2.0
+
+SERVERS_BODY_CAP = 16 * 1024 * 1024
+INSTANCE_BODY_CAP = 64 * 1024
+RETRYABLE_HTTP_STATUSES = frozenset({429, 502, 503, 504})
+BACKOFF_BASE = 0.1
+BACKOFF_CAP = 2.0
+RETRY_AFTER_CAP = 10.0
+MAX_SERVICE_NAME = 256
+IPS_LISTED_PER_REASON = 5
+
+HEALTHY = "Healthy"
+UNHEALTHY = "Unhealthy"
+UNKNOWN = "Unknown"
+
+SORT_KEYS = ("service", "ip", "status", "cpu", "memory")
+OUTPUT_FORMATS = ("table", "json", "csv")
+
+ENVIRONMENT_HELP = """\
+environment:
+  CPX_URL    base URL of the CPX API when --url is not given (default %s)
+  NO_COLOR   when set and non-empty, never colour the output
+  TERM=dumb  never colour the output
+""" % DEFAULT_URL
+
+EXIT_STATUS_HELP = """\
+exit status:
+  0    success (for unhealthy: no service flagged)
+  1    unhealthy flagged at least one service
+  2    usage error (bad option, unknown service, URL not http/https)
+  3    CPX unavailable (server list unreadable, or no instance readable)
+  130  interrupted by Ctrl+C (track exits 0)
+  141  stdout closed early
+  143  terminated by SIGTERM
+"""
+
+
+class CpxUnavailable(Exception):
+    """CPX cannot be used at all: main() prints one line and exits 3."""
+
+
+class UsageError(Exception):
+    """The user asked for something that cannot be done: exit 2."""
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler so that the command unwinds quietly."""
+
+
+# ---------------------------------------------------------------------------
+# Records and parsing of API values
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Above these (strictly), an instance is Unhealthy."""
+
+    cpu: float = DEFAULT_THRESHOLD
+    memory: float = DEFAULT_THRESHOLD
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything a command needs to know, built once from the arguments."""
+
+    url: str = DEFAULT_URL
+    timeout: float = DEFAULT_TIMEOUT
+    deadline: float = DEFAULT_DEADLINE
+    retries: int = DEFAULT_RETRIES
+    workers: int = DEFAULT_WORKERS
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    output: str = "table"
+    quiet: bool = False
+    color: bool = False
+
+
+@dataclass
+class Instance:
+    """One instance as read from CPX; error says why it could not be read."""
+
+    ip: str
+    service: Optional[str] = None
+    cpu: Optional[float] = None
+    memory: Optional[float] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class ServiceSummary:
+    """Per-service aggregate; service is None for instances of unknown service."""
+
+    service: Optional[str]
+    instances: int
+    healthy: int
+    avg_cpu: Optional[float]
+    avg_memory: Optional[float]
+
+
+@dataclass
+class ServerList:
+    """The fleet as /servers listed it: valid IPs once each, and what was refused."""
+
+    ips: List[str]
+    rejected: List[Any]
+    duplicates: int
+
+
+_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
+_IP_CHARACTERS = re.compile(r"[0-9A-Fa-f:.]{2,45}\Z")
+
+
+def parse_percent(value: Any) -> float:
+    """Read "61%", "61", 61 or 61.5 as a percentage in 0-100; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("not a percentage")
+    if isinstance(value, (int, float)):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith("%"):
+            text = text[:-1].rstrip()
+        if not _DECIMAL.match(text):
+            raise ValueError("not a percentage")
+        number = float(text)
+    else:
+        raise ValueError("not a percentage")
+    # Written so that NaN fails too; big ints are compared before any float().
+    if not 0 <= number <= 100:
+        raise ValueError("out of range")
+    return float(number)
+
+
+def parse_instance(ip: str, payload: Any) -> Instance:
+    """Turn one /<ip> answer into an Instance, with a short error when invalid."""
+    if not isinstance(payload, dict):
+        return Instance(ip, error="not a JSON object")
+    service = payload.get("service")
+    if "service" not in payload:
+        return Instance(ip, error="missing service")
+    if not isinstance(service, str) or not service.strip() or len(service) > MAX_SERVICE_NAME:
+        return Instance(ip, error="invalid service")
+    values = {}
+    for name in ("cpu", "memory"):
+        if name not in payload:
+            return Instance(ip, service=service, error="missing " + name)
+        try:
+            values[name] = parse_percent(payload[name])
+        except ValueError:
+            return Instance(ip, service=service, error="invalid " + name)
+    return Instance(ip, service=service, cpu=values["cpu"], memory=values["memory"])
+
+
+def is_ip_address(entry: Any) -> bool:
+    """True for a plain IPv4/IPv6 address string, safe to put in a request path."""
+    if not isinstance(entry, str) or not _IP_CHARACTERS.match(entry):
+        return False
+    try:
+        address = ipaddress.ip_address(entry)
+    except ValueError:
+        return False
+    # Older Pythons read "010.1.1.1" as an address; only the canonical IPv4 form is taken.
+    return address.version == 6 or str(address) == entry
+
+
+def parse_server_list(payload: Any) -> ServerList:
+    """Validate a /servers answer: a JSON list of IP strings (ValueError if not a list)."""
+    if not isinstance(payload, list):
+        raise ValueError("not a JSON list")
+    seen = set()
+    ips, rejected, duplicates = [], [], 0
+    for entry in payload:
+        if not is_ip_address(entry):
+            rejected.append(entry)
+        elif entry in seen:
+            duplicates += 1
+        else:
+            seen.add(entry)
+            ips.append(entry)
+    return ServerList(ips, rejected, duplicates)
+
+
+def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (delta or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        from email.utils import parsedate_to_datetime
+
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment is None:
+        return None
+    current = time.time() if now is None else now
+    return max(0.0, moment.timestamp() - current)
+
+
+# ---------------------------------------------------------------------------
+# Pure analysis: health rule, aggregation, flagging, sorting
+# ---------------------------------------------------------------------------
+
+
+def instance_status(instance: Instance, thresholds: Thresholds) -> str:
+    """Healthy, Unhealthy (cpu or memory strictly above its threshold) or Unknown."""
+    if instance.error is not None or instance.cpu is None or instance.memory is None:
+        return UNKNOWN
+    if instance.cpu > thresholds.cpu or instance.memory > thresholds.memory:
+        return UNHEALTHY
+    return HEALTHY
+
+
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def service_sort_key(service: Optional[str]) -> Tuple[int, str, str]:
+    """Services by name, case-insensitively; the unknown group last."""
+    if service is None:
+        return (1, "", "")
+    return (0, service.lower(), service)
+
+
+def summarize_services(instances: Iterable[Instance], thresholds: Thresholds) -> List[ServiceSummary]:
+    """One summary per service, by name; averages over the instances that could be read."""
+    groups = {}  # type: Dict[Optional[str], List[Instance]]
+    for instance in instances:
+        groups.setdefault(instance.service, []).append(instance)
+    summaries = []
+    for service in sorted(groups, key=service_sort_key):
+        members = groups[service]
+        readable = [m for m in members if instance_status(m, thresholds) != UNKNOWN]
+        summaries.append(ServiceSummary(
+            service=service,
+            instances=len(members),
+            healthy=sum(1 for m in members if instance_status(m, thresholds) == HEALTHY),
+            avg_cpu=_mean([m.cpu for m in readable]),
+            avg_memory=_mean([m.memory for m in readable]),
+        ))
+    return summaries
+
+
+def flag_services(summaries: Iterable[ServiceSummary], min_healthy: int) -> List[ServiceSummary]:
+    """Services with fewer than min_healthy healthy instances, zero included; worst first."""
+    flagged = [s for s in summaries if s.healthy < min_healthy]
+    return sorted(flagged, key=lambda s: (s.healthy, service_sort_key(s.service)))
+
+
+def ip_sort_key(ip: str) -> Tuple[int, int, str]:
+    """Numeric order: 10.58.1.9 before 10.58.1.10, IPv4 before IPv6."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return (9, 0, ip)
+    return (address.version, int(address), ip)
+
+
+_STATUS_RANK = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}
+
+
+def sort_instances(instances: Iterable[Instance], key: str, thresholds: Thresholds) -> List[Instance]:
+    """Sort for display: by service then IP (default), IP, status (worst first), cpu or memory (highest first)."""
+    def by_service(instance: Instance) -> Tuple:
+        return (service_sort_key(instance.service), ip_sort_key(instance.ip))
+
+    if key == "ip":
+        return sorted(instances, key=lambda i: ip_sort_key(i.ip))
+    if key == "status":
+        return sorted(instances, key=lambda i: (_STATUS_RANK[instance_status(i, thresholds)],) + by_service(i))
+    if key in ("cpu", "memory"):
+        # Unknown values last; ties by service then IP.
+        def by_value(instance: Instance) -> Tuple:
+            value = getattr(instance, key)
+            return (value is None, -(value or 0.0)) + by_service(instance)
+        return sorted(instances, key=by_value)
+    return sorted(instances, key=by_service)
+
+
+def resolve_service(name: str, known: Iterable[str]) -> str:
+    """The known service that name means (exact, then case-insensitive); UsageError naming the closest."""
+    known = sorted(set(known), key=str.lower)
+    if name in known:
+        return name
+    folded = [service for service in known if service.lower() == name.lower()]
+    if len(folded) == 1:
+        return folded[0]
+    message = "unknown service %r" % sanitize(name)
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    if not close:
+        lowered = {service.lower(): service for service in known}
+        close = [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)]
+    if close:
+        message += "; did you mean %r?" % sanitize(close[0])
+    if known:
+        message += " Known services: " + ", ".join(sanitize(service) for service in known)
+    else:
+        message += " (CPX lists no readable service)"
+    raise UsageError(message)
+
+
+def summarize_failures(instances: Sequence[Instance]) -> Optional[str]:
+    """One line grouping unreadable instances by reason, or None when all were read."""
+    failed = [i for i in instances if i.error is not None]
+    if not failed:
+        return None
+    by_reason = {}  # type: Dict[str, List[str]]
+    for instance in failed:
+        by_reason.setdefault(instance.error, []).append(instance.ip)
+    parts = []
+    for reason, ips in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
+        ips = sorted(ips, key=ip_sort_key)
+        shown = ", ".join(ips[:IPS_LISTED_PER_REASON])
+        if len(ips) > IPS_LISTED_PER_REASON:
+            shown += " and %d more" % (len(ips) - IPS_LISTED_PER_REASON)
+        parts.append("%s %s" % (reason, shown))
+    noun = "instance" if len(instances) == 1 else "instances"
+    return "%d of %d %s could not be read: %s" % (len(failed), len(instances), noun, "; ".join(parts))
+
+
+# ---------------------------------------------------------------------------
+# The CPX client: one opener, timeouts, retries, concurrency control
+# ---------------------------------------------------------------------------
+
+
+class FetchError(Exception):
+    """One request failed; reason is short and stable so failures group well."""
+
+    def __init__(self, reason: str, retryable: bool = False, retry_after: Optional[float] = None,
+                 detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.detail = detail
+
+
+def normalize_url(text: str) -> str:
+    """Check a CPX base URL (http or https with a host) and drop any trailing slash."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text.strip())
+        parts.port  # raises ValueError on a port that is not a number in range
+    except ValueError:
+        raise UsageError("invalid URL %r" % sanitize(text))
+    if parts.scheme not in ("http", "https"):
+        raise UsageError("URL must start with http:// or https://, not %r" % sanitize(text))
+    if not parts.hostname:
+        raise UsageError("URL %r has no host" % sanitize(text))
+    if parts.query or parts.fragment:
+        raise UsageError("URL %r must not have a query or fragment" % sanitize(text))
+    return "%s://%s%s" % (parts.scheme, parts.netloc, parts.path.rstrip("/"))
+
+
+def _build_opener():
+    """One urllib opener for the process: http(s) only, no cross-host redirects."""
+    import urllib.request
+    from urllib.parse import urljoin, urlsplit
+
+    class SameHostRedirects(urllib.request.HTTPRedirectHandler):
+        """Follow a redirect only to the same host and port, over http or https."""
+
+        def http_error_302(self, req, fp, code, msg, headers):
+            location = headers.get("Location") or headers.get("URI")
+            if location:
+                old, new = urlsplit(req.full_url), urlsplit(urljoin(req.full_url, location))
+                if new.scheme not in ("http", "https") or new.netloc != old.netloc:
+                    fp.close()
+                    raise FetchError("redirected to %s, not followed" % sanitize(location)[:200])
+            return super().http_error_302(req, fp, code, msg, headers)
+
+        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    # Built by hand rather than with build_opener() so that file:, ftp: and
+    # data: handlers are simply absent: no URL or redirect can reach them.
+    opener = urllib.request.OpenerDirector()
+    handlers = [urllib.request.ProxyHandler(), urllib.request.UnknownHandler(),
+                urllib.request.HTTPHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                SameHostRedirects(), urllib.request.HTTPErrorProcessor()]
+    if hasattr(urllib.request, "HTTPSHandler"):
+        handlers.append(urllib.request.HTTPSHandler())
+    for handler in handlers:
+        opener.add_handler(handler)
+    return opener
+
+
+def _read_capped(response, cap: int, give_up_at: float, late_reason: str) -> bytes:
+    """Read a body of at most cap bytes, giving up when a trickling server passes give_up_at."""
+    length = response.headers.get("Content-Length")
+    if length and length.strip().isdigit() and int(length) > cap:
+        raise FetchError("answer over %s" % _size(cap))
+    chunks, total = [], 0
+    while True:
+        chunk = response.read1(65536)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > cap:
+            raise FetchError("answer over %s" % _size(cap))
+        chunks.append(chunk)
+        if time.monotonic() > give_up_at:
+            raise FetchError(late_reason, retryable=late_reason == "timeout")
+
+
+def _size(byte_count: int) -> str:
+    if byte_count >= 1024 * 1024:
+        return "%d MiB" % (byte_count // (1024 * 1024))
+    return "%d KiB" % (byte_count // 1024)
+
+
+def _describe_network_error(error: BaseException) -> FetchError:
+    """Map what urllib/http.client/socket raise to a short, groupable reason."""
+    import http.client
+
+    reason = getattr(error, "reason", error)
+    if isinstance(reason, socket.timeout) or isinstance(error, socket.timeout):
+        return FetchError("timeout", retryable=True)
+    if isinstance(reason, ConnectionRefusedError):
+        return FetchError("connection refused", retryable=True)
+    if isinstance(reason, socket.gaierror):
+        return FetchError("cannot resolve host (%s)" % sanitize(str(reason.args[-1]))[:80])
+    if isinstance(reason, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+                           http.client.RemoteDisconnected, http.client.IncompleteRead)):
+        return FetchError("connection reset", retryable=True)
+    if isinstance(reason, http.client.HTTPException):
+        return FetchError("bad HTTP answer", retryable=True)
+    text = str(reason) or reason.__class__.__name__
+    return FetchError(sanitize(text)[:80], retryable=isinstance(reason, OSError))
+
+
+def backoff_delay(attempt: int, retry_after: Optional[float] = None, rng: Any = random) -> float:
+    """Seconds before retry number attempt+1: Retry-After (capped) if given, else jittered exponential."""
+    if retry_after is not None:
+        return min(retry_after, RETRY_AFTER_CAP)
+    # Full jitter: clients that failed together do not retry together.
+    return rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))
+
+
+class FixedLimit:
+    """The number of requests in flight: fixed at the worker count."""
+
+    def __init__(self, workers: int):
+        self.limit = workers
+        self.peak = workers
+
+    def observe(self, latency: float, ok: bool) -> None:
+        """Nothing to learn: the limit does not move."""
+
+
+class CpxClient:
+    """Reads the CPX API with timeouts, a deadline, retries and bounded concurrency."""
+
+    def __init__(self, options: Options):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.options = options
+        self.base_url = options.url
+        self.opener = _build_opener()
+        self.limiter = FixedLimit(options.workers)
+        self.executor = ThreadPoolExecutor(max_workers=options.workers)
+        self.headers = {"Accept": "application/json", "User-Agent": "cpx_devops/" + __version__}
+
+    def close(self) -> None:
+        """Let go of the worker threads without waiting for requests still in flight."""
+        self.executor.shutdown(wait=False)
+
+    def _get_once(self, url: str, cap: int, deadline: float) -> bytes:
+        import urllib.error
+        import urllib.request
+
+        started = time.monotonic()
+        timeout = min(self.options.timeout, deadline - started)
+        if timeout <= 0:
+            raise FetchError("deadline")
+        # When the command's deadline comes before this request's own timeout,
+        # running out of time is the deadline's doing, and is said so.
+        late_reason = "deadline" if timeout < self.options.timeout else "timeout"
+        request = urllib.request.Request(url, headers=self.headers)
+        try:
+            with self.opener.open(request, timeout=timeout) as response:
+                return _read_capped(response, cap, started + timeout, late_reason)
+        except FetchError:
+            raise
+        except urllib.error.HTTPError as error:
+            status = error.code
+            detail = ""
+            try:
+                detail = error.read(200).decode("utf-8", "replace")
+            except Exception:  # the error body is only decoration
+                pass
+            finally:
+                error.close()
+            raise FetchError("HTTP %d" % status, retryable=status in RETRYABLE_HTTP_STATUSES,
+                             retry_after=parse_retry_after(error.headers.get("Retry-After")),
+                             detail=" ".join(sanitize(detail).split())[:120])
+        except Exception as error:  # URLError, OSError, http.client.HTTPException and kin
+            failure = _describe_network_error(error)
+            if failure.reason == "timeout" and late_reason == "deadline":
+                failure = FetchError("deadline")
+            raise failure
+
+    def get_json(self, path: str, cap: int, deadline: float) -> Any:
+        """GET base_url+path and decode JSON, retrying what is worth retrying before the deadline."""
+        url = self.base_url + path
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                body = self._get_once(url, cap, deadline)
+                self.limiter.observe(time.monotonic() - started, True)
+                break
+            except FetchError as error:
+                self.limiter.observe(time.monotonic() - started, not error.retryable)
+                if not error.retryable or attempt >= self.options.retries:
+                    raise
+                delay = backoff_delay(attempt, error.retry_after)
+                if time.monotonic() + delay >= deadline:
+                    raise
+                time.sleep(delay)
+                attempt += 1
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            raise FetchError("not JSON")
+
+    def read_instance(self, ip: str, deadline: float) -> Instance:
+        """One instance; any failure becomes an Unknown instance with its reason."""
+        try:
+            payload = self.get_json("/" + ip, INSTANCE_BODY_CAP, deadline)
+        except FetchError as error:
+            return Instance(ip, error=error.reason)
+        return parse_instance(ip, payload)
+
+    def list_servers(self, deadline: float) -> ServerList:
+        """The fleet from /servers; CpxUnavailable when it cannot be read or is not a list."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        url = self.base_url + "/servers"
+        # Run in a worker so that even a hanging DNS lookup cannot outlive the deadline.
+        future = self.executor.submit(self.get_json, "/servers", SERVERS_BODY_CAP, deadline)
+        try:
+            payload = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            raise CpxUnavailable("GET %s: no answer within the deadline" % url)
+        except FetchError as error:
+            detail = ": " + error.detail if error.detail else ""
+            raise CpxUnavailable("GET %s: %s%s" % (url, error.reason, detail))
+        try:
+            return parse_server_list(payload)
+        except ValueError as error:
+            raise CpxUnavailable("GET %s: %s" % (url, error))
+
+    def read_instances(self, ips: Sequence[str], deadline: float) -> List[Instance]:
+        """All the given instances, concurrently within the limit; late ones are Unknown (deadline)."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        results = {}  # type: Dict[str, Instance]
+        waiting = list(reversed(ips))
+        in_flight = {}
+        while waiting or in_flight:
+            while waiting and len(in_flight) < self.limiter.limit:
+                ip = waiting.pop()
+                in_flight[self.executor.submit(self.read_instance, ip, deadline)] = ip
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            done, _ = wait(list(in_flight), timeout=remaining, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[in_flight.pop(future)] = future.result()
+        for future, ip in in_flight.items():
+            future.cancel()
+            results[ip] = Instance(ip, error="deadline")
+        for ip in waiting:
+            results[ip] = Instance(ip, error="deadline")
+        return [results[ip] for ip in ips]
+
+
+# ---------------------------------------------------------------------------
+# Renderers: table, json, csv; sanitising of server text
+# ---------------------------------------------------------------------------
+
+# Control characters (C0, DEL, C1 including the 8-bit CSI), zero-width and
+# bidirectional controls: any of them could move the cursor, recolour the
+# terminal or reorder what an SRE reads.
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+COLORS = {UNHEALTHY: "31", UNKNOWN: "33"}
+
+
+def sanitize(text: Any) -> str:
+    """Server text made safe for a terminal: each control character becomes '?'."""
+    return _UNSAFE_TEXT.sub("?", str(text))
+
+
+def display_width(text: str) -> int:
+    """Columns text takes on a terminal: wide characters count 2, combining marks 0."""
+    width = 0
+    for char in text:
+        if unicodedata.combining(char):
+            continue
+        width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+    return width
+
+
+def paint(text: str, status: str, color: bool) -> str:
+    """Wrap text in the colour of a status when colour is on."""
+    code = COLORS.get(status)
+    if not color or not code:
+        return text
+    return "\x1b[%sm%s\x1b[0m" % (code, text)
+
+
+def render_table(titles: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool],
+                 colors: Optional[Sequence[Optional[str]]] = None, color: bool = False) -> str:
+    """An org-style table; right marks right-aligned columns, colors gives a status per row."""
+    widths = [display_width(title) for title in titles]
+    for row in rows:
+        for index, cell in enumerate(row):
+            widths[index] = max(widths[index], display_width(cell))
+
+    def line(cells: Sequence[str], status: Optional[str] = None) -> str:
+        padded = []
+        for index, cell in enumerate(cells):
+            gap = " " * (widths[index] - display_width(cell))
+            text = gap + cell if right[index] else cell + gap
+            padded.append(paint(text, status, color) if status else text)
+        return "| " + " | ".join(padded) + " |"
+
+    lines = [line(titles), "|" + "+".join("-" * (w + 2) for w in widths) + "|"]
+    for index, row in enumerate(rows):
+        lines.append(line(row, colors[index] if colors else None))
+    return "\n".join(lines) + "\n"
+
+
+def format_percents(values: Sequence[Optional[float]]) -> List[str]:
+    """One precision for a whole column: whole numbers when all are, else one decimal."""
+    known = [v for v in values if v is not None]
+    decimals = 0 if all(float(v).is_integer() for v in known) else 1
+    return ["-" if v is None else "%.*f%%" % (decimals, v) for v in values]
+
+
+def _json_number(value: Optional[float]) -> Optional[float]:
+    if value is None:
+        return None
+    value = round(value, 2)
+    return int(value) if value.is_integer() else value
+
+
+def instance_record(instance: Instance, thresholds: Thresholds) -> Dict[str, Any]:
+    """The json/csv fields of an instance."""
+    return {"ip": instance.ip, "service": instance.service,
+            "status": instance_status(instance, thresholds),
+            "cpu": _json_number(instance.cpu), "memory": _json_number(instance.memory),
+            "error": instance.error}
+
+
+def summary_record(summary: ServiceSummary) -> Dict[str, Any]:
+    """The json/csv fields of a service summary."""
+    return {"service": summary.service, "instances": summary.instances, "healthy": summary.healthy,
+            "avg_cpu": _json_number(summary.avg_cpu), "avg_memory": _json_number(summary.avg_memory)}
+
+
+def flagged_record(summary: ServiceSummary) -> Dict[str, Any]:
+    """The json/csv fields of a flagged service."""
+    return {"service": summary.service, "healthy": summary.healthy, "instances": summary.instances}
+
+
+def render_json(records: Sequence[Dict[str, Any]]) -> str:
+    """One JSON document."""
+    return json.dumps(list(records), indent=2) + "\n"
+
+
+def render_csv(fieldnames: Sequence[str], records: Sequence[Dict[str, Any]]) -> str:
+    """A header then one row per record; text from the server is sanitised, None is empty."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(fieldnames)
+    for record in records:
+        writer.writerow(["" if record[name] is None else sanitize(record[name]) for name in fieldnames])
+    return buffer.getvalue()
+
+
+def service_label(service: Optional[str]) -> str:
+    """How a service name is shown in a table."""
+    return "(unknown)" if service is None else sanitize(service)
+
+
+def status_label(instance: Instance, thresholds: Thresholds) -> str:
+    """Status as shown in a table, with the reason for Unknown."""
+    status = instance_status(instance, thresholds)
+    return "%s (%s)" % (status, sanitize(instance.error)) if instance.error else status
+
+
+INSTANCE_FIELDS = ("ip", "service", "status", "cpu", "memory", "error")
+SUMMARY_FIELDS = ("service", "instances", "healthy", "avg_cpu", "avg_memory")
+FLAGGED_FIELDS = ("service", "healthy", "instances")
+
+
+def render_instances(instances: Sequence[Instance], options: Options, with_service: bool = True) -> str:
+    """The services command's output in the chosen format (track leaves out the service column)."""
+    thresholds = options.thresholds
+    if options.output == "json":
+        return render_json([instance_record(i, thresholds) for i in instances])
+    if options.output == "csv":
+        return render_csv(INSTANCE_FIELDS, [instance_record(i, thresholds) for i in instances])
+    rows = []
+    cpus = format_percents([i.cpu for i in instances])
+    memories = format_percents([i.memory for i in instances])
+    for index, instance in enumerate(instances):
+        row = [sanitize(instance.ip), service_label(instance.service), status_label(instance, thresholds),
+               cpus[index], memories[index]]
+        rows.append(row if with_service else row[:1] + row[2:])
+    titles = ["IP", "Service", "Status", "CPU", "Memory"]
+    right = [False, False, False, True, True]
+    if not with_service:
+        del titles[1], right[1]
+    statuses = [instance_status(i, thresholds) for i in instances]
+    return render_table(titles, rows, right, statuses, options.color)
+
+
+def render_summaries(summaries: Sequence[ServiceSummary], options: Options) -> str:
+    """The status command's output in the chosen format."""
+    if options.output == "json":
+        return render_json([summary_record(s) for s in summaries])
+    if options.output == "csv":
+        return render_csv(SUMMARY_FIELDS, [summary_record(s) for s in summaries])
+    cpus = format_percents([s.avg_cpu for s in summaries])
+    memories = format_percents([s.avg_memory for s in summaries])
+    rows = [[service_label(s.service), str(s.instances), str(s.healthy), cpus[k], memories[k]]
+            for k, s in enumerate(summaries)]
+    return render_table(("Service", "Instances", "Healthy", "Avg CPU", "Avg Memory"), rows,
+                        (False, True, True, True, True))
+
+
+def render_flagged(flagged: Sequence[ServiceSummary], min_healthy: int, options: Options) -> str:
+    """The unhealthy command's output in the chosen format."""
+    if options.output == "json":
+        return render_json([flagged_record(s) for s in flagged])
+    if options.output == "csv":
+        return render_csv(FLAGGED_FIELDS, [flagged_record(s) for s in flagged])
+    if not flagged:
+        return "No service has fewer than %d healthy instances.\n" % min_healthy
+    rows = [[service_label(s.service), str(s.healthy), str(s.instances)] for s in flagged]
+    colors = [UNHEALTHY] * len(rows)
+    return render_table(("Service", "Healthy", "Instances"), rows, (False, True, True), colors, options.color)
+
+
+# ---------------------------------------------------------------------------
+# Commands: one small function each
+# ---------------------------------------------------------------------------
+
+
+def warn(options: Options, message: str) -> None:
+    """A warning on stderr, one line, unless --quiet."""
+    if not options.quiet:
+        print("%s: warning: %s" % (PROG, message), file=sys.stderr, flush=True)
+
+
+def emit(text: str) -> None:
+    """Data to stdout, flushed so that pipes see it now."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _quoted_list(entries: Sequence[Any], limit: int = IPS_LISTED_PER_REASON) -> str:
+    shown = ", ".join(sanitize(json.dumps(entry))[:60] for entry in entries[:limit])
+    if len(entries) > limit:
+        shown += " and %d more" % (len(entries) - limit)
+    return shown
+
+
+def take_snapshot(client: CpxClient, options: Options) -> List[Instance]:
+    """Read the whole fleet once; warn about what could not be read, raise if nothing could."""
+    deadline = time.monotonic() + options.deadline
+    servers = client.list_servers(deadline)
+    if servers.rejected:
+        warn(options, "/servers listed %d entries that are not IP addresses, not requested: %s"
+             % (len(servers.rejected), _quoted_list(servers.rejected)))
+    if servers.duplicates:
+        warn(options, "/servers listed %d duplicate entries, each requested once" % servers.duplicates)
+    if not servers.ips:
+        raise CpxUnavailable("GET %s/servers: no instance listed" % options.url)
+    instances = client.read_instances(servers.ips, deadline)
+    failures = summarize_failures(instances)
+    if failures and all(i.error is not None for i in instances):
+        raise CpxUnavailable("%s: %s" % (options.url, failures))
+    if failures:
+        warn(options, failures)
+    return instances
+
+
+def _known_services(instances: Iterable[Instance]) -> List[str]:
+    return sorted({i.service for i in instances if i.service is not None})
+
+
+def cmd_services(client: CpxClient, options: Options, args: argparse.Namespace) -> int:
+    """Every instance: IP, service, status, cpu, memory."""
+    instances = take_snapshot(client, options)
+    if args.service is not None:
+        wanted = resolve_service(args.service, _known_services(instances))
+        instances = [i for i in instances if i.service == wanted]
+    emit(render_instances(sort_instances(instances, args.sort, options.thresholds), options))
+    return EXIT_OK
+
+
+def cmd_status(client: CpxClient, options: Options, args: argparse.Namespace) -> int:
+    """Per-service instance counts, healthy counts and averages."""
+    instances = take_snapshot(client, options)
+    summaries = summarize_services(instances, options.thresholds)
+    if args.service is not None:
+        wanted = resolve_service(args.service, _known_services(instances))
+        summaries = [s for s in summaries if s.service == wanted]
+    emit(render_summaries(summaries, options))
+    return EXIT_OK
+
+
+def cmd_unhealthy(client: CpxClient, options: Options, args: argparse.Namespace) -> int:
+    """Services with fewer than --min-healthy healthy instances; exit 1 when any."""
+    instances = take_snapshot(client, options)
+    flagged = flag_services(summarize_services(instances, options.thresholds), args.min_healthy)
+    emit(render_flagged(flagged, args.min_healthy, options))
+    return EXIT_FLAGGED if flagged else EXIT_OK
+
+
+TRACK_FIELDS = ("time", "ip", "service", "status", "cpu", "memory")
+
+
+def render_track_sample(moment: str, sample: int, service: str, instances: Sequence[Instance],
+                        options: Options) -> str:
+    """One sample of track: JSON Lines, csv rows (header with the first), or a timestamped table."""
+    records = []
+    for instance in instances:
+        record = instance_record(instance, options.thresholds)
+        del record["error"]
+        records.append(dict(time=moment, **record))
+    if options.output == "json":
+        return "".join(json.dumps(record) + "\n" for record in records)
+    if options.output == "csv":
+        text = render_csv(TRACK_FIELDS, records)
+        return text if sample == 1 else text.split("\n", 1)[1]
+    return "%s  %s  sample %d\n%s\n" % (moment, sanitize(service), sample,
+                                        render_instances(instances, options, with_service=False))
+
+
+def _wall_clock() -> str:
+    from datetime import datetime
+
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def cmd_track(client: CpxClient, options: Options, args: argparse.Namespace) -> int:
+    """Sample one service every interval until Ctrl+C or --count samples."""
+    instances = take_snapshot(client, options)
+    service = resolve_service(args.service, _known_services(instances))
+    instances = [i for i in sort_instances(instances, "ip", options.thresholds) if i.service == service]
+    ips = [i.ip for i in instances]
+    started = time.monotonic()
+    sample = 0
+    try:
+        while args.count is None or sample < args.count:
+            if sample:
+                time.sleep(max(0.0, started + sample * args.interval - time.monotonic()))
+                instances = client.read_instances(ips, time.monotonic() + options.deadline)
+            sample += 1
+            emit(render_track_sample(_wall_clock(), sample, service, instances, options))
+    except KeyboardInterrupt:
+        pass  # Ctrl+C is how a live view is stopped: a normal end.
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# The simulator: a CPX-compatible server on loopback
+# ---------------------------------------------------------------------------
+
+SIMULATED_SERVICES = ("UserService", "TicketService", "PaymentService", "AuthService",
+                      "SearchService", "InventoryService", "NotificationService",
+                      "ReportService", "GeoService", "MailService")
+
+
+class SimulatedFleet:
+    """Instances with a service each and a cpu/memory random walk; thread-safe."""
+
+    def __init__(self, count: int, seed: Optional[int] = None):
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.state = {}  # type: Dict[str, List[Any]]
+        self.ips = ["10.58.%d.%d" % (1 + k // 254, 1 + k % 254) for k in range(count)]
+        small = SIMULATED_SERVICES[-1]
+        for index, ip in enumerate(self.ips):
+            if count >= 20 and index in (0, 1):
+                service = small  # a two-instance service, one of them hot: something to flag
+            elif count >= 20:
+                service = self.rng.choice(SIMULATED_SERVICES[:-1])
+            else:
+                service = SIMULATED_SERVICES[index % len(SIMULATED_SERVICES)]
+            hot = index == 0 or self.rng.random() < 0.04
+            base_cpu = self.rng.uniform(93, 99) if hot else self.rng.uniform(5, 70)
+            base_memory = self.rng.uniform(10, 80)
+            self.state[ip] = [service, base_cpu, base_memory, base_cpu, base_memory]
+
+    def read(self, ip: str) -> Optional[Dict[str, str]]:
+        """The next reading of an instance (the walk moves on every read), None if unknown."""
+        with self.lock:
+            entry = self.state.get(ip)
+            if entry is None:
+                return None
+            service, cpu, memory, base_cpu, base_memory = entry
+            cpu = min(100.0, max(0.0, cpu + self.rng.gauss(0, 4) + 0.2 * (base_cpu - cpu)))
+            memory = min(100.0, max(0.0, memory + self.rng.gauss(0, 2) + 0.1 * (base_memory - memory)))
+            entry[1], entry[2] = cpu, memory
+        return {"cpu": "%d%%" % round(cpu), "memory": "%d%%" % round(memory), "service": service}
+
+
+def start_simulator(host: str = "127.0.0.1", port: int = 0, servers: int = 150, latency_ms: float = 0.0,
+                    seed: Optional[int] = None, single_threaded: bool = False):
+    """Start a CPX-compatible server in a background thread; returns the server (see .url)."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+
+    fleet = SimulatedFleet(servers, seed)
+    server_list = json.dumps(fleet.ips).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "cpx-simulator/" + __version__
+
+        def do_GET(self) -> None:
+            if latency_ms:
+                time.sleep(latency_ms / 1000.0)
+            if self.path == "/servers":
+                self._answer(200, server_list)
+                return
+            reading = fleet.read(self.path[1:])
+            if reading is None:
+                self._answer(400, b'{"error": "Invalid IP"}')
+            else:
+                self._answer(200, json.dumps(reading).encode())
+
+        def _answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass  # a request log would drown the demo
+
+    if single_threaded:
+        server_class = HTTPServer  # the reference server: one at a time, backlog 5
+    else:
+        server_class = type("ThreadedServer", (ThreadingHTTPServer,), {"request_queue_size": 1024})
+    server = server_class((host, port), Handler)
+    server.url = "http://%s:%d" % (host if ":" not in host else "[%s]" % host, server.server_address[1])
+    server.fleet = fleet
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="simulator", daemon=True)
+    thread.start()
+    return server
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Serve a simulated fleet until Ctrl+C."""
+    try:
+        server = start_simulator(args.host, args.port, args.servers, args.latency_ms, args.seed,
+                                 args.single_threaded)
+    except OSError as error:
+        raise UsageError("cannot listen on %s port %d: %s" % (args.host, args.port, error.strerror or error))
+    print("%s: simulating %d servers, listening on %s (Ctrl+C to stop)" % (PROG, args.servers, server.url),
+          file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, Terminated):
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# Argument parser and main()
+# ---------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USAGE, "%s: error: %s (see '%s --help')\n" % (PROG, message, self.prog))
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("%r must be a positive number" % text)
+    return value
+
+
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError("%r must be from %d to %d" % (text, low, high))
+        return value
+    return parse
+
+
+def _percent_option(text: str) -> float:
+    try:
+        return parse_percent(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a percentage from 0 to 100" % text)
+
+
+def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """Global options; on subcommands their defaults are suppressed so either position works."""
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("global options")
+    group.add_argument("--url", default=default(None),
+                       help="CPX API base URL (default: $CPX_URL, else %s)" % DEFAULT_URL)
+    group.add_argument("--timeout", type=_positive_float, default=default(DEFAULT_TIMEOUT), metavar="SECONDS",
+                       help="per-request timeout (default %g)" % DEFAULT_TIMEOUT)
+    group.add_argument("--deadline", type=_positive_float, default=default(DEFAULT_DEADLINE), metavar="SECONDS",
+                       help="time limit for a whole command, per sample for track (default %g)" % DEFAULT_DEADLINE)
+    group.add_argument("--retries", type=_int_in(0, 10), default=default(DEFAULT_RETRIES), metavar="N",
+                       help="retries of a failed request: connection errors, timeouts, "
+                            "HTTP 429/502/503/504 (default %d)" % DEFAULT_RETRIES)
+    group.add_argument("--workers", type=_int_in(1, 1024), default=default(DEFAULT_WORKERS), metavar="N",
+                       help="concurrent requests (default %d)" % DEFAULT_WORKERS)
+    group.add_argument("--cpu-threshold", type=_percent_option, default=default(DEFAULT_THRESHOLD),
+                       metavar="PCT", help="Unhealthy above this cpu (default %g)" % DEFAULT_THRESHOLD)
+    group.add_argument("--mem-threshold", type=_percent_option, default=default(DEFAULT_THRESHOLD),
+                       metavar="PCT", help="Unhealthy above this memory (default %g)" % DEFAULT_THRESHOLD)
+    group.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default=default("table"),
+                       help="output format (default table)")
+    group.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                       help="hide warnings (errors always show)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: global options before or after a subcommand."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="cpx_devops.py", description="See the health of a CPX fleet in seconds.",
+                     epilog="examples:\n"
+                            "  cpx_devops.py services --sort cpu\n"
+                            "  cpx_devops.py status UserService\n"
+                            "  cpx_devops.py unhealthy || page-oncall\n"
+                            "  cpx_devops.py track UserService -n 1\n"
+                            "  cpx_devops.py simulate --port 8080\n\n"
+                            + ENVIRONMENT_HELP + "\n" + EXIT_STATUS_HELP,
+                     formatter_class=formatter, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    _add_global_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def add(name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  epilog="examples:\n" + examples + "\n" + EXIT_STATUS_HELP,
+                                  formatter_class=formatter, allow_abbrev=False)
+        _add_global_options(sub, suppress=True)
+        return sub
+
+    services = add("services", "every instance: IP, service, status, cpu, memory",
+                   "  cpx_devops.py services\n  cpx_devops.py services --service UserService --sort cpu\n"
+                   "  cpx_devops.py services -o csv > fleet.csv\n")
+    services.add_argument("--service", metavar="NAME", help="only this service's instances")
+    services.add_argument("--sort", choices=SORT_KEYS, default="service",
+                          help="row order (default: service, then IP numerically; cpu/memory highest first)")
+
+    status = add("status", "per service: instances, healthy, average cpu and memory",
+                 "  cpx_devops.py status\n  cpx_devops.py status UserService -o json\n")
+    status.add_argument("service", nargs="?", metavar="SERVICE", help="only this service")
+
+    unhealthy = add("unhealthy", "services with fewer than N healthy instances (exit 1 if any)",
+                    "  cpx_devops.py unhealthy\n  cpx_devops.py unhealthy --min-healthy 3 -o json\n")
+    unhealthy.add_argument("--min-healthy", type=_int_in(1, 1000000), default=DEFAULT_MIN_HEALTHY, metavar="N",
+                           help="flag services with fewer healthy instances than this (default %d)"
+                                % DEFAULT_MIN_HEALTHY)
+
+    track = add("track", "a live view of one service until Ctrl+C",
+                "  cpx_devops.py track UserService\n  cpx_devops.py track UserService -n 0.5 -c 20 -o json\n")
+    track.add_argument("service", metavar="SERVICE", help="the service to watch")
+    track.add_argument("-n", "--interval", type=_positive_float, default=DEFAULT_INTERVAL, metavar="SECONDS",
+                       help="time between samples (default %g)" % DEFAULT_INTERVAL)
+    track.add_argument("-c", "--count", type=_int_in(1, 10 ** 9), metavar="N", help="stop after N samples")
+
+    simulate = commands.add_parser("simulate", help="a CPX-compatible API server on loopback",
+                                   description="A CPX-compatible API server for demos and tests.",
+                                   epilog="examples:\n  cpx_devops.py simulate\n"
+                                          "  cpx_devops.py simulate --port 0 --servers 1000 --latency-ms 20\n",
+                                   formatter_class=formatter, allow_abbrev=False)
+    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    simulate.add_argument("--port", type=_int_in(0, 65535), default=8080,
+                          help="port (default 8080; 0 picks a free one)")
+    simulate.add_argument("--servers", type=_int_in(1, 1000000), default=150, help="fleet size (default 150)")
+    simulate.add_argument("--latency-ms", type=float, default=0.0, metavar="MS",
+                          help="delay before every answer (default 0)")
+    simulate.add_argument("--seed", type=int, default=None, help="random seed, for a reproducible fleet")
+    simulate.add_argument("--single-threaded", action="store_true",
+                          help="answer one request at a time with a listen backlog of 5, "
+                               "like the reference server")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Options:
+    """The options record for a command, from parsed arguments and the environment."""
+    url = args.url if args.url is not None else environ.get("CPX_URL") or DEFAULT_URL
+    return Options(url=normalize_url(url), timeout=args.timeout, deadline=args.deadline,
+                   retries=args.retries, workers=args.workers,
+                   thresholds=Thresholds(args.cpu_threshold, args.mem_threshold),
+                   output=args.output, quiet=args.quiet, color=False)
+
+
+COMMANDS = {"services": cmd_services, "status": cmd_status, "unhealthy": cmd_unhealthy, "track": cmd_track}
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, build the options and run one command; exceptions are left to main()."""
+    args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        return cmd_simulate(args)
+    options = options_from_args(args, dict(os.environ))
+    client = CpxClient(options)
+    try:
+        return COMMANDS[args.command](client, options, args)
+    finally:
+        client.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The program: one line on stderr for any failure, an exit status from the contract."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return run(argv)
+    except UsageError as error:
+        print("%s: error: %s" % (PROG, error), file=sys.stderr)
+        return EXIT_USAGE
+    except CpxUnavailable as error:
+        print("%s: error: CPX unavailable: %s" % (PROG, error), file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Terminated:
+        return EXIT_TERMINATED
+    except BrokenPipeError:
+        # Point stdout at /dev/null so that the interpreter's final flush is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _exit(code: int) -> None:
+    """Exit now: requests still in flight must not hold the process (Ctrl+C, deadline)."""
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = code or EXIT_BROKEN_PIPE
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    _exit(main())

@@ -1,0 +1,955 @@
+#!/usr/bin/env python3
+"""Tests of cpx_devops: pure units, then the client against real loopback
+servers, then the CLI in a subprocess. Standard library only.
+
+  python test_cpx_devops.py            the whole suite; ends with "N passed, M failed"
+  python test_cpx_devops.py NAME ...   some tests (unittest names)
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import cpx_devops as cpx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLI = os.path.join(HERE, "cpx_devops.py")
+
+
+# ---------------------------------------------------------------------------
+# Shared helpers: a controlled server, the simulator, running the CLI
+# ---------------------------------------------------------------------------
+
+
+class Reply:
+    """A fixed answer: body (bytes, str, or anything JSON-encodable), status, headers."""
+
+    def __init__(self, body=b"", status=200, headers=None, length=True):
+        if not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        self.body = body.encode() if isinstance(body, str) else body
+        self.status = status
+        self.headers = dict(headers or {})
+        self.length = length
+
+    def __call__(self, handler):
+        handler.send_response(self.status)
+        for name, value in self.headers.items():
+            handler.send_header(name, value)
+        if self.length:
+            handler.send_header("Content-Length", str(len(self.body)))
+        handler.end_headers()
+        handler.wfile.write(self.body)
+
+
+def hang(handler):
+    """Never answer (until the test ends)."""
+    handler.server.controller.stopping.wait(60)
+
+
+def close_without_answer(handler):
+    """Accept the request, then drop the connection."""
+    handler.close_connection = True
+    handler.connection.shutdown(socket.SHUT_RDWR)
+
+
+def trickle(handler):
+    """Headers, then one byte of a JSON body every 0.1 s, for ever."""
+    handler.send_response(200)
+    handler.end_headers()
+    while not handler.server.controller.stopping.wait(0.1):
+        handler.wfile.write(b" ")
+        handler.wfile.flush()
+
+
+class Sequence_:
+    """Answers in turn; the last one repeats."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.lock = threading.Lock()
+
+    def __call__(self, handler):
+        with self.lock:
+            answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        answer(handler)
+
+
+class ControlledServer:
+    """A loopback HTTP server whose every answer the test decides, with a request log."""
+
+    def __init__(self, routes=None):
+        self.routes = dict(routes or {})
+        self.log = []  # (monotonic time, path) per request, in arrival order
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        controller = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                with controller.lock:
+                    controller.log.append((time.monotonic(), self.path))
+                    answer = controller.routes.get(self.path)
+                if answer is None:
+                    answer = Reply({"error": "Invalid IP"}, status=400)
+                try:
+                    answer(self)
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    pass  # the client went away: that is what some tests do
+
+            def log_message(self, *args):
+                pass
+
+        server_class = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 256, "daemon_threads": True})
+        self.server = server_class(("127.0.0.1", 0), Handler)
+        self.server.controller = self
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def fleet(self, instances):
+        """Serve /servers and /<ip> from a dict ip -> payload (a Reply or callable kept as is)."""
+        self.routes["/servers"] = Reply(list(instances))
+        for ip, payload in instances.items():
+            self.routes["/" + ip] = payload if callable(payload) else Reply(payload)
+        return self
+
+    def paths(self):
+        with self.lock:
+            return [path for _, path in self.log]
+
+    def count(self, path):
+        return self.paths().count(path)
+
+    def close(self):
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def instance(service, cpu, memory):
+    return {"cpu": cpu, "memory": memory, "service": service}
+
+
+def free_port():
+    """A port on 127.0.0.1 where nothing listens."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cli_env(extra=None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CPX_URL", "NO_COLOR") and not k.lower().endswith("_proxy")}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args, env=None, timeout=60):
+    """Run the CLI as a user would; returns the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, CLI] + [str(a) for a in args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, env=cli_env(env),
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def spawn_cli(*args, env=None, stdout=subprocess.PIPE):
+    """Start the CLI in the background (for signals and pipes)."""
+    return subprocess.Popen([sys.executable, CLI] + [str(a) for a in args], stdout=stdout,
+                            stderr=subprocess.PIPE, universal_newlines=True, env=cli_env(env),
+                            stdin=subprocess.DEVNULL)
+
+
+def wait_until(predicate, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+THRESHOLDS = cpx.Thresholds()
+FIXED_FLEET = {
+    "10.0.0.10": instance("UserService", "61%", "4%"),
+    "10.0.0.9": instance("UserService", "3%", "43%"),
+    "10.0.0.2": instance("TicketService", "93%", "31%"),
+    "10.0.0.3": instance("TicketService", "12.5%", "95%"),
+    "10.0.0.4": instance("AuthService", 10, 20),
+}
+
+
+class ServerTestCase(unittest.TestCase):
+    """A fresh controlled server per test."""
+
+    def setUp(self):
+        self.server = ControlledServer()
+        self.addCleanup(self.server.close)
+
+    def cli(self, *args, **kwargs):
+        return run_cli("--url", self.server.url, *args, **kwargs)
+
+    def assertClean(self, result):
+        self.assertNotIn("Traceback", result.stderr)
+        for line in result.stderr.splitlines():
+            self.assertTrue(line.startswith("cpx_devops: "), line)
+
+
+# ---------------------------------------------------------------------------
+# Pure units
+# ---------------------------------------------------------------------------
+
+
+class ParsePercentTest(unittest.TestCase):
+    def test_accepts_percent_strings_and_bare_numbers(self):
+        for value, expected in [("61%", 61.0), ("0%", 0.0), ("100%", 100.0), ("4.5%", 4.5), (" 7 % ", 7.0),
+                                ("61", 61.0), (61, 61.0), (61.5, 61.5), (".5", 0.5)]:
+            self.assertEqual(cpx.parse_percent(value), expected, value)
+
+    def test_rejects_what_is_not_a_percentage(self):
+        for value in ["abc", "-5%", "250%", "", "%", None, True, [], {"v": 1}, "1e2", "nan", "inf",
+                      float("nan"), float("inf"), 10 ** 400, -0.1, "61%%", "0x10"]:
+            with self.assertRaises(ValueError, msg=repr(value)):
+                cpx.parse_percent(value)
+
+
+class ParseInstanceTest(unittest.TestCase):
+    def test_valid(self):
+        self.assertEqual(cpx.parse_instance("10.0.0.1", instance("A", "61%", "4%")),
+                         cpx.Instance("10.0.0.1", "A", 61.0, 4.0, None))
+
+    def test_invalid_payloads_give_a_short_reason(self):
+        cases = [([], "not a JSON object"), ("x", "not a JSON object"), (None, "not a JSON object"),
+                 ({"cpu": "1%", "memory": "1%"}, "missing service"),
+                 (instance(None, "1%", "1%"), "invalid service"), (instance("", "1%", "1%"), "invalid service"),
+                 (instance({"a": 1}, "1%", "1%"), "invalid service"),
+                 (instance("x" * 300, "1%", "1%"), "invalid service"),
+                 ({"service": "A", "memory": "1%"}, "missing cpu"),
+                 (instance("A", "abc", "1%"), "invalid cpu"), (instance("A", "1%", "250%"), "invalid memory"),
+                 (instance("A", None, "1%"), "invalid cpu"), (instance("A", {"v": 1}, "1%"), "invalid cpu")]
+        for payload, reason in cases:
+            parsed = cpx.parse_instance("10.0.0.1", payload)
+            self.assertEqual(parsed.error, reason, payload)
+            self.assertEqual(cpx.instance_status(parsed, THRESHOLDS), cpx.UNKNOWN)
+
+    def test_a_known_service_is_kept_when_values_are_bad(self):
+        self.assertEqual(cpx.parse_instance("10.0.0.1", instance("A", "x", "1%")).service, "A")
+
+
+class ParseServerListTest(unittest.TestCase):
+    def test_valid_entries_once_each_in_order(self):
+        parsed = cpx.parse_server_list(["10.0.0.2", "10.0.0.1", "10.0.0.2", "::1", "fe80::1"])
+        self.assertEqual(parsed.ips, ["10.0.0.2", "10.0.0.1", "::1", "fe80::1"])
+        self.assertEqual(parsed.duplicates, 1)
+        self.assertEqual(parsed.rejected, [])
+
+    def test_entries_that_are_not_addresses_are_rejected(self):
+        hostile = ["../admin", "10.0.0.1/../../x", "http://elsewhere/", "10.0.0.1%2f..", "%31%30.0.0.1",
+                   "010.0.0.1", "fe80::1%eth0", "10.0.0.1 ", "", 5, None, {"ip": "10.0.0.1"}, "1.2.3",
+                   "256.0.0.1", "::1/128"]
+        parsed = cpx.parse_server_list(hostile + ["10.0.0.1"])
+        self.assertEqual(parsed.ips, ["10.0.0.1"])
+        self.assertEqual(parsed.rejected, hostile)
+
+    def test_not_a_list(self):
+        for payload in [{"servers": []}, "10.0.0.1", None, 3]:
+            with self.assertRaises(ValueError):
+                cpx.parse_server_list(payload)
+
+
+class HealthRuleTest(unittest.TestCase):
+    def test_strictly_above_threshold(self):
+        status = cpx.instance_status
+        self.assertEqual(status(cpx.Instance("a", "S", 90.0, 90.0), THRESHOLDS), cpx.HEALTHY)
+        self.assertEqual(status(cpx.Instance("a", "S", 90.5, 10.0), THRESHOLDS), cpx.UNHEALTHY)
+        self.assertEqual(status(cpx.Instance("a", "S", 10.0, 91.0), THRESHOLDS), cpx.UNHEALTHY)
+        self.assertEqual(status(cpx.Instance("a", "S", 50.0, 50.0), cpx.Thresholds(40, 90)), cpx.UNHEALTHY)
+        self.assertEqual(status(cpx.Instance("a", "S", error="timeout"), THRESHOLDS), cpx.UNKNOWN)
+
+
+def sample_instances():
+    return [cpx.parse_instance(ip, payload) for ip, payload in FIXED_FLEET.items()]
+
+
+class AggregationTest(unittest.TestCase):
+    def test_per_service_counts_and_averages(self):
+        summaries = cpx.summarize_services(sample_instances(), THRESHOLDS)
+        self.assertEqual([s.service for s in summaries], ["AuthService", "TicketService", "UserService"])
+        user = summaries[2]
+        self.assertEqual((user.instances, user.healthy, user.avg_cpu, user.avg_memory), (2, 2, 32.0, 23.5))
+        ticket = summaries[1]
+        self.assertEqual((ticket.instances, ticket.healthy), (2, 0))
+
+    def test_averages_skip_unreadable_instances(self):
+        instances = [cpx.Instance("a", "S", 10.0, 20.0), cpx.Instance("b", "S", error="invalid cpu")]
+        (summary,) = cpx.summarize_services(instances, THRESHOLDS)
+        self.assertEqual((summary.instances, summary.healthy, summary.avg_cpu), (2, 1, 10.0))
+
+    def test_instances_of_unknown_service_form_their_own_group_last(self):
+        instances = sample_instances() + [cpx.Instance("10.0.0.99", error="timeout")]
+        summaries = cpx.summarize_services(instances, THRESHOLDS)
+        self.assertIsNone(summaries[-1].service)
+        self.assertEqual((summaries[-1].instances, summaries[-1].healthy, summaries[-1].avg_cpu), (1, 0, None))
+
+    def test_zero_healthy_service_is_flagged(self):
+        summaries = cpx.summarize_services(sample_instances(), THRESHOLDS)
+        flagged = cpx.flag_services(summaries, 2)
+        self.assertEqual([(s.service, s.healthy) for s in flagged], [("TicketService", 0), ("AuthService", 1)])
+        self.assertEqual(cpx.flag_services(summaries, 1)[0].service, "TicketService")
+        self.assertEqual(len(cpx.flag_services(summaries, 3)), 3)
+
+    def test_failure_summary_groups_by_reason(self):
+        instances = [cpx.Instance("10.58.1.%d" % k, "S", 1.0, 1.0) for k in range(1, 148)]
+        instances += [cpx.Instance("10.58.1.9", error="timeout"), cpx.Instance("10.58.1.77", error="HTTP 500"),
+                      cpx.Instance("10.58.1.4", error="timeout")]
+        self.assertEqual(cpx.summarize_failures(instances),
+                         "3 of 150 instances could not be read: timeout 10.58.1.4, 10.58.1.9; HTTP 500 10.58.1.77")
+        self.assertIsNone(cpx.summarize_failures(instances[:3]))
+
+    def test_failure_summary_stays_one_short_line_for_a_big_outage(self):
+        instances = [cpx.Instance("10.58.%d.%d" % (k // 250, k % 250), error="timeout") for k in range(1000)]
+        line = cpx.summarize_failures(instances)
+        self.assertIn("and 995 more", line)
+        self.assertLess(len(line), 200)
+
+
+class SortTest(unittest.TestCase):
+    def test_default_is_service_then_numeric_ip(self):
+        ordered = cpx.sort_instances(sample_instances(), "service", THRESHOLDS)
+        self.assertEqual([i.ip for i in ordered], ["10.0.0.4", "10.0.0.2", "10.0.0.3", "10.0.0.9", "10.0.0.10"])
+
+    def test_ip_order_is_numeric(self):
+        ips = ["10.58.1.10", "10.58.1.9", "::1", "10.58.2.1", "9.0.0.1"]
+        ordered = cpx.sort_instances([cpx.Instance(ip) for ip in ips], "ip", THRESHOLDS)
+        self.assertEqual([i.ip for i in ordered], ["9.0.0.1", "10.58.1.9", "10.58.1.10", "10.58.2.1", "::1"])
+
+    def test_cpu_and_memory_highest_first_unknown_last(self):
+        instances = sample_instances() + [cpx.Instance("10.0.0.1", error="timeout")]
+        by_cpu = cpx.sort_instances(instances, "cpu", THRESHOLDS)
+        self.assertEqual([i.cpu for i in by_cpu], [93.0, 61.0, 12.5, 10.0, 3.0, None])
+        by_memory = cpx.sort_instances(instances, "memory", THRESHOLDS)
+        self.assertEqual(by_memory[0].ip, "10.0.0.3")
+
+    def test_status_worst_first(self):
+        instances = sample_instances() + [cpx.Instance("10.0.0.1", error="timeout")]
+        statuses = [cpx.instance_status(i, THRESHOLDS) for i in cpx.sort_instances(instances, "status", THRESHOLDS)]
+        self.assertEqual(statuses, ["Unhealthy", "Unhealthy", "Unknown", "Healthy", "Healthy", "Healthy"])
+
+
+class ResolveServiceTest(unittest.TestCase):
+    known = ["UserService", "TicketService", "AuthService"]
+
+    def test_exact_then_case_insensitive(self):
+        self.assertEqual(cpx.resolve_service("UserService", self.known), "UserService")
+        self.assertEqual(cpx.resolve_service("userservice", self.known), "UserService")
+
+    def test_unknown_names_the_closest_and_the_known(self):
+        with self.assertRaises(cpx.UsageError) as caught:
+            cpx.resolve_service("UserSrvice", self.known)
+        message = str(caught.exception)
+        self.assertIn("did you mean 'UserService'?", message)
+        self.assertIn("AuthService, TicketService, UserService", message)
+
+
+class RenderTest(unittest.TestCase):
+    def test_table_layout(self):
+        table = cpx.render_table(("IP", "CPU"), [["10.0.0.1", "3%"], ["10.0.0.10", "100%"]], (False, True))
+        self.assertEqual(table, "| IP        |  CPU |\n"
+                                "|-----------+------|\n"
+                                "| 10.0.0.1  |   3% |\n"
+                                "| 10.0.0.10 | 100% |\n")
+
+    def test_one_precision_per_column(self):
+        self.assertEqual(cpx.format_percents([3.0, 61.0, None]), ["3%", "61%", "-"])
+        self.assertEqual(cpx.format_percents([3.0, 61.25]), ["3.0%", "61.2%"])
+
+    def test_sanitize_strips_control_and_escape_characters(self):
+        self.assertEqual(cpx.sanitize("a\x1b[2Jb\x07c\nd\x9be\u202ef"), "a?[2Jb?c?d?e?f")
+        self.assertEqual(cpx.sanitize("Zürich サービス"), "Zürich サービス")
+
+    def test_wide_names_stay_aligned(self):
+        rows = [["サービス", "1"], ["e\u0301t\u00e9", "2"], ["plain", "3"]]
+        lines = cpx.render_table(("Service", "N"), rows, (False, True)).splitlines()
+        self.assertEqual(len({cpx.display_width(line) for line in lines}), 1, lines)
+
+    def test_colour_only_when_asked(self):
+        rows = [["a", "Unhealthy"]]
+        plain = cpx.render_table(("IP", "Status"), rows, (False, False), [cpx.UNHEALTHY], color=False)
+        self.assertNotIn("\x1b", plain)
+        colored = cpx.render_table(("IP", "Status"), rows, (False, False), [cpx.UNHEALTHY], color=True)
+        self.assertIn("\x1b[31m", colored)
+
+    def test_json_and_csv_records(self):
+        options = cpx.Options(output="json")
+        records = json.loads(cpx.render_instances(sample_instances()[:1], options))
+        self.assertEqual(records, [{"ip": "10.0.0.10", "service": "UserService", "status": "Healthy",
+                                    "cpu": 61, "memory": 4, "error": None}])
+        text = cpx.render_csv(cpx.INSTANCE_FIELDS, [cpx.instance_record(cpx.Instance("1.1.1.1", "a\x1bb"),
+                                                                         THRESHOLDS)])
+        self.assertEqual(text, "ip,service,status,cpu,memory,error\n1.1.1.1,a?b,Unknown,,,\n")
+
+
+class ClientUnitTest(unittest.TestCase):
+    def test_url_must_be_http_or_https(self):
+        self.assertEqual(cpx.normalize_url("http://h:8080/"), "http://h:8080")
+        self.assertEqual(cpx.normalize_url("https://h/cpx/"), "https://h/cpx")
+        for bad in ["file:///etc/passwd", "ftp://h/", "data:,x", "localhost:8080", "http://", "http://h:99999",
+                    "http://h/?x=1", "gopher://h"]:
+            with self.assertRaises(cpx.UsageError, msg=bad):
+                cpx.normalize_url(bad)
+
+    def test_retry_after(self):
+        self.assertEqual(cpx.parse_retry_after("3"), 3.0)
+        self.assertIsNone(cpx.parse_retry_after("soon"))
+        self.assertEqual(cpx.parse_retry_after("Thu, 01 Jan 1970 00:01:40 GMT", now=90.0), 10.0)
+
+    def test_backoff_grows_with_jitter_and_retry_after_is_capped(self):
+        import random
+        rng = random.Random(1)
+        for attempt in range(6):
+            delays = [cpx.backoff_delay(attempt, None, rng) for _ in range(50)]
+            self.assertTrue(all(0 <= d <= min(cpx.BACKOFF_CAP, cpx.BACKOFF_BASE * 2 ** attempt) for d in delays))
+            self.assertGreater(len(set(delays)), 40)
+        self.assertEqual(cpx.backoff_delay(0, 1.5), 1.5)
+        self.assertEqual(cpx.backoff_delay(0, 3600.0), cpx.RETRY_AFTER_CAP)
+
+    def test_dns_failure_is_described(self):
+        error = cpx._describe_network_error(socket.gaierror(-2, "Name or service not known"))
+        self.assertEqual(error.reason, "cannot resolve host (Name or service not known)")
+
+
+# ---------------------------------------------------------------------------
+# The client against real loopback servers
+# ---------------------------------------------------------------------------
+
+
+def client_for(url, **overrides):
+    options = cpx.Options(url=url, **overrides)
+    client = cpx.CpxClient(options)
+    return client
+
+
+class ClientTest(ServerTestCase):
+    def client(self, **overrides):
+        client = client_for(self.server.url, **overrides)
+        self.addCleanup(client.close)
+        return client
+
+    def deadline(self, seconds=20.0):
+        return time.monotonic() + seconds
+
+    def test_reads_a_fleet(self):
+        self.server.fleet(FIXED_FLEET)
+        client = self.client()
+        servers = client.list_servers(self.deadline())
+        instances = client.read_instances(servers.ips, self.deadline())
+        self.assertEqual([i.ip for i in instances], list(FIXED_FLEET))
+        self.assertEqual(instances[0], cpx.Instance("10.0.0.10", "UserService", 61.0, 4.0))
+
+    def test_server_list_failures_are_cpx_unavailable(self):
+        cases = [(Reply("oops", status=500), "HTTP 500: oops"), (Reply("<html>"), "not JSON"),
+                 (Reply({"servers": []}), "not a JSON list"), (Reply(b""), "not JSON"),
+                 (Reply("[" * 100000), "not JSON")]
+        for answer, reason in cases:
+            self.server.routes["/servers"] = answer
+            with self.assertRaises(cpx.CpxUnavailable) as caught:
+                self.client(retries=0).list_servers(self.deadline())
+            self.assertEqual(str(caught.exception), "GET %s/servers: %s" % (self.server.url, reason))
+
+    def test_connection_refused(self):
+        client = client_for("http://127.0.0.1:%d" % free_port(), retries=0)
+        self.addCleanup(client.close)
+        with self.assertRaisesRegex(cpx.CpxUnavailable, "connection refused"):
+            client.list_servers(self.deadline())
+
+    def test_bodies_are_capped(self):
+        big = b'{"cpu": "1%", "memory": "1%", "service": "' + b"x" * cpx.INSTANCE_BODY_CAP + b'"}'
+        self.server.fleet({"10.0.0.1": Reply(big, length=False), "10.0.0.2": Reply(big),
+                           "10.0.0.3": instance("A", "1%", "1%")})
+        instances = self.client().read_instances(["10.0.0.1", "10.0.0.2", "10.0.0.3"], self.deadline())
+        self.assertEqual([i.error for i in instances], ["answer over 64 KiB", "answer over 64 KiB", None])
+        self.server.routes["/servers"] = Reply(b"[" + b'"10.0.0.1",' * (2 * 1024 * 1024) + b'"10.0.0.1"]')
+        with self.assertRaisesRegex(cpx.CpxUnavailable, "answer over 16 MiB"):
+            self.client().list_servers(self.deadline())
+
+    def test_retries_count_and_which_statuses(self):
+        for status, expected_requests in [(503, 3), (502, 3), (504, 3), (429, 3), (500, 1), (404, 1), (400, 1)]:
+            self.server.log.clear()
+            self.server.routes["/10.0.0.1"] = Reply("no", status=status)
+            result = self.client(retries=2).read_instance("10.0.0.1", self.deadline())
+            self.assertEqual(result.error, "HTTP %d" % status)
+            self.assertEqual(self.server.count("/10.0.0.1"), expected_requests, status)
+
+    def test_connection_drop_and_timeout_are_retried(self):
+        self.server.routes["/10.0.0.1"] = close_without_answer
+        self.assertEqual(self.client(retries=2).read_instance("10.0.0.1", self.deadline()).error,
+                         "connection reset")
+        self.assertEqual(self.server.count("/10.0.0.1"), 3)
+        self.server.routes["/10.0.0.2"] = hang
+        self.assertEqual(self.client(retries=1, timeout=0.3).read_instance("10.0.0.2", self.deadline()).error,
+                         "timeout")
+        self.assertEqual(self.server.count("/10.0.0.2"), 2)
+
+    def test_a_retry_that_works(self):
+        self.server.routes["/10.0.0.1"] = Sequence_(Reply("busy", status=503), Reply(instance("A", "5%", "6%")))
+        self.assertEqual(self.client().read_instance("10.0.0.1", self.deadline()),
+                         cpx.Instance("10.0.0.1", "A", 5.0, 6.0))
+        self.assertEqual(self.server.count("/10.0.0.1"), 2)
+
+    def test_retry_after_is_honoured(self):
+        self.server.routes["/10.0.0.1"] = Sequence_(Reply("slow down", 429, {"Retry-After": "1"}),
+                                                    Reply(instance("A", "5%", "6%")))
+        self.assertIsNone(self.client().read_instance("10.0.0.1", self.deadline()).error)
+        (first, _), (second, _) = self.server.log
+        self.assertGreaterEqual(second - first, 0.95)
+
+    def test_retry_after_past_the_deadline_is_not_waited_for(self):
+        self.server.routes["/10.0.0.1"] = Reply("slow down", 429, {"Retry-After": "3600"})
+        started = time.monotonic()
+        result = self.client().read_instance("10.0.0.1", self.deadline(3))
+        self.assertEqual(result.error, "HTTP 429")
+        self.assertLess(time.monotonic() - started, 2.5)
+        self.assertEqual(self.server.count("/10.0.0.1"), 1)
+
+    def test_trickling_answer_times_out(self):
+        self.server.routes["/10.0.0.1"] = trickle
+        started = time.monotonic()
+        result = self.client(retries=0, timeout=0.5).read_instance("10.0.0.1", self.deadline())
+        self.assertEqual(result.error, "timeout")
+        self.assertLess(time.monotonic() - started, 3)
+
+    def test_deadline_marks_what_is_not_read(self):
+        fleet = {"10.0.0.%d" % k: instance("A", "1%", "1%") for k in range(1, 5)}
+        fleet["10.0.0.9"] = hang
+        self.server.fleet(fleet)
+        started = time.monotonic()
+        instances = self.client(workers=2).read_instances(list(fleet), self.deadline(0.6))
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual([i.error for i in instances], [None, None, None, None, "deadline"])
+
+    def test_redirects(self):
+        self.server.routes["/servers"] = Reply("", 302, {"Location": "/v2/servers"})
+        self.server.routes["/v2/servers"] = Reply(["10.0.0.1"])
+        self.assertEqual(self.client().list_servers(self.deadline()).ips, ["10.0.0.1"])
+        for location in ["http://127.0.0.2:%d/servers" % free_port(), "file:///etc/passwd",
+                         "ftp://127.0.0.1/servers", self.server.url.replace("127.0.0.1", "localhost") + "/x"]:
+            self.server.routes["/servers"] = Reply("", 301, {"Location": location})
+            with self.assertRaises(cpx.CpxUnavailable) as caught:
+                self.client().list_servers(self.deadline())
+            self.assertIn("redirected to %s, not followed" % location, str(caught.exception))
+        self.assertEqual(self.server.count("/etc/passwd"), 0)
+
+
+# ---------------------------------------------------------------------------
+# The CLI in a subprocess
+# ---------------------------------------------------------------------------
+
+SERVICES_TABLE = """\
+| IP        | Service       | Status    |   CPU | Memory |
+|-----------+---------------+-----------+-------+--------|
+| 10.0.0.4  | AuthService   | Healthy   | 10.0% |    20% |
+| 10.0.0.2  | TicketService | Unhealthy | 93.0% |    31% |
+| 10.0.0.3  | TicketService | Unhealthy | 12.5% |    95% |
+| 10.0.0.9  | UserService   | Healthy   |  3.0% |    43% |
+| 10.0.0.10 | UserService   | Healthy   | 61.0% |     4% |
+"""
+
+STATUS_TABLE = """\
+| Service       | Instances | Healthy | Avg CPU | Avg Memory |
+|---------------+-----------+---------+---------+------------|
+| AuthService   |         1 |       1 |   10.0% |      20.0% |
+| TicketService |         2 |       0 |   52.8% |      63.0% |
+| UserService   |         2 |       2 |   32.0% |      23.5% |
+"""
+
+UNHEALTHY_TABLE = """\
+| Service       | Healthy | Instances |
+|---------------+---------+-----------|
+| TicketService |       0 |         2 |
+| AuthService   |       1 |         1 |
+"""
+
+
+class CliOutputTest(ServerTestCase):
+    def setUp(self):
+        super().setUp()
+        self.server.fleet(FIXED_FLEET)
+
+    def test_services_table(self):
+        result = self.cli("services")
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, SERVICES_TABLE, ""))
+
+    def test_services_filter_and_sort(self):
+        result = self.cli("services", "--service", "ticketservice", "--sort", "memory")
+        self.assertEqual(result.stdout, "| IP       | Service       | Status    |   CPU | Memory |\n"
+                                        "|----------+---------------+-----------+-------+--------|\n"
+                                        "| 10.0.0.3 | TicketService | Unhealthy | 12.5% |    95% |\n"
+                                        "| 10.0.0.2 | TicketService | Unhealthy | 93.0% |    31% |\n")
+        by_cpu = self.cli("services", "--sort", "cpu", "-o", "csv").stdout.splitlines()
+        self.assertEqual([line.split(",")[0] for line in by_cpu[1:]],
+                         ["10.0.0.2", "10.0.0.10", "10.0.0.3", "10.0.0.4", "10.0.0.9"])
+
+    def test_services_json_and_csv(self):
+        records = json.loads(self.cli("services", "-o", "json").stdout)
+        self.assertEqual(records[1], {"ip": "10.0.0.2", "service": "TicketService", "status": "Unhealthy",
+                                      "cpu": 93, "memory": 31, "error": None})
+        self.assertEqual(len(records), 5)
+        lines = self.cli("services", "-o", "csv").stdout.splitlines()
+        self.assertEqual(lines[0], "ip,service,status,cpu,memory,error")
+        self.assertEqual(lines[3], "10.0.0.3,TicketService,Unhealthy,12.5,95,")
+
+    def test_status(self):
+        result = self.cli("status")
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, STATUS_TABLE, ""))
+        one = self.cli("status", "UserService", "-o", "json")
+        self.assertEqual(json.loads(one.stdout), [{"service": "UserService", "instances": 2, "healthy": 2,
+                                                   "avg_cpu": 32, "avg_memory": 23.5}])
+        self.assertEqual(self.cli("status", "-o", "csv").stdout.splitlines()[2],
+                         "TicketService,2,0,52.75,63")
+
+    def test_unhealthy_lists_the_zero_healthy_service_and_exits_1(self):
+        result = self.cli("unhealthy")
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (1, UNHEALTHY_TABLE, ""))
+        flagged = json.loads(self.cli("unhealthy", "-o", "json").stdout)
+        self.assertEqual(flagged, [{"service": "TicketService", "healthy": 0, "instances": 2},
+                                   {"service": "AuthService", "healthy": 1, "instances": 1}])
+
+    def test_unhealthy_none_flagged(self):
+        result = self.cli("unhealthy", "--min-healthy", "1", "--cpu-threshold", "99", "--mem-threshold", "99")
+        self.assertEqual((result.returncode, result.stdout), (0, "No service has fewer than 1 healthy instances.\n"))
+        self.assertEqual(self.cli("unhealthy", "--min-healthy", "1", "--cpu-threshold", "99",
+                                  "--mem-threshold", "99", "-o", "json").stdout, "[]\n")
+
+    def test_thresholds_change_the_verdict(self):
+        result = self.cli("services", "--cpu-threshold", "50", "-o", "csv")
+        self.assertIn("10.0.0.10,UserService,Unhealthy,61,4,", result.stdout)
+
+    def test_global_options_before_or_after_the_command_and_env_url(self):
+        after = run_cli("services", "--url", self.server.url, "-o", "json")
+        self.assertEqual(len(json.loads(after.stdout)), 5)
+        from_env = run_cli("-o", "json", "services", env={"CPX_URL": self.server.url})
+        self.assertEqual(len(json.loads(from_env.stdout)), 5)
+        flag_wins = run_cli("--url", self.server.url, "status", env={"CPX_URL": "http://127.0.0.1:1"})
+        self.assertEqual(flag_wins.returncode, 0)
+
+    def test_unknown_service_exits_2_with_suggestion(self):
+        for args in (["status", "UserSrvice"], ["track", "UserSrvice", "-c", "1"],
+                     ["services", "--service", "UserSrvice"]):
+            result = self.cli(*args)
+            self.assertEqual(result.returncode, 2, args)
+            self.assertEqual(result.stderr, "cpx_devops: error: unknown service 'UserSrvice'; did you mean "
+                                            "'UserService'? Known services: AuthService, TicketService, "
+                                            "UserService\n")
+            self.assertEqual(result.stdout, "")
+
+    def test_track_count_and_json_lines(self):
+        result = self.cli("track", "UserService", "-n", "0.1", "-c", "3", "-o", "json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        records = [json.loads(line) for line in result.stdout.splitlines()]
+        self.assertEqual(len(records), 6)
+        self.assertEqual(set(records[0]), {"time", "ip", "service", "status", "cpu", "memory"})
+        self.assertEqual([r["ip"] for r in records[:2]], ["10.0.0.9", "10.0.0.10"])
+        self.assertEqual(self.server.count("/10.0.0.9"), 3)
+        self.assertEqual(self.server.count("/10.0.0.2"), 1)  # only the first discovery reads the whole fleet
+
+
+    def test_track_csv_has_one_header_and_a_time_column(self):
+        result = self.cli("track", "UserService", "-n", "0.1", "-c", "2", "-o", "csv")
+        lines = result.stdout.splitlines()
+        self.assertEqual(lines[0], "time,ip,service,status,cpu,memory")
+        self.assertEqual(len(lines), 5)
+        self.assertRegex(lines[1], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|[+-]\d\d:\d\d),10\.0\.0\.9,UserService,Healthy,3,43$")
+
+
+class CliFailureTest(ServerTestCase):
+    def test_exit_3_when_cpx_is_unusable(self):
+        self.server.routes["/nojson"] = Reply("<html>")
+        cases = [
+            ("http://127.0.0.1:%d" % free_port(), "connection refused"),
+            (self.server.url, "HTTP 400: {\"error\": \"Invalid IP\"}"),
+        ]
+        for url, reason in cases:
+            result = run_cli("--url", url, "--retries", "0", "services")
+            self.assertEqual(result.returncode, 3, result.stderr)
+            self.assertEqual(result.stderr, "cpx_devops: error: CPX unavailable: GET %s/servers: %s\n" % (url, reason))
+            self.assertEqual(result.stdout, "")
+        for body, reason in [("<html>", "not JSON"), ({"a": 1}, "not a JSON list"), ([], "no instance listed"),
+                             (["../x"], "no instance listed")]:
+            self.server.routes["/servers"] = Reply(body)
+            result = self.cli("status", "-q")
+            self.assertEqual(result.returncode, 3)
+            self.assertEqual(result.stderr, "cpx_devops: error: CPX unavailable: GET %s/servers: %s\n"
+                             % (self.server.url, reason))
+
+    def test_exit_3_when_no_instance_can_be_read(self):
+        self.server.fleet({"10.0.0.1": Reply("x", 500), "10.0.0.2": Reply("x", 500)})
+        result = self.cli("unhealthy")
+        self.assertEqual(result.returncode, 3)
+        self.assertEqual(result.stderr, "cpx_devops: error: CPX unavailable: %s: 2 of 2 instances could not be "
+                                        "read: HTTP 500 10.0.0.1, 10.0.0.2\n" % self.server.url)
+
+    def test_url_scheme_refused_before_any_request(self):
+        port = self.server.server.server_address[1]
+        for url in ["file:///etc/passwd", "ftp://127.0.0.1:%d/" % port, "data:,[]", "127.0.0.1:%d" % port]:
+            result = run_cli("--url", url, "services")
+            self.assertEqual(result.returncode, 2, url)
+            self.assertEqual(len(result.stderr.splitlines()), 1)
+            self.assertIn("cpx_devops: error: URL must start with http:// or https://", result.stderr)
+        env_result = run_cli("services", env={"CPX_URL": "file:///etc/passwd"})
+        self.assertEqual(env_result.returncode, 2)
+        self.assertEqual(self.server.paths(), [])
+
+    def test_usage_errors_exit_2_in_one_line(self):
+        for args in (["services", "--sort", "colour"], ["bogus"], [], ["--timeout", "0", "status"],
+                     ["--workers", "x", "status"], ["unhealthy", "--min-healthy", "0"], ["--outp", "json", "status"],
+                     ["track"], ["--cpu-threshold", "150", "status"]):
+            result = self.cli(*args)
+            self.assertEqual(result.returncode, 2, args)
+            self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+            self.assertRegex(result.stderr, r"^cpx_devops: error: .* \(see 'cpx_devops.py( \w+)? --help'\)$")
+        self.assertEqual(self.server.paths(), [])
+
+    def test_one_failed_instance_does_not_fail_the_command(self):
+        fleet = dict(FIXED_FLEET)
+        fleet["10.0.0.77"] = Reply("boom", 500)
+        fleet["10.0.0.5"] = instance("UserService", "oops", "1%")
+        self.server.fleet(fleet)
+        result = self.cli("services")
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("| 10.0.0.77 | (unknown)     | Unknown (HTTP 500)    |     - |      - |", result.stdout)
+        self.assertIn("| 10.0.0.5  | UserService   | Unknown (invalid cpu) |     - |      - |", result.stdout)
+        self.assertEqual(result.stderr, "cpx_devops: warning: 2 of 7 instances could not be read: "
+                                        "HTTP 500 10.0.0.77; invalid cpu 10.0.0.5\n")
+        status = self.cli("status", "-o", "json", "-q")
+        self.assertEqual(status.stderr, "")
+        summaries = {s["service"]: s for s in json.loads(status.stdout)}
+        self.assertEqual(summaries["UserService"], {"service": "UserService", "instances": 3, "healthy": 2,
+                                                    "avg_cpu": 32, "avg_memory": 23.5})
+        self.assertEqual(summaries[None]["instances"], 1)
+        unhealthy = self.cli("unhealthy", "--min-healthy", "1", "-o", "json", "-q")
+        self.assertIn({"service": None, "healthy": 0, "instances": 1}, json.loads(unhealthy.stdout))
+
+    def test_hostile_values_become_unknown_with_a_reason(self):
+        bad = {"10.0.1.1": Reply("<html><body>502 Bad Gateway</body></html>"), "10.0.1.2": Reply(b""),
+               "10.0.1.3": Reply("not json"), "10.0.1.4": instance("A", "abc", "1%"),
+               "10.0.1.5": instance("A", "-5%", "1%"), "10.0.1.6": instance("A", "1%", "250%"),
+               "10.0.1.7": instance("A", None, "1%"), "10.0.1.8": instance("A", {"v": 1}, "1%"),
+               "10.0.1.9": {"cpu": "1%", "memory": "1%"}, "10.0.1.10": [1, 2],
+               "10.0.1.11": Reply(b"\xff\xfe\x00garbage"), "10.0.1.12": instance("A", "1%", "2%")}
+        self.server.fleet(bad)
+        result = self.cli("services", "-o", "json", "--sort", "ip")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        errors = {r["ip"]: r["error"] for r in json.loads(result.stdout)}
+        self.assertEqual(errors, {"10.0.1.1": "not JSON", "10.0.1.2": "not JSON", "10.0.1.3": "not JSON",
+                                  "10.0.1.4": "invalid cpu", "10.0.1.5": "invalid cpu",
+                                  "10.0.1.6": "invalid memory", "10.0.1.7": "invalid cpu",
+                                  "10.0.1.8": "invalid cpu", "10.0.1.9": "missing service",
+                                  "10.0.1.10": "not a JSON object", "10.0.1.11": "not JSON", "10.0.1.12": None})
+        self.assertClean(result)
+
+    def test_hostile_server_list_entries_are_never_requested(self):
+        hostile = ["../admin", "10.0.0.1/../../x", "http://elsewhere/", "%2e%2e/admin", "10.0.0.1%2f..",
+                   "10.0.0.1?x=1", "10.0.0.1#f", 42, None, "10.0.0.1", "10.0.0.1", "::1"]
+        self.server.routes["/servers"] = Reply(hostile)
+        self.server.routes["/10.0.0.1"] = Reply(instance("A", "1%", "1%"))
+        self.server.routes["/::1"] = Reply(instance("A", "1%", "1%"))
+        result = self.cli("services", "-o", "csv")
+        self.assertEqual(result.returncode, 0)
+        self.assertEqual(sorted(self.server.paths()), ["/10.0.0.1", "/::1", "/servers"])
+        self.assertEqual(result.stderr.splitlines(), [
+            'cpx_devops: warning: /servers listed 9 entries that are not IP addresses, not requested: "../admin", '
+            '"10.0.0.1/../../x", "http://elsewhere/", "%2e%2e/admin", "10.0.0.1%2f.." and 4 more',
+            "cpx_devops: warning: /servers listed 1 duplicate entries, each requested once"])
+
+    def test_server_text_is_sanitised_and_the_table_stays_aligned(self):
+        self.server.fleet({"10.0.0.1": instance("Evil\x1b[2J\x1b]0;pwned\x07Service", "1%", "1%"),
+                           "10.0.0.2": instance("サービス\u202e", "2%", "2%")})
+        result = self.cli("services")
+        self.assertNotIn("\x1b", result.stdout)
+        self.assertNotIn("\x07", result.stdout)
+        self.assertIn("Evil?[2J?]0;pwned?Service", result.stdout)
+        widths = {cpx.display_width(line) for line in result.stdout.splitlines()}
+        self.assertEqual(len(widths), 1, result.stdout)
+        self.assertNotIn("\x1b", self.cli("services", "-o", "csv").stdout)
+        raw = json.loads(self.cli("services", "-o", "json").stdout)
+        self.assertEqual(raw[0]["service"], "Evil\x1b[2J\x1b]0;pwned\x07Service")  # JSON escapes it
+
+    def test_hanging_instance_times_out_and_the_rest_are_shown(self):
+        fleet = {"10.0.2.%d" % k: instance("A", "1%", "1%") for k in range(1, 30)}
+        fleet["10.0.2.99"] = hang
+        self.server.fleet(fleet)
+        started = time.monotonic()
+        result = self.cli("services", "--timeout", "0.5", "-o", "csv")
+        elapsed = time.monotonic() - started
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("10.0.2.99,,Unknown,,,timeout", result.stdout)
+        self.assertEqual(result.stdout.count(",Healthy,"), 29)
+        self.assertEqual(self.server.count("/10.0.2.99"), 3)  # two retries
+        self.assertLess(elapsed, 5)  # not 30 s: about 3 x 0.5 s plus backoff
+        self.assertIn("1 of 30 instances could not be read: timeout 10.0.2.99", result.stderr)
+
+    def test_deadline_ends_the_command(self):
+        self.server.fleet({"10.0.0.1": instance("A", "1%", "1%"), "10.0.0.2": trickle})
+        started = time.monotonic()
+        result = self.cli("services", "--deadline", "1.5", "-o", "csv")
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("10.0.0.2,,Unknown,,,deadline", result.stdout)
+        self.assertIn("10.0.0.1,A,Healthy,1,1,", result.stdout)
+
+    def test_deadline_bounds_a_hanging_server_list(self):
+        self.server.routes["/servers"] = trickle
+        started = time.monotonic()
+        result = self.cli("status", "--deadline", "1")
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(result.returncode, 3)
+        self.assertIn("/servers: no answer within the deadline", result.stderr)
+
+    def test_quiet_hides_warnings_not_errors(self):
+        self.server.fleet({"10.0.0.1": instance("A", "1%", "1%"), "10.0.0.2": Reply("x", 500)})
+        self.assertEqual(self.cli("services", "-q").stderr, "")
+        self.assertNotEqual(self.cli("services").stderr, "")
+        self.assertEqual(self.cli("status", "Nope", "-q").returncode, 2)
+        self.assertIn("unknown service", self.cli("status", "Nope", "-q").stderr)
+
+
+class CliSignalsAndPipesTest(ServerTestCase):
+    def slow_fleet(self):
+        fleet = {"10.0.3.%d" % k: hang for k in range(1, 40)}
+        self.server.fleet(fleet)
+
+    def interrupt(self, signum, command):
+        self.slow_fleet()
+        self.server.log.clear()
+        process = spawn_cli("--url", self.server.url, command)
+        self.addCleanup(process.kill)
+        self.assertTrue(wait_until(lambda: self.server.count("/10.0.3.1") > 0))
+        sent = time.monotonic()
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=10)
+        return process.returncode, time.monotonic() - sent, out, err
+
+    def test_ctrl_c_during_a_fetch_exits_130_promptly(self):
+        for command in ("services", "status", "unhealthy"):
+            code, elapsed, out, err = self.interrupt(signal.SIGINT, command)
+            self.assertEqual((code, out, err), (130, "", ""), command)
+            self.assertLess(elapsed, 1.5, command)
+
+    def test_sigterm_ends_quietly(self):
+        code, elapsed, out, err = self.interrupt(signal.SIGTERM, "services")
+        self.assertEqual((code, out, err), (143, "", ""))
+        self.assertLess(elapsed, 1.5)
+
+    def test_ctrl_c_stops_track_with_exit_0(self):
+        self.server.fleet(FIXED_FLEET)
+        process = spawn_cli("--url", self.server.url, "track", "UserService", "-n", "0.2")
+        self.addCleanup(process.kill)
+        self.assertTrue(wait_until(lambda: self.server.count("/10.0.0.9") >= 2))
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=10)
+        self.assertEqual(process.returncode, 0, err)
+        self.assertNotIn("Traceback", err)
+        self.assertIn("| IP        | Status  |", out)
+
+    def test_closed_stdout_is_quiet_in_every_format(self):
+        self.server.fleet(FIXED_FLEET)
+        for output in cpx.OUTPUT_FORMATS:
+            read_end, write_end = os.pipe()
+            os.close(read_end)  # nobody will ever read: the first write fails
+            process = spawn_cli("--url", self.server.url, "services", "-o", output, stdout=write_end)
+            os.close(write_end)
+            _, err = process.communicate(timeout=20)
+            self.assertEqual((process.returncode, err), (141, ""), output)
+
+    def test_head_1_ends_quietly(self):
+        simulator = cpx.start_simulator(servers=1500, seed=1)
+        self.addCleanup(simulator.server_close)
+        self.addCleanup(simulator.shutdown)
+        for output in cpx.OUTPUT_FORMATS:
+            script = '"$0" "$1" --url "$2" services -o "$3" | head -1; echo "status=${PIPESTATUS[0]}"'
+            result = subprocess.run(["bash", "-c", script, sys.executable, CLI, simulator.url, output],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                                    env=cli_env(), timeout=60)
+            self.assertEqual(result.stderr, "", output)
+            first, status = result.stdout.splitlines()
+            self.assertTrue(first.startswith(("| IP", "[", "ip,service")), first)
+            # 141 when a write met the closed pipe; 0 when the kernel took the
+            # whole answer before head exited (CPython drops what a SIGPIPE cut short).
+            self.assertIn(status, ("status=141", "status=0"), output)
+
+
+class CliMiscTest(unittest.TestCase):
+    def test_version_and_help(self):
+        result = run_cli("--version")
+        self.assertEqual((result.returncode, result.stdout.strip()), (0, "cpx_devops.py " + cpx.__version__))
+        help_text = run_cli("--help").stdout
+        for text in ("exit status:", "130", "CPX_URL", "NO_COLOR", "examples:", "services", "simulate"):
+            self.assertIn(text, help_text)
+        for command in ("services", "status", "unhealthy", "track", "simulate"):
+            sub = run_cli(command, "--help")
+            self.assertEqual(sub.returncode, 0)
+            self.assertIn("examples:", sub.stdout)
+
+    def test_simulate_serves_the_cpx_api_until_interrupted(self):
+        process = subprocess.Popen([sys.executable, CLI, "simulate", "--port", "0", "--servers", "40",
+                                    "--seed", "3"], stderr=subprocess.PIPE, universal_newlines=True, env=cli_env())
+        self.addCleanup(process.kill)
+        line = process.stderr.readline()
+        self.assertIn("simulating 40 servers, listening on http://127.0.0.1:", line)
+        url = line.split("listening on ")[1].split()[0]
+        import urllib.request
+        import urllib.error
+        servers = json.loads(urllib.request.urlopen(url + "/servers", timeout=5).read())
+        self.assertEqual(len(servers), 40)
+        reading = json.loads(urllib.request.urlopen(url + "/" + servers[0], timeout=5).read())
+        self.assertEqual(set(reading), {"cpu", "memory", "service"})
+        self.assertRegex(reading["cpu"], r"^\d+%$")
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(url + "/nope", timeout=5)
+        self.assertEqual((caught.exception.code, json.loads(caught.exception.read())), (400, {"error": "Invalid IP"}))
+        status = run_cli("--url", url, "status", "-o", "json")
+        self.assertEqual(sum(s["instances"] for s in json.loads(status.stdout)), 40)
+        unhealthy = run_cli("--url", url, "unhealthy")
+        self.assertEqual(unhealthy.returncode, 1)  # the simulator always has something to show
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=10)
+        self.assertEqual(process.returncode, 0)
+        self.assertNotIn("Traceback", err)
+
+    def test_simulator_is_reproducible_and_moves(self):
+        first, second = cpx.SimulatedFleet(150, seed=5), cpx.SimulatedFleet(150, seed=5)
+        self.assertEqual([first.read(ip) for ip in first.ips], [second.read(ip) for ip in second.ips])
+        services = {first.read(ip)["service"] for ip in first.ips}
+        self.assertGreaterEqual(len(services), 8)
+        readings = [first.read("10.58.1.5")["cpu"] for _ in range(20)]
+        self.assertGreater(len(set(readings)), 1)
+        self.assertIsNone(first.read("10.58.99.99"))
+
+
+# ---------------------------------------------------------------------------
+# Runner: ends with "N passed, M failed"
+# ---------------------------------------------------------------------------
+
+
+def run_suite(names):
+    loader = unittest.defaultTestLoader
+    module = sys.modules[__name__]
+    suite = loader.loadTestsFromNames(names, module) if names else loader.loadTestsFromModule(module)
+    result = unittest.TextTestRunner(verbosity=1, stream=sys.stderr).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    skipped = len(result.skipped)
+    passed = result.testsRun - failed - skipped
+    sys.stderr.flush()
+    line = "%d passed, %d failed" % (passed, failed)
+    print(line + (", %d skipped" % skipped if skipped else ""), flush=True)
+    return 1 if failed or not result.testsRun else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_suite(sys.argv[1:]))
