@@ -6,7 +6,7 @@ PY := $(shell p='$(PYTHON)'; if "$$p" -c '' >/dev/null 2>&1; then echo "$$p"; el
         for c in $${PYENV_ROOT:-$$HOME/.pyenv}/versions/*/bin/$$p; do \
           [ -x "$$c" ] && "$$c" -c '' >/dev/null 2>&1 && { echo "$$c"; break; }; done; fi)
 
-.PHONY: help demo test
+.PHONY: help check-python demo test bench
 .DEFAULT_GOAL := help
 
 help: ## this list
@@ -31,3 +31,6 @@ demo: check-python ## run the tool against its own simulator
 test: check-python ## the whole suite (PYTHON=python3.7 for another Python)
 	@$(PY) --version
 	@$(PY) test_cpx_devops.py
+
+bench: check-python ## the performance table of the README (a few minutes; asserts nothing)
+	@$(PY) test_cpx_devops.py bench

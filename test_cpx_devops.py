@@ -107,11 +107,25 @@ class ControlledServer:
             def log_message(self, *args):
                 pass
 
-        server_class = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 256, "daemon_threads": True})
-        self.server = server_class(("127.0.0.1", 0), Handler)
+        self.handler = Handler
+        self.start(0)
+        self.url = "http://127.0.0.1:%d" % self.port
+
+    def start(self, port):
+        server_class = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 256, "daemon_threads": True,
+                                                               "allow_reuse_address": True})
+        self.server = server_class(("127.0.0.1", port), self.handler)
         self.server.controller = self
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def down(self):
+        """Stop listening: connections are refused until up()."""
+        self.server.shutdown()
+        self.server.server_close()
+
+    def up(self):
+        self.start(self.port)
 
     def fleet(self, instances):
         """Serve /servers and /<ip> from a dict ip -> payload (a Reply or callable kept as is)."""
@@ -129,8 +143,7 @@ class ControlledServer:
 
     def close(self):
         self.stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.down()
 
 
 def instance(service, cpu, memory):
@@ -175,6 +188,14 @@ def wait_until(predicate, timeout=10.0):
     return False
 
 
+def start_simulator_process(servers, latency_ms, extra):
+    process = subprocess.Popen([sys.executable, CLI, "simulate", "--port", "0", "--servers", str(servers),
+                                "--latency-ms", str(latency_ms), "--seed", "1"] + extra,
+                               stderr=subprocess.PIPE, universal_newlines=True, env=cli_env())
+    line = process.stderr.readline()
+    return process, line.split("listening on ")[1].split()[0]
+
+
 THRESHOLDS = cpx.Thresholds()
 FIXED_FLEET = {
     "10.0.0.10": instance("UserService", "61%", "4%"),
@@ -204,6 +225,87 @@ class ServerTestCase(unittest.TestCase):
 # ---------------------------------------------------------------------------
 # Pure units
 # ---------------------------------------------------------------------------
+
+
+class ScheduleTest(unittest.TestCase):
+    def test_slots_do_not_drift(self):
+        schedule = cpx.Schedule(0.5, start=100.0)
+        now = 100.0
+        for k in range(1, 200):
+            now += 0.123  # the time a sample takes
+            wait, missed = schedule.next_wait(now)
+            now += wait
+            self.assertEqual(missed, 0)
+            self.assertAlmostEqual(now, 100.0 + k * 0.5, places=6)
+
+    def test_a_slow_sample_skips_slots_without_a_burst(self):
+        schedule = cpx.Schedule(1.0, start=0.0)
+        wait, missed = schedule.next_wait(2.5)  # sample 0 took 2.5 s: slots 1 and 2 began meanwhile
+        self.assertEqual((wait, missed), (0.5, 2))
+        wait, missed = schedule.next_wait(3.2)
+        self.assertEqual((round(wait, 6), missed), (0.8, 0))
+        wait, missed = schedule.next_wait(4.0)  # exactly on time
+        self.assertEqual((wait, missed), (1.0, 0))
+
+
+class TrackStateTest(unittest.TestCase):
+    def reading(self, ip, cpu, memory=10.0, error=None):
+        if error:
+            return cpx.Instance(ip, "S", error=error)
+        return cpx.Instance(ip, "S", cpu, memory)
+
+    def test_stats_worst_moment_gone_and_outage(self):
+        state = cpx.TrackState("S", THRESHOLDS)
+        state.record("t1", [self.reading("10.0.0.1", 10), self.reading("10.0.0.2", 20)])
+        state.record("t2", [self.reading("10.0.0.1", 95), self.reading("10.0.0.2", 30, error="timeout")])
+        state.record("t3", [self.reading("10.0.0.1", 40)], gone=["10.0.0.2"])
+        state.record("t4", [], outage="connection refused")
+        first, second = state.tracks()
+        self.assertEqual((first.samples, first.unhealthy, first.cpu.minimum, first.cpu.maximum), (3, 1, 10, 95))
+        self.assertAlmostEqual(first.cpu.mean, 145 / 3)
+        self.assertEqual(list(first.recent_cpu), [10, 95, 40, None])
+        self.assertTrue(second.gone)
+        self.assertEqual(state.worst, (0, 2, "t2", 2))
+        self.assertEqual((state.samples, state.unreachable, state.outage, state.last_good_time),
+                         (4, 1, "connection refused", "t3"))
+        self.assertEqual([t.ip for t in state.present()], ["10.0.0.1"])
+
+    def test_trend_keeps_the_whole_session_in_bounded_buckets(self):
+        trend = cpx.SessionTrend(size=8)
+        for value in range(1000):
+            trend.add(float(value % 100))
+            self.assertLessEqual(len(trend.buckets), 8)
+        self.assertEqual(sum(b[2] for b in trend.buckets), 1000)
+        trend = cpx.SessionTrend(size=4)
+        for value in [10, 20, 30, 40, 50, 60, None, None]:
+            trend.add(value)
+        self.assertEqual(trend.values(), [15, 35, 55, None])
+
+    def test_memory_stays_constant_over_a_long_run(self):
+        import tracemalloc
+        state = cpx.TrackState("S", THRESHOLDS)
+        readings = [self.reading("10.0.0.%d" % k, float(k)) for k in range(1, 20)]
+
+        def run(samples):
+            for sample in range(samples):
+                state.record("2026-01-01T00:00:00+00:00", readings if sample % 50 else [], outage=None)
+        tracemalloc.start()
+        try:
+            run(2000)
+            after_warm_up = tracemalloc.get_traced_memory()[0]
+            run(20000)
+            after_long_run = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        self.assertLess(after_long_run - after_warm_up, 16 * 1024)
+
+    def test_sparklines(self):
+        self.assertEqual(cpx.sparkline([0, 12.5, 50, 99, 100, None], cpx.SPARK_BLOCKS), "\u2581\u2582\u2585\u2588\u2588 ")
+        self.assertEqual(cpx.sparkline([0, 100], cpx.SPARK_ASCII), "_#")
+
+        class Ascii:
+            encoding = "ascii"
+        self.assertEqual(cpx.spark_blocks(Ascii()), cpx.SPARK_ASCII)
 
 
 class ParsePercentTest(unittest.TestCase):
@@ -422,6 +524,64 @@ class ClientUnitTest(unittest.TestCase):
     def test_dns_failure_is_described(self):
         error = cpx._describe_network_error(socket.gaierror(-2, "Name or service not known"))
         self.assertEqual(error.reason, "cannot resolve host (Name or service not known)")
+
+
+class AdaptiveLimitTest(unittest.TestCase):
+    """The controller against simulated servers: a clock, not a network."""
+
+    def run_server(self, limiter, answers, service_time, parallel):
+        """Keep limiter.limit requests in flight against a server that serves `parallel` at once
+        (None: any number) in service_time each, first come first served."""
+        import heapq
+        now, free_at, flight = 0.0, [0.0] * (parallel or 1), []
+        while answers:
+            while len(flight) < limiter.limit:
+                if parallel is None:
+                    done = now + service_time
+                else:
+                    slot = heapq.heappop(free_at)
+                    done = max(slot, now) + service_time
+                    heapq.heappush(free_at, done)
+                heapq.heappush(flight, (done, now))
+            done, sent = heapq.heappop(flight)
+            now = done
+            limiter.observe(done - sent, True)
+            answers -= 1
+
+    def test_grows_to_the_ceiling_against_a_concurrent_server(self):
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        self.assertEqual(limiter.limit, cpx.INITIAL_IN_FLIGHT)
+        self.run_server(limiter, 200, 0.020, None)
+        self.assertEqual((limiter.limit, limiter.peak), (64, 64))
+
+    def test_stays_small_against_a_server_that_answers_one_at_a_time(self):
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        self.run_server(limiter, 500, 0.001, 1)
+        self.assertEqual(limiter.peak, cpx.INITIAL_IN_FLIGHT)
+        self.assertLessEqual(limiter.limit, 5)
+
+    def test_settles_near_the_capacity_of_a_server_with_8_workers(self):
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        self.run_server(limiter, 3000, 0.010, 8)
+        self.assertGreaterEqual(limiter.limit, 8)
+        self.assertLessEqual(limiter.limit, 24)
+
+    def test_backs_off_on_failures_and_stalls(self):
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        self.run_server(limiter, 200, 0.020, None)
+        limiter.observe(5.0, False)
+        self.assertEqual(limiter.limit, 32)
+        limiter.observe(1.02, True)  # a dropped SYN retried after a second
+        self.assertEqual(limiter.limit, 16)
+        for _ in range(10):
+            limiter.observe(0.02, False)
+        self.assertEqual(limiter.limit, 1)
+
+    def test_ceiling_and_fixed(self):
+        self.assertEqual(cpx.AdaptiveLimit(ceiling=2).limit, 2)
+        fixed = cpx.FixedLimit(7)
+        fixed.observe(9.0, False)
+        self.assertEqual((fixed.limit, fixed.peak), (7, 7))
 
 
 # ---------------------------------------------------------------------------
@@ -664,7 +824,211 @@ class CliOutputTest(ServerTestCase):
         lines = result.stdout.splitlines()
         self.assertEqual(lines[0], "time,ip,service,status,cpu,memory")
         self.assertEqual(len(lines), 5)
-        self.assertRegex(lines[1], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(Z|[+-]\d\d:\d\d),10\.0\.0\.9,UserService,Healthy,3,43$")
+        self.assertRegex(lines[1], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d),10\.0\.0\.9,UserService,Healthy,3,43$")
+
+
+def read_lines_live(stream, into):
+    """Collect (monotonic time, line) from a stream in a thread, as they arrive."""
+    def pump():
+        for line in iter(stream.readline, ""):
+            into.append((time.monotonic(), line))
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
+
+
+class TrackTest(ServerTestCase):
+    def setUp(self):
+        super().setUp()
+        self.server.fleet(FIXED_FLEET)
+
+    def test_log_mode_has_no_escape_codes_and_ends_with_a_summary(self):
+        result = self.cli("track", "UserService", "-n", "0.1", "-c", "3")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("\x1b", result.stdout)
+        blocks = result.stdout.split("\n\n")
+        self.assertRegex(blocks[0], r"^UserService  2 instances  \S+  sample 1  every 0.1s\n"
+                                    r"\| IP +\| Status +\| +CPU \| CPU trend \| Memory \| Memory trend \|")
+        self.assertIn("sample 3", result.stdout)
+        self.assertIn("--- UserService: 3 samples from ", result.stdout)
+        self.assertRegex(result.stdout, r"\| 10\.0\.0\.10 \| +3 \| +61/61/61% \| +4/4/4% \| +0 \|")
+        self.assertIn("worst moment: 2 of 2 instances healthy at ", result.stdout)
+
+    def test_marks_values_above_threshold(self):
+        result = self.cli("track", "TicketService", "-c", "1")
+        self.assertIn("| 10.0.0.2 | Unhealthy | 93.0%! |", result.stdout)
+        self.assertIn("| 10.0.0.3 | Unhealthy |  12.5% | \u2582         |   95%! |", result.stdout)
+
+    def test_sigint_mid_run_exits_0_with_the_summary(self):
+        process = spawn_cli("--url", self.server.url, "track", "UserService", "-n", "0.1", "-o", "json")
+        self.addCleanup(process.kill)
+        lines = []
+        read_lines_live(process.stdout, lines)
+        self.assertTrue(wait_until(lambda: len(lines) >= 6))
+        # JSON Lines arrive while the process is still running, and each parses alone.
+        self.assertIsNone(process.poll())
+        for _, line in lines[:6]:
+            self.assertEqual(set(json.loads(line)), {"time", "ip", "service", "status", "cpu", "memory"})
+        process.send_signal(signal.SIGINT)
+        err = process.stderr.read()
+        process.wait(timeout=10)
+        self.assertEqual(process.returncode, 0)
+        self.assertNotIn("Traceback", err)
+        self.assertIn("--- UserService: ", err)  # the summary goes to stderr in json mode
+        self.assertIn("worst moment:", err)
+
+    def test_schedule_does_not_drift_with_slow_answers(self):
+        slow = lambda handler: (time.sleep(0.05), Reply(FIXED_FLEET["10.0.0.9"])(handler))
+        self.server.routes["/10.0.0.9"] = slow
+        result = self.cli("track", "UserService", "-n", "0.2", "-c", "15", "-o", "json")
+        from datetime import datetime
+        times = sorted({datetime.strptime(json.loads(l)["time"][:23], "%Y-%m-%dT%H:%M:%S.%f")
+                        for l in result.stdout.splitlines()})
+        self.assertEqual(len(times), 15)
+        span = (times[-1] - times[1]).total_seconds()
+        # 13 intervals from sample 2 on: 2.6 s on schedule; drift of 50 ms a sample would add 0.65 s.
+        self.assertLess(abs(span - 2.6), 0.3, span)
+
+    def test_a_slow_sample_skips_slots_and_counts_them(self):
+        self.server.routes["/10.0.0.9"] = Sequence_(Reply(FIXED_FLEET["10.0.0.9"]),
+                                                    lambda h: (time.sleep(0.75), Reply(FIXED_FLEET["10.0.0.9"])(h)),
+                                                    Reply(FIXED_FLEET["10.0.0.9"]))
+        result = self.cli("track", "UserService", "-n", "0.2", "-c", "4", "--deadline", "5")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"4 samples from \S+ to \S+, [2-4] slots skipped")
+
+    def test_rediscovery_picks_up_added_and_removed_instances(self):
+        process = spawn_cli("--url", self.server.url, "track", "UserService", "-n", "0.2", "-o", "json")
+        self.addCleanup(process.kill)
+        lines = []
+        read_lines_live(process.stdout, lines)
+        self.assertTrue(wait_until(lambda: len(lines) >= 4))
+        fleet = dict(FIXED_FLEET)
+        del fleet["10.0.0.10"]
+        fleet["10.0.0.11"] = instance("UserService", "7%", "8%")
+        fleet["10.0.0.12"] = instance("OtherService", "7%", "8%")
+        self.server.fleet(fleet)
+        self.assertTrue(wait_until(lambda: any('"10.0.0.11"' in line for _, line in lines)))
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        err = process.stderr.read()
+        process.wait(timeout=10)
+        records = [json.loads(line) for _, line in lines]
+        gone = [r for r in records if r["status"] == "Gone"]
+        self.assertEqual([(r["ip"], r["service"]) for r in gone], [("10.0.0.10", "UserService")])
+        after = records[records.index(gone[0]) + 1:]
+        self.assertNotIn("10.0.0.10", {r["ip"] for r in after})
+        self.assertIn("10.0.0.11", {r["ip"] for r in after})
+        self.assertIn("10.0.0.10 (gone)", err)
+        # Cost follows the service: other services' instances are read once each, new ones once.
+        self.assertEqual(self.server.count("/10.0.0.2"), 1)
+        self.assertEqual(self.server.count("/10.0.0.12"), 1)
+        self.assertGreater(self.server.count("/10.0.0.9"), 4)
+
+    def test_full_rediscovery_rereads_the_fleet(self):
+        result = self.cli("track", "UserService", "-n", "0.2", "-c", "6", "--rediscover", "0.5", "-o", "csv")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertGreaterEqual(self.server.count("/10.0.0.2"), 2)
+        self.assertLess(self.server.count("/10.0.0.2"), 6)
+
+    def test_survives_cpx_going_down_and_coming_back(self):
+        process = spawn_cli("--url", self.server.url, "track", "UserService", "-n", "0.2", "-o", "json")
+        self.addCleanup(process.kill)
+        lines, errors = [], []
+        read_lines_live(process.stdout, lines)
+        read_lines_live(process.stderr, errors)
+        self.assertTrue(wait_until(lambda: len(lines) >= 4))
+        self.server.down()
+        self.assertTrue(wait_until(lambda: any("CPX unreachable at" in e for _, e in errors)))
+        count_while_down = len(lines)
+        self.server.up()
+        self.assertTrue(wait_until(lambda: len(lines) >= count_while_down + 4))
+        self.assertIsNone(process.poll())  # it did not exit
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+        time.sleep(0.1)
+        self.assertEqual(process.returncode, 0)
+        message = [e for _, e in errors if "CPX unreachable" in e][0]
+        self.assertRegex(message, r"^cpx_devops: warning: CPX unreachable at \S+: GET http://127.0.0.1:\d+/servers: "
+                                  r"connection refused; keeping the last known values \(values from \S+\)")
+        summary = "".join(e for _, e in errors)
+        self.assertRegex(summary, r"slots skipped, [1-9]\d* unreachable ---")
+
+    def test_log_mode_marks_stale_values_during_an_outage(self):
+        process = spawn_cli("--url", self.server.url, "track", "UserService", "-n", "0.2")
+        self.addCleanup(process.kill)
+        lines = []
+        read_lines_live(process.stdout, lines)
+        self.assertTrue(wait_until(lambda: sum("sample" in l for _, l in lines) >= 2))
+        self.server.down()
+        self.assertTrue(wait_until(lambda: any("CPX unreachable at" in l for _, l in lines)))
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+        text = "".join(l for _, l in lines)
+        self.assertIn("| Healthy (stale) |", text)
+
+    def test_terminal_mode_redraws_in_place_and_restores_the_screen(self):
+        import pty
+        master, slave = pty.openpty()
+        process = subprocess.Popen([sys.executable, CLI, "--url", self.server.url, "track", "TicketService",
+                                    "-n", "0.1", "-c", "3"], stdout=slave, stderr=subprocess.PIPE,
+                                   stdin=subprocess.DEVNULL, env=cli_env({"TERM": "xterm", "PYTHONIOENCODING": "utf-8"}))
+        os.close(slave)
+        output = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        os.close(master)
+        process.wait(timeout=10)
+        text = output.decode("utf-8")
+        self.assertEqual(process.returncode, 0)
+        self.assertTrue(text.startswith("\x1b[?1049h\x1b[?25l"), text[:40])
+        self.assertEqual(text.count("\x1b[H"), 3)  # one redraw per sample, no scrolling
+        self.assertIn("TicketService  2 instances", text)
+        self.assertIn("\x1b[31m", text)  # Unhealthy in red
+        self.assertIn("\u2588", text)  # a block sparkline
+        leave = text.index("\x1b[?25h\x1b[?1049l")
+        self.assertIn("--- TicketService: 3 samples", text[leave:])  # the summary stays on the user's screen
+
+    def test_terminal_without_colour_or_unicode(self):
+        import pty
+        for extra in ({"NO_COLOR": "1"}, {"TERM": "dumb"}, {"PYTHONIOENCODING": "ascii"}):
+            master, slave = pty.openpty()
+            env = {"TERM": "xterm", "PYTHONIOENCODING": "utf-8"}
+            env.update(extra)
+            args = ["track", "TicketService", "-c", "1"]
+            process = subprocess.Popen([sys.executable, CLI, "--url", self.server.url] + args, stdout=slave,
+                                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli_env(env))
+            os.close(slave)
+            output = b""
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            os.close(master)
+            process.wait(timeout=10)
+            text = output.decode("utf-8", "replace")
+            if "PYTHONIOENCODING" not in extra:
+                self.assertNotIn("\x1b[31m", text, extra)
+            if "TERM" in extra:
+                self.assertNotIn("\x1b", text)  # a dumb terminal gets the log, not a redrawn screen
+            if extra.get("PYTHONIOENCODING") == "ascii":
+                self.assertNotIn("\u2588", text)
+                self.assertIn("#", text)
+
+    def test_interval_below_minimum_is_a_usage_error(self):
+        result = self.cli("track", "UserService", "-n", "0.05")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("below the minimum interval", result.stderr)
 
 
 class CliFailureTest(ServerTestCase):
@@ -884,6 +1248,37 @@ class CliSignalsAndPipesTest(ServerTestCase):
             self.assertIn(status, ("status=141", "status=0"), output)
 
 
+class ConcurrencyControllerTest(unittest.TestCase):
+    """Not a timing: what the controller did, as the CLI reports it with -v."""
+
+    def peak(self, *simulator_options):
+        # The simulator in a process of its own, as users (and make bench) run it:
+        # in the test's process it would share a GIL with the test runner.
+        simulator, url = start_simulator_process(600, 0, list(simulator_options))
+        self.addCleanup(simulator.wait)
+        self.addCleanup(simulator.terminate)
+        result = run_cli("--url", url, "services", "-o", "json", "-v")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(json.loads(result.stdout)), 600)
+        line = [l for l in result.stderr.splitlines() if "peak concurrency" in l][0]
+        self.assertIn("read 600 instances in", line)
+        return int(line.split("peak concurrency ")[1].split()[0])
+
+    def test_grows_against_a_concurrent_server(self):
+        self.assertGreaterEqual(self.peak("--latency-ms", "20"), 32)
+
+    def test_stays_small_against_a_single_threaded_server(self):
+        # 7 is what a listen backlog of 5 holds (one in service, six queued) without dropping a SYN.
+        self.assertLessEqual(self.peak("--single-threaded"), 7)
+
+    def test_fixed_concurrency_on_request(self):
+        server = cpx.start_simulator(servers=50, seed=2)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        result = run_cli("--url", server.url, "status", "-v", "--concurrency", "fixed", "--workers", "7")
+        self.assertIn("peak concurrency 7 (ceiling 7)", result.stderr)
+
+
 class CliMiscTest(unittest.TestCase):
     def test_version_and_help(self):
         result = run_cli("--version")
@@ -933,6 +1328,98 @@ class CliMiscTest(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# Benchmark (make bench): prints, asserts nothing, not part of the suite
+# ---------------------------------------------------------------------------
+
+BENCH_SHAPES = [  # label, simulator options, fleet sizes
+    ("reference: 1 thread, HTTP/1.0, backlog 5", ["--single-threaded"], 0, [150]),
+    ("concurrent, 20 ms per request", [], 20, [150, 1000, 10000]),
+]
+BENCH_FIXED_WORKERS = [128, 64, 32, 5, 1]
+
+
+def measure(args):
+    """Wall time, CPU time and peak RSS of one run of the CLI (via wait4)."""
+    started = time.monotonic()
+    with open(os.devnull, "wb") as sink:
+        process = subprocess.Popen([sys.executable, CLI] + args, stdout=sink, stderr=subprocess.PIPE,
+                                   env=cli_env())
+        err = process.stderr.read()
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
+            else (status >> 8)
+    elapsed = time.monotonic() - started
+    if process.returncode not in (0, 1, 2):
+        raise RuntimeError("run failed (%s): %s" % (process.returncode, err[-300:]))
+    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def bench(quick=False):
+    """Print the benchmark table of issue 5."""
+    import platform
+    cpu_model = "?"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu_model = next(l.split(":", 1)[1].strip() for l in info if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print("machine: %s, %d cores, Python %s" % (cpu_model, os.cpu_count(), platform.python_version()))
+    startup = [measure(["--help"])[0] for _ in range(7)]
+    usage = [measure(["--bogus"])[0] for _ in range(7)]
+    print("startup: --help median %.0f ms, usage error median %.0f ms" % (median(startup) * 1000,
+                                                                        median(usage) * 1000))
+    header = ("shape", "instances", "default s", "best fixed s (workers)", "ratio", "CPU ms/inst", "peak MB",
+              "fixed medians")
+    rows = []
+    for label, extra, latency_ms, sizes in BENCH_SHAPES:
+        for size in sizes:
+            if quick and size > 1000:
+                continue
+            simulator, url = start_simulator_process(size, latency_ms, extra)
+            try:
+                repeats = 3 if size >= 10000 else 5
+                configs = [("default", [])] + [(w, ["--concurrency", "fixed", "--workers", str(w)])
+                                               for w in BENCH_FIXED_WORKERS]
+                times = {name: [] for name, _ in configs}
+                cpu, memory, skipped = [], [], {}
+                for _ in range(repeats):
+                    for name, options in configs:
+                        if name in skipped:
+                            continue
+                        measured = [min(v) for v in times.values() if v]
+                        bound = -(-size // name) * latency_ms / 1000.0 if name != "default" else 0
+                        if not times[name] and measured and bound > 3 * min(measured):
+                            skipped[name] = bound  # physics says it cannot be the best: not worth minutes
+                            continue
+                        elapsed, cpu_seconds, peak_mb = measure(["--url", url, "services", "-o", "json"] + options)
+                        times[name].append(elapsed)
+                        if name == "default":
+                            cpu.append(cpu_seconds)
+                            memory.append(peak_mb)
+            finally:
+                simulator.terminate()
+                simulator.wait()
+            fixed = {name: median(v) for name, v in times.items() if name != "default" and v}
+            best = min(fixed, key=fixed.get)
+            default = median(times["default"])
+            detail = " ".join("%s:%.2f" % (w, fixed[w]) for w in BENCH_FIXED_WORKERS if w in fixed)
+            detail += "".join(" %s:skip(>=%.1f)" % (w, b) for w, b in skipped.items())
+            rows.append((label, str(size), "%.2f" % default, "%.2f (%d)" % (fixed[best], best),
+                         "%.2f" % (default / fixed[best]), "%.3f" % (median(cpu) / size * 1000),
+                         "%.1f" % max(memory), detail))
+            print("  measured %s x %d" % (label, size), file=sys.stderr, flush=True)
+    print(cpx.render_table(header, rows, (False, True, True, True, True, True, True, False)), end="")
+    print("medians of %s runs (3 at 10,000); ratio = default / best fixed; skip: a lower bound "
+          "(instances / workers x latency) over 3x the best, so not run" % "5")
+
+
+# ---------------------------------------------------------------------------
 # Runner: ends with "N passed, M failed"
 # ---------------------------------------------------------------------------
 
@@ -952,4 +1439,7 @@ def run_suite(names):
 
 
 if __name__ == "__main__":
-    sys.exit(run_suite(sys.argv[1:]))
+    if sys.argv[1:2] == ["bench"]:
+        bench(quick="--quick" in sys.argv)
+    else:
+        sys.exit(run_suite(sys.argv[1:]))
