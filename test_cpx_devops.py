@@ -837,10 +837,47 @@ def read_lines_live(stream, into):
     return thread
 
 
+def run_in_pty(args, env):
+    """Run the CLI with stdout on a pseudo-terminal; returns (exit status, what the terminal got)."""
+    import pty
+    master, slave = pty.openpty()
+    process = subprocess.Popen([sys.executable, CLI] + args, stdout=slave, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, env=cli_env(env))
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    process.wait(timeout=10)
+    return process.returncode, output.decode("utf-8", "replace")
+
+
 class TrackTest(ServerTestCase):
     def setUp(self):
         super().setUp()
         self.server.fleet(FIXED_FLEET)
+
+    def start_track(self, *args, lines_before=0):
+        """Start track in the background; returns the process and its stdout and stderr lines, live."""
+        process = spawn_cli("--url", self.server.url, "track", *args)
+        self.addCleanup(process.kill)
+        lines, errors = [], []
+        read_lines_live(process.stdout, lines)
+        read_lines_live(process.stderr, errors)
+        self.assertTrue(wait_until(lambda: len(lines) >= lines_before))
+        return process, lines, errors
+
+    def stop(self, process):
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=10)
+        time.sleep(0.1)  # let the readers take the last lines
+        return process.returncode
 
     def test_log_mode_has_no_escape_codes_and_ends_with_a_summary(self):
         result = self.cli("track", "UserService", "-n", "0.1", "-c", "3")
@@ -860,19 +897,13 @@ class TrackTest(ServerTestCase):
         self.assertIn("| 10.0.0.3 | Unhealthy |  12.5% | \u2582         |   95%! |", result.stdout)
 
     def test_sigint_mid_run_exits_0_with_the_summary(self):
-        process = spawn_cli("--url", self.server.url, "track", "UserService", "-n", "0.1", "-o", "json")
-        self.addCleanup(process.kill)
-        lines = []
-        read_lines_live(process.stdout, lines)
-        self.assertTrue(wait_until(lambda: len(lines) >= 6))
+        process, lines, errors = self.start_track("UserService", "-n", "0.1", "-o", "json", lines_before=6)
         # JSON Lines arrive while the process is still running, and each parses alone.
         self.assertIsNone(process.poll())
         for _, line in lines[:6]:
             self.assertEqual(set(json.loads(line)), {"time", "ip", "service", "status", "cpu", "memory"})
-        process.send_signal(signal.SIGINT)
-        err = process.stderr.read()
-        process.wait(timeout=10)
-        self.assertEqual(process.returncode, 0)
+        self.assertEqual(self.stop(process), 0)
+        err = "".join(e for _, e in errors)
         self.assertNotIn("Traceback", err)
         self.assertIn("--- UserService: ", err)  # the summary goes to stderr in json mode
         self.assertIn("worst moment:", err)
@@ -898,11 +929,7 @@ class TrackTest(ServerTestCase):
         self.assertRegex(result.stdout, r"4 samples from \S+ to \S+, [2-4] slots skipped")
 
     def test_rediscovery_picks_up_added_and_removed_instances(self):
-        process = spawn_cli("--url", self.server.url, "track", "UserService", "-n", "0.2", "-o", "json")
-        self.addCleanup(process.kill)
-        lines = []
-        read_lines_live(process.stdout, lines)
-        self.assertTrue(wait_until(lambda: len(lines) >= 4))
+        process, lines, errors = self.start_track("UserService", "-n", "0.2", "-o", "json", lines_before=4)
         fleet = dict(FIXED_FLEET)
         del fleet["10.0.0.10"]
         fleet["10.0.0.11"] = instance("UserService", "7%", "8%")
@@ -910,9 +937,8 @@ class TrackTest(ServerTestCase):
         self.server.fleet(fleet)
         self.assertTrue(wait_until(lambda: any('"10.0.0.11"' in line for _, line in lines)))
         time.sleep(0.5)
-        process.send_signal(signal.SIGINT)
-        err = process.stderr.read()
-        process.wait(timeout=10)
+        self.assertEqual(self.stop(process), 0)
+        err = "".join(e for _, e in errors)
         records = [json.loads(line) for _, line in lines]
         gone = [r for r in records if r["status"] == "Gone"]
         self.assertEqual([(r["ip"], r["service"]) for r in gone], [("10.0.0.10", "UserService")])
@@ -932,22 +958,14 @@ class TrackTest(ServerTestCase):
         self.assertLess(self.server.count("/10.0.0.2"), 6)
 
     def test_survives_cpx_going_down_and_coming_back(self):
-        process = spawn_cli("--url", self.server.url, "track", "UserService", "-n", "0.2", "-o", "json")
-        self.addCleanup(process.kill)
-        lines, errors = [], []
-        read_lines_live(process.stdout, lines)
-        read_lines_live(process.stderr, errors)
-        self.assertTrue(wait_until(lambda: len(lines) >= 4))
+        process, lines, errors = self.start_track("UserService", "-n", "0.2", "-o", "json", lines_before=4)
         self.server.down()
         self.assertTrue(wait_until(lambda: any("CPX unreachable at" in e for _, e in errors)))
         count_while_down = len(lines)
         self.server.up()
         self.assertTrue(wait_until(lambda: len(lines) >= count_while_down + 4))
         self.assertIsNone(process.poll())  # it did not exit
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=10)
-        time.sleep(0.1)
-        self.assertEqual(process.returncode, 0)
+        self.assertEqual(self.stop(process), 0)
         message = [e for _, e in errors if "CPX unreachable" in e][0]
         self.assertRegex(message, r"^cpx_devops: warning: CPX unreachable at \S+: GET http://127.0.0.1:\d+/servers: "
                                   r"connection refused; keeping the last known values \(values from \S+\)")
@@ -955,38 +973,17 @@ class TrackTest(ServerTestCase):
         self.assertRegex(summary, r"slots skipped, [1-9]\d* unreachable ---")
 
     def test_log_mode_marks_stale_values_during_an_outage(self):
-        process = spawn_cli("--url", self.server.url, "track", "UserService", "-n", "0.2")
-        self.addCleanup(process.kill)
-        lines = []
-        read_lines_live(process.stdout, lines)
-        self.assertTrue(wait_until(lambda: sum("sample" in l for _, l in lines) >= 2))
+        process, lines, _ = self.start_track("UserService", "-n", "0.2", lines_before=10)
         self.server.down()
         self.assertTrue(wait_until(lambda: any("CPX unreachable at" in l for _, l in lines)))
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=10)
+        self.assertEqual(self.stop(process), 0)
         text = "".join(l for _, l in lines)
         self.assertIn("| Healthy (stale) |", text)
 
     def test_terminal_mode_redraws_in_place_and_restores_the_screen(self):
-        import pty
-        master, slave = pty.openpty()
-        process = subprocess.Popen([sys.executable, CLI, "--url", self.server.url, "track", "TicketService",
-                                    "-n", "0.1", "-c", "3"], stdout=slave, stderr=subprocess.PIPE,
-                                   stdin=subprocess.DEVNULL, env=cli_env({"TERM": "xterm", "PYTHONIOENCODING": "utf-8"}))
-        os.close(slave)
-        output = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the child closed the terminal
-                break
-            if not chunk:
-                break
-            output += chunk
-        os.close(master)
-        process.wait(timeout=10)
-        text = output.decode("utf-8")
-        self.assertEqual(process.returncode, 0)
+        code, text = run_in_pty(["--url", self.server.url, "track", "TicketService", "-n", "0.1", "-c", "3"],
+                                {"TERM": "xterm", "PYTHONIOENCODING": "utf-8"})
+        self.assertEqual(code, 0)
         self.assertTrue(text.startswith("\x1b[?1049h\x1b[?25l"), text[:40])
         self.assertEqual(text.count("\x1b[H"), 3)  # one redraw per sample, no scrolling
         self.assertIn("TicketService  2 instances", text)
@@ -996,27 +993,10 @@ class TrackTest(ServerTestCase):
         self.assertIn("--- TicketService: 3 samples", text[leave:])  # the summary stays on the user's screen
 
     def test_terminal_without_colour_or_unicode(self):
-        import pty
         for extra in ({"NO_COLOR": "1"}, {"TERM": "dumb"}, {"PYTHONIOENCODING": "ascii"}):
-            master, slave = pty.openpty()
             env = {"TERM": "xterm", "PYTHONIOENCODING": "utf-8"}
             env.update(extra)
-            args = ["track", "TicketService", "-c", "1"]
-            process = subprocess.Popen([sys.executable, CLI, "--url", self.server.url] + args, stdout=slave,
-                                       stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli_env(env))
-            os.close(slave)
-            output = b""
-            while True:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                output += chunk
-            os.close(master)
-            process.wait(timeout=10)
-            text = output.decode("utf-8", "replace")
+            _, text = run_in_pty(["--url", self.server.url, "track", "TicketService", "-c", "1"], env)
             if "PYTHONIOENCODING" not in extra:
                 self.assertNotIn("\x1b[31m", text, extra)
             if "TERM" in extra:
