@@ -1,12 +1,15 @@
 # cpx_devops: `make demo` shows it, `make test` checks it. Nothing to install.
 PYTHON ?= python3
+PREFIX ?= $(HOME)/.local
+# `make install PREFIX=~/.local` from a shell that leaves the ~ alone still works.
+BINDIR = $(patsubst ~%,$(HOME)%,$(PREFIX))/bin
 # A pyenv shim for a version that is installed but not selected fails to run:
 # fall back to that version's own binary, so `make test PYTHON=python3.7` works.
 PY := $(shell p='$(PYTHON)'; if "$$p" -c '' >/dev/null 2>&1; then echo "$$p"; else \
         for c in $${PYENV_ROOT:-$$HOME/.pyenv}/versions/*/bin/$$p; do \
           [ -x "$$c" ] && "$$c" -c '' >/dev/null 2>&1 && { echo "$$c"; break; }; done; fi)
 
-.PHONY: help check-python demo test bench
+.PHONY: help check-python demo test bench install uninstall
 .DEFAULT_GOAL := help
 
 help: ## this list
@@ -34,3 +37,11 @@ test: check-python ## the whole suite (PYTHON=python3.7 for another Python)
 
 bench: check-python ## the performance table of the README (a few minutes; asserts nothing)
 	@$(PY) test_cpx_devops.py bench
+
+install: ## install as an executable cpx-devops in $(PREFIX)/bin (PREFIX=~/.local by default)
+	install -d "$(DESTDIR)$(BINDIR)"
+	install -m 0755 cpx_devops.py "$(DESTDIR)$(BINDIR)/cpx-devops"
+	@echo "installed $(DESTDIR)$(BINDIR)/cpx-devops"
+
+uninstall: ## remove $(PREFIX)/bin/cpx-devops
+	rm -f "$(DESTDIR)$(BINDIR)/cpx-devops"

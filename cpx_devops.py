@@ -105,7 +105,7 @@ UNHEALTHY = "Unhealthy"
 UNKNOWN = "Unknown"
 
 SORT_KEYS = ("service", "ip", "status", "cpu", "memory")
-OUTPUT_FORMATS = ("table", "json", "csv")
+OUTPUT_FORMATS = ("table", "json", "csv", "prometheus")
 
 ENVIRONMENT_HELP = """\
 environment:
@@ -167,6 +167,8 @@ class Options:
     verbose: bool = False
     color: bool = False
     interactive: bool = False
+    headers: bool = True
+    write: Optional[str] = None
 
 
 @dataclass
@@ -189,6 +191,14 @@ class ServiceSummary:
     healthy: int
     avg_cpu: Optional[float]
     avg_memory: Optional[float]
+
+
+@dataclass
+class Snapshot:
+    """One read of the whole fleet and how long it took."""
+
+    instances: List[Instance]
+    seconds: float
 
 
 @dataclass
@@ -937,7 +947,8 @@ def paint(text: str, status: str, color: bool) -> str:
 
 
 def render_table(titles: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool],
-                 colors: Optional[Sequence[Optional[str]]] = None, color: bool = False) -> str:
+                 colors: Optional[Sequence[Optional[str]]] = None, color: bool = False,
+                 headers: bool = True) -> str:
     """An org-style table; right marks right-aligned columns, colors gives a status per row."""
     widths = [display_width(title) for title in titles]
     for row in rows:
@@ -952,10 +963,10 @@ def render_table(titles: Sequence[str], rows: Sequence[Sequence[str]], right: Se
             padded.append(paint(text, status, color) if status else text)
         return "| " + " | ".join(padded) + " |"
 
-    lines = [line(titles), "|" + "+".join("-" * (w + 2) for w in widths) + "|"]
+    lines = [line(titles), "|" + "+".join("-" * (w + 2) for w in widths) + "|"] if headers else []
     for index, row in enumerate(rows):
         lines.append(line(row, colors[index] if colors else None))
-    return "\n".join(lines) + "\n"
+    return "".join(line + "\n" for line in lines)
 
 
 def format_percents(values: Sequence[Optional[float]]) -> List[str]:
@@ -996,11 +1007,12 @@ def render_json(records: Sequence[Dict[str, Any]]) -> str:
     return json.dumps(list(records), indent=2) + "\n"
 
 
-def render_csv(fieldnames: Sequence[str], records: Sequence[Dict[str, Any]]) -> str:
+def render_csv(fieldnames: Sequence[str], records: Sequence[Dict[str, Any]], header: bool = True) -> str:
     """A header then one row per record; text from the server is sanitised, None is empty."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(fieldnames)
+    if header:
+        writer.writerow(fieldnames)
     for record in records:
         writer.writerow(["" if record[name] is None else sanitize(record[name]) for name in fieldnames])
     return buffer.getvalue()
@@ -1022,40 +1034,53 @@ SUMMARY_FIELDS = ("service", "instances", "healthy", "avg_cpu", "avg_memory")
 FLAGGED_FIELDS = ("service", "healthy", "instances")
 
 
-def render_instances(instances: Sequence[Instance], options: Options, with_service: bool = True) -> str:
-    """The services command's output in the chosen format (track leaves out the service column)."""
+def _plural(count: int, noun: str) -> str:
+    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
+
+
+def fleet_footer(instances: Sequence[Instance], thresholds: Thresholds) -> str:
+    """The line under a table: how many instances, services, unhealthy and unknown ones."""
+    statuses = [instance_status(i, thresholds) for i in instances]
+    services = {i.service for i in instances if i.service is not None}
+    text = "%s, %s, %d unhealthy" % (_plural(len(instances), "instance"), _plural(len(services), "service"),
+                                     statuses.count(UNHEALTHY))
+    if statuses.count(UNKNOWN):
+        text += ", %d unknown" % statuses.count(UNKNOWN)
+    return text + "\n"
+
+
+def render_instances(instances: Sequence[Instance], options: Options) -> str:
+    """The services command's output in the chosen format."""
     thresholds = options.thresholds
     if options.output == "json":
         return render_json([instance_record(i, thresholds) for i in instances])
     if options.output == "csv":
-        return render_csv(INSTANCE_FIELDS, [instance_record(i, thresholds) for i in instances])
+        return render_csv(INSTANCE_FIELDS, [instance_record(i, thresholds) for i in instances], options.headers)
     rows = []
     cpus = format_percents([i.cpu for i in instances])
     memories = format_percents([i.memory for i in instances])
     for index, instance in enumerate(instances):
-        row = [sanitize(instance.ip), service_label(instance.service), status_label(instance, thresholds),
-               cpus[index], memories[index]]
-        rows.append(row if with_service else row[:1] + row[2:])
-    titles = ["IP", "Service", "Status", "CPU", "Memory"]
-    right = [False, False, False, True, True]
-    if not with_service:
-        del titles[1], right[1]
+        rows.append([sanitize(instance.ip), service_label(instance.service), status_label(instance, thresholds),
+                     cpus[index], memories[index]])
     statuses = [instance_status(i, thresholds) for i in instances]
-    return render_table(titles, rows, right, statuses, options.color)
+    table = render_table(("IP", "Service", "Status", "CPU", "Memory"), rows, (False, False, False, True, True),
+                         statuses, options.color, options.headers)
+    return table + fleet_footer(instances, thresholds) if options.headers else table
 
 
-def render_summaries(summaries: Sequence[ServiceSummary], options: Options) -> str:
-    """The status command's output in the chosen format."""
+def render_summaries(summaries: Sequence[ServiceSummary], options: Options, footer: str = "") -> str:
+    """The status command's output in the chosen format; footer goes under a table."""
     if options.output == "json":
         return render_json([summary_record(s) for s in summaries])
     if options.output == "csv":
-        return render_csv(SUMMARY_FIELDS, [summary_record(s) for s in summaries])
+        return render_csv(SUMMARY_FIELDS, [summary_record(s) for s in summaries], options.headers)
     cpus = format_percents([s.avg_cpu for s in summaries])
     memories = format_percents([s.avg_memory for s in summaries])
     rows = [[service_label(s.service), str(s.instances), str(s.healthy), cpus[k], memories[k]]
             for k, s in enumerate(summaries)]
-    return render_table(("Service", "Instances", "Healthy", "Avg CPU", "Avg Memory"), rows,
-                        (False, True, True, True, True))
+    table = render_table(("Service", "Instances", "Healthy", "Avg CPU", "Avg Memory"), rows,
+                         (False, True, True, True, True), headers=options.headers)
+    return table + footer if options.headers else table
 
 
 def render_flagged(flagged: Sequence[ServiceSummary], min_healthy: int, options: Options) -> str:
@@ -1063,12 +1088,66 @@ def render_flagged(flagged: Sequence[ServiceSummary], min_healthy: int, options:
     if options.output == "json":
         return render_json([flagged_record(s) for s in flagged])
     if options.output == "csv":
-        return render_csv(FLAGGED_FIELDS, [flagged_record(s) for s in flagged])
+        return render_csv(FLAGGED_FIELDS, [flagged_record(s) for s in flagged], options.headers)
     if not flagged:
         return "No service has fewer than %d healthy instances.\n" % min_healthy
     rows = [[service_label(s.service), str(s.healthy), str(s.instances)] for s in flagged]
     colors = [UNHEALTHY] * len(rows)
-    return render_table(("Service", "Healthy", "Instances"), rows, (False, True, True), colors, options.color)
+    return render_table(("Service", "Healthy", "Instances"), rows, (False, True, True), colors, options.color,
+                        options.headers)
+
+
+def prometheus_label(value: Optional[str]) -> str:
+    """A label value for the exposition format: sanitised, then \\, \" and newline escaped."""
+    text = sanitize(value) if value is not None else ""
+    return text.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def _prometheus_number(value: float) -> str:
+    value = round(value, 6)
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+PROMETHEUS_FAMILIES = (
+    ("cpx_instance_cpu_ratio", "CPU use of an instance, 0-1 (absent when it could not be read)."),
+    ("cpx_instance_memory_ratio", "Memory use of an instance, 0-1 (absent when it could not be read)."),
+    ("cpx_instance_healthy", "1 when the instance is Healthy (cpu and memory at or under their thresholds)."),
+    ("cpx_instance_up", "1 when the instance could be read, 0 when it could not or its data was invalid."),
+    ("cpx_service_instances", "Instances of a service."),
+    ("cpx_service_healthy_instances", "Healthy instances of a service."),
+    ("cpx_scrape_duration_seconds", "How long reading CPX took."),
+    ("cpx_scrape_errors", "Instances that could not be read in this scrape."),
+)
+
+
+def render_prometheus(snapshot: Snapshot, thresholds: Thresholds, per_instance: bool = True) -> str:
+    """The text exposition format: HELP and TYPE per family, escaped labels, no timestamps."""
+    samples = {name: [] for name, _ in PROMETHEUS_FAMILIES}  # type: Dict[str, List[str]]
+    instances = sort_instances(snapshot.instances, "service", thresholds)
+    if per_instance:
+        for instance in instances:
+            labels = '{ip="%s",service="%s"}' % (prometheus_label(instance.ip), prometheus_label(instance.service))
+            status = instance_status(instance, thresholds)
+            if status != UNKNOWN:
+                samples["cpx_instance_cpu_ratio"].append(labels + " " + _prometheus_number(instance.cpu / 100.0))
+                samples["cpx_instance_memory_ratio"].append(labels + " " + _prometheus_number(instance.memory / 100.0))
+            samples["cpx_instance_healthy"].append(labels + " %d" % (status == HEALTHY))
+            samples["cpx_instance_up"].append(labels + " %d" % (status != UNKNOWN))
+    for summary in summarize_services(instances, thresholds):
+        if summary.service is None:
+            continue  # unreadable instances count in cpx_scrape_errors and cpx_instance_up
+        labels = '{service="%s"}' % prometheus_label(summary.service)
+        samples["cpx_service_instances"].append(labels + " %d" % summary.instances)
+        samples["cpx_service_healthy_instances"].append(labels + " %d" % summary.healthy)
+    samples["cpx_scrape_duration_seconds"].append(" " + _prometheus_number(snapshot.seconds))
+    samples["cpx_scrape_errors"].append(" %d" % sum(1 for i in instances if instance_status(i, thresholds) == UNKNOWN))
+    lines = []
+    for name, help_text in PROMETHEUS_FAMILIES:
+        if not samples[name]:
+            continue
+        lines += ["# HELP %s %s" % (name, help_text), "# TYPE %s gauge" % name]
+        lines += [name + sample for sample in samples[name]]
+    return "\n".join(lines) + "\n"
 
 
 TRACK_FIELDS = ("time", "ip", "service", "status", "cpu", "memory")
@@ -1174,8 +1253,7 @@ def render_track_records(moment: str, readings: Sequence[Instance], gone: Sequen
         records.append({"time": moment, "ip": ip, "service": service, "status": GONE, "cpu": None, "memory": None})
     if options.output == "json":
         return "".join(json.dumps(record) + "\n" for record in records)
-    text = render_csv(TRACK_FIELDS, records)
-    return text if header else text.split("\n", 1)[1]
+    return render_csv(TRACK_FIELDS, records, header and options.headers)
 
 
 # ---------------------------------------------------------------------------
@@ -1195,6 +1273,52 @@ def emit(text: str) -> None:
     sys.stdout.flush()
 
 
+def check_writable(path: str) -> None:
+    """Refuse, before any request, a --write FILE that could not be written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError("cannot write %s: it is a directory" % path)
+    if not os.path.isdir(directory):
+        raise UsageError("cannot write %s: no directory %s" % (path, directory))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError("cannot write %s: directory %s is not writable" % (path, directory))
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replace path with text in one step: a reader sees the old file or the new one, never half."""
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        # mkstemp makes the file 0600; a collector running as another user must be able to read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def deliver(text: str, options: Options) -> None:
+    """A command's output: to stdout, or atomically to the --write file."""
+    if options.write:
+        try:
+            write_atomically(options.write, text)
+        except OSError as error:
+            raise UsageError("cannot write %s: %s" % (options.write, error.strerror or error))
+    else:
+        emit(text)
+
+
 def _quoted_list(entries: Sequence[Any], limit: int = IPS_LISTED_PER_REASON) -> str:
     shown = ", ".join(sanitize(json.dumps(entry))[:60] for entry in entries[:limit])
     if len(entries) > limit:
@@ -1202,9 +1326,10 @@ def _quoted_list(entries: Sequence[Any], limit: int = IPS_LISTED_PER_REASON) -> 
     return shown
 
 
-def take_snapshot(client: CpxClient, options: Options) -> List[Instance]:
+def take_snapshot(client: CpxClient, options: Options) -> Snapshot:
     """Read the whole fleet once; warn about what could not be read, raise if nothing could."""
-    deadline = time.monotonic() + options.deadline
+    scrape_started = time.monotonic()
+    deadline = scrape_started + options.deadline
     servers = client.list_servers(deadline)
     if servers.rejected:
         warn(options, "/servers listed %d entries that are not IP addresses, not requested: %s"
@@ -1224,39 +1349,51 @@ def take_snapshot(client: CpxClient, options: Options) -> List[Instance]:
         raise CpxUnavailable("%s: %s" % (options.url, failures))
     if failures:
         warn(options, failures)
-    return instances
+    return Snapshot(instances, time.monotonic() - scrape_started)
 
 
 def _known_services(instances: Iterable[Instance]) -> List[str]:
     return sorted({i.service for i in instances if i.service is not None})
 
 
+def _only_service(snapshot: Snapshot, name: Optional[str]) -> Snapshot:
+    """The snapshot, or just one service's instances of it when a name is given."""
+    if name is None:
+        return snapshot
+    wanted = resolve_service(name, _known_services(snapshot.instances))
+    return Snapshot([i for i in snapshot.instances if i.service == wanted], snapshot.seconds)
+
+
 def cmd_services(client: CpxClient, options: Options, args: argparse.Namespace) -> int:
     """Every instance: IP, service, status, cpu, memory."""
-    instances = take_snapshot(client, options)
-    if args.service is not None:
-        wanted = resolve_service(args.service, _known_services(instances))
-        instances = [i for i in instances if i.service == wanted]
-    emit(render_instances(sort_instances(instances, args.sort, options.thresholds), options))
+    snapshot = _only_service(take_snapshot(client, options), args.service)
+    if options.output == "prometheus":
+        deliver(render_prometheus(snapshot, options.thresholds), options)
+    else:
+        deliver(render_instances(sort_instances(snapshot.instances, args.sort, options.thresholds), options), options)
     return EXIT_OK
 
 
 def cmd_status(client: CpxClient, options: Options, args: argparse.Namespace) -> int:
     """Per-service instance counts, healthy counts and averages."""
-    instances = take_snapshot(client, options)
-    summaries = summarize_services(instances, options.thresholds)
-    if args.service is not None:
-        wanted = resolve_service(args.service, _known_services(instances))
-        summaries = [s for s in summaries if s.service == wanted]
-    emit(render_summaries(summaries, options))
+    snapshot = _only_service(take_snapshot(client, options), args.service)
+    if options.output == "prometheus":
+        deliver(render_prometheus(snapshot, options.thresholds, per_instance=False), options)
+        return EXIT_OK
+    summaries = summarize_services(snapshot.instances, options.thresholds)
+    footer = fleet_footer(snapshot.instances, options.thresholds)
+    deliver(render_summaries(summaries, options, footer), options)
     return EXIT_OK
 
 
 def cmd_unhealthy(client: CpxClient, options: Options, args: argparse.Namespace) -> int:
     """Services with fewer than --min-healthy healthy instances; exit 1 when any."""
-    instances = take_snapshot(client, options)
-    flagged = flag_services(summarize_services(instances, options.thresholds), args.min_healthy)
-    emit(render_flagged(flagged, args.min_healthy, options))
+    snapshot = take_snapshot(client, options)
+    flagged = flag_services(summarize_services(snapshot.instances, options.thresholds), args.min_healthy)
+    if options.output == "prometheus":
+        deliver(render_prometheus(snapshot, options.thresholds, per_instance=False), options)
+    else:
+        deliver(render_flagged(flagged, args.min_healthy, options), options)
     return EXIT_FLAGGED if flagged else EXIT_OK
 
 
@@ -1355,8 +1492,10 @@ class TrackView:
 
 def cmd_track(client: CpxClient, options: Options, args: argparse.Namespace) -> int:
     """Sample one service on a fixed schedule until Ctrl+C or --count samples, then summarize."""
+    if options.output == "prometheus" or options.write:
+        raise UsageError("track streams: -o prometheus and --write are for services, status and unhealthy")
     moment, started = _wall_clock(), time.monotonic()
-    instances = take_snapshot(client, options)
+    instances = take_snapshot(client, options).instances
     service = resolve_service(args.service, _known_services(instances))
     fleet = {i.ip: i.service for i in instances}  # type: Dict[str, Optional[str]]
     readings = sort_instances([i for i in instances if i.service == service], "ip", options.thresholds)
@@ -1401,11 +1540,23 @@ SIMULATED_SERVICES = ("UserService", "TicketService", "PaymentService", "AuthSer
                       "ReportService", "GeoService", "MailService")
 
 
+def _splitmix64(state: int) -> Tuple[int, float]:
+    """The next state and a uniform number in [0, 1): a tiny, seedable generator per instance."""
+    state = (state + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    mixed = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return state, ((mixed ^ (mixed >> 31)) >> 11) / float(1 << 53)
+
+
 class SimulatedFleet:
-    """Instances with a service each and a cpu/memory random walk; thread-safe."""
+    """Instances with a service each and a cpu/memory random walk; thread-safe.
+
+    Each instance walks on its own generator, so with a seed the values an
+    instance shows depend only on how often it was read, not on the order in
+    which concurrent requests arrive: seeded runs are reproducible."""
 
     def __init__(self, count: int, seed: Optional[int] = None):
-        self.rng = random.Random(seed)
+        rng = random.Random(seed)
         self.lock = threading.Lock()
         self.state = {}  # type: Dict[str, List[Any]]
         self.ips = ["10.58.%d.%d" % (1 + k // 254, 1 + k % 254) for k in range(count)]
@@ -1414,13 +1565,13 @@ class SimulatedFleet:
             if count >= 20 and index in (0, 1):
                 service = small  # a two-instance service, one of them hot: something to flag
             elif count >= 20:
-                service = self.rng.choice(SIMULATED_SERVICES[:-1])
+                service = rng.choice(SIMULATED_SERVICES[:-1])
             else:
                 service = SIMULATED_SERVICES[index % len(SIMULATED_SERVICES)]
-            hot = index == 0 or self.rng.random() < 0.04
-            base_cpu = self.rng.uniform(93, 99) if hot else self.rng.uniform(5, 70)
-            base_memory = self.rng.uniform(10, 80)
-            self.state[ip] = [service, base_cpu, base_memory, base_cpu, base_memory]
+            hot = index == 0 or rng.random() < 0.04
+            base_cpu = rng.uniform(93, 99) if hot else rng.uniform(5, 70)
+            base_memory = rng.uniform(10, 80)
+            self.state[ip] = [service, base_cpu, base_memory, base_cpu, base_memory, rng.getrandbits(64)]
 
     def read(self, ip: str) -> Optional[Dict[str, str]]:
         """The next reading of an instance (the walk moves on every read), None if unknown."""
@@ -1428,10 +1579,15 @@ class SimulatedFleet:
             entry = self.state.get(ip)
             if entry is None:
                 return None
-            service, cpu, memory, base_cpu, base_memory = entry
-            cpu = min(100.0, max(0.0, cpu + self.rng.gauss(0, 4) + 0.2 * (base_cpu - cpu)))
-            memory = min(100.0, max(0.0, memory + self.rng.gauss(0, 2) + 0.1 * (base_memory - memory)))
-            entry[1], entry[2] = cpu, memory
+            service, cpu, memory, base_cpu, base_memory, seed = entry
+            noise = []
+            for _ in range(4):
+                seed, uniform = _splitmix64(seed)
+                noise.append(uniform)
+            # Two roughly normal steps (sums of two uniforms), pulled back towards the base.
+            cpu = min(100.0, max(0.0, cpu + (noise[0] + noise[1] - 1.0) * 10 + 0.2 * (base_cpu - cpu)))
+            memory = min(100.0, max(0.0, memory + (noise[2] + noise[3] - 1.0) * 5 + 0.1 * (base_memory - memory)))
+            entry[1], entry[2], entry[5] = cpu, memory, seed
         return {"cpu": "%d%%" % round(cpu), "memory": "%d%%" % round(memory), "service": service}
 
 
@@ -1577,6 +1733,11 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                        help="output format (default table)")
     group.add_argument("-q", "--quiet", action="store_true", default=default(False),
                        help="hide warnings (errors always show)")
+    group.add_argument("--no-headers", action="store_true", default=default(False),
+                       help="no header row (table, csv) and no summary line under a table")
+    group.add_argument("--write", metavar="FILE", default=default(None),
+                       help="write the output to FILE atomically (temporary file, then rename), "
+                            "e.g. for node_exporter's textfile collector")
     group.add_argument("--no-color", action="store_true", default=default(False),
                        help="never colour the output (colour is used only on a terminal)")
     group.add_argument("-v", "--verbose", action="store_true", default=default(False),
@@ -1586,7 +1747,8 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
 def build_parser() -> argparse.ArgumentParser:
     """The command line: global options before or after a subcommand."""
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(prog="cpx_devops.py", description="See the health of a CPX fleet in seconds.",
+    parser = _Parser(prog=os.path.basename(sys.argv[0]) or "cpx_devops.py",
+                     description="See the health of a CPX fleet in seconds.",
                      epilog="examples:\n"
                             "  cpx_devops.py services --sort cpu\n"
                             "  cpx_devops.py status UserService\n"
@@ -1602,7 +1764,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  epilog="examples:\n" + examples + "\n" + EXIT_STATUS_HELP,
+                                  epilog="examples:\n" + examples + "\n" + ENVIRONMENT_HELP + "\n" + EXIT_STATUS_HELP,
                                   formatter_class=formatter, allow_abbrev=False)
         _add_global_options(sub, suppress=True)
         return sub
@@ -1667,7 +1829,8 @@ def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Opti
                    retries=args.retries, workers=args.workers, adaptive=args.concurrency == "adaptive",
                    thresholds=Thresholds(args.cpu_threshold, args.mem_threshold),
                    output=args.output, quiet=args.quiet, verbose=args.verbose,
-                   color=use_color(sys.stdout, args.no_color, environ), interactive=interactive)
+                   color=use_color(sys.stdout, args.no_color, environ), interactive=interactive,
+                   headers=not args.no_headers, write=args.write)
 
 
 COMMANDS = {"services": cmd_services, "status": cmd_status, "unhealthy": cmd_unhealthy, "track": cmd_track}
@@ -1683,6 +1846,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "simulate":
         return cmd_simulate(args)
     options = options_from_args(args, dict(os.environ))
+    if options.write:
+        check_writable(options.write)
     client = CpxClient(options)
     try:
         return COMMANDS[args.command](client, options, args)

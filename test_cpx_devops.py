@@ -718,6 +718,7 @@ SERVICES_TABLE = """\
 | 10.0.0.3  | TicketService | Unhealthy | 12.5% |    95% |
 | 10.0.0.9  | UserService   | Healthy   |  3.0% |    43% |
 | 10.0.0.10 | UserService   | Healthy   | 61.0% |     4% |
+5 instances, 3 services, 2 unhealthy
 """
 
 STATUS_TABLE = """\
@@ -726,6 +727,7 @@ STATUS_TABLE = """\
 | AuthService   |         1 |       1 |   10.0% |      20.0% |
 | TicketService |         2 |       0 |   52.8% |      63.0% |
 | UserService   |         2 |       2 |   32.0% |      23.5% |
+5 instances, 3 services, 2 unhealthy
 """
 
 UNHEALTHY_TABLE = """\
@@ -750,7 +752,8 @@ class CliOutputTest(ServerTestCase):
         self.assertEqual(result.stdout, "| IP       | Service       | Status    |   CPU | Memory |\n"
                                         "|----------+---------------+-----------+-------+--------|\n"
                                         "| 10.0.0.3 | TicketService | Unhealthy | 12.5% |    95% |\n"
-                                        "| 10.0.0.2 | TicketService | Unhealthy | 93.0% |    31% |\n")
+                                        "| 10.0.0.2 | TicketService | Unhealthy | 93.0% |    31% |\n"
+                                        "2 instances, 1 service, 2 unhealthy\n")
         by_cpu = self.cli("services", "--sort", "cpu", "-o", "csv").stdout.splitlines()
         self.assertEqual([line.split(",")[0] for line in by_cpu[1:]],
                          ["10.0.0.2", "10.0.0.10", "10.0.0.3", "10.0.0.4", "10.0.0.9"])
@@ -1011,6 +1014,197 @@ class TrackTest(ServerTestCase):
         self.assertIn("below the minimum interval", result.stderr)
 
 
+def parse_exposition(text):
+    """A strict reader of the Prometheus text format as this tool writes it: every sample belongs
+    to a family announced by HELP then TYPE, labels are quoted and escaped, no timestamps.
+    Returns {(name, ((label, value), ...)): float}; raises AssertionError on anything else."""
+    import re
+    assert text.endswith("\n"), "the exposition must end with a newline"
+    sample = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
+                        r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")*)\})? (\S+)$')
+    label = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+    series, helped, typed, current = {}, set(), set(), None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            name = line.split()[2]
+            assert name not in helped, "HELP twice for " + name
+            helped.add(name)
+            current = name
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert name == current and kind == "gauge", line
+            typed.add(name)
+        else:
+            match = sample.match(line)
+            assert match, "not a sample line: %r" % line
+            name, labels, value = match.group(1), match.group(2) or "", match.group(3)
+            assert name == current and name in typed, "sample outside its family: %r" % line
+            pairs = tuple((k, v.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\"))
+                          for k, v in label.findall(labels))
+            key = (name, pairs)
+            assert key not in series, "duplicate series %r" % (key,)
+            series[key] = float(value)
+    return series
+
+
+def promtool(*args, stdin=None):
+    return subprocess.run(["promtool"] + list(args), input=stdin, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=60)
+
+
+HAVE_PROMTOOL = subprocess.call(["sh", "-c", "command -v promtool"], stdout=subprocess.DEVNULL) == 0
+
+
+class PrometheusTest(ServerTestCase):
+    def setUp(self):
+        super().setUp()
+        fleet = dict(FIXED_FLEET)
+        fleet["10.0.0.77"] = Reply("boom", 500)
+        fleet["fe80::1"] = instance('Odd "quoted" \\ name\nline', "50%", "50%")
+        self.server.fleet(fleet)
+
+    def test_services_exposition(self):
+        result = self.cli("services", "-o", "prometheus", "-q")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        series = parse_exposition(result.stdout)
+        self.assertEqual(series[("cpx_instance_cpu_ratio", (("ip", "10.0.0.10"), ("service", "UserService")))], 0.61)
+        self.assertEqual(series[("cpx_instance_memory_ratio", (("ip", "10.0.0.3"), ("service", "TicketService")))],
+                         0.95)
+        self.assertEqual(series[("cpx_instance_healthy", (("ip", "10.0.0.3"), ("service", "TicketService")))], 0)
+        self.assertEqual(series[("cpx_instance_up", (("ip", "10.0.0.77"), ("service", "")))], 0)
+        self.assertNotIn(("cpx_instance_cpu_ratio", (("ip", "10.0.0.77"), ("service", ""))), series)
+        self.assertEqual(series[("cpx_service_instances", (("service", "TicketService"),))], 2)
+        self.assertEqual(series[("cpx_service_healthy_instances", (("service", "TicketService"),))], 0)
+        self.assertEqual(series[("cpx_scrape_errors", ())], 1)
+        self.assertGreater(series[("cpx_scrape_duration_seconds", ())], 0)
+        self.assertIn(("cpx_instance_up", (("ip", "fe80::1"), ("service", 'Odd "quoted" \\ name?line'))), series)
+        self.assertIn('service="Odd \\"quoted\\" \\\\ name?line"', result.stdout)
+        for line in result.stdout.splitlines():
+            self.assertFalse(line.startswith("cpx_") and len(line.split(" ")) > 2 and "{" not in line, line)
+
+    def test_status_and_unhealthy_exposition_are_per_service(self):
+        for command, code in (("status", 0), ("unhealthy", 1)):
+            result = self.cli(command, "-o", "prometheus", "-q")
+            self.assertEqual(result.returncode, code, command)
+            names = {name for name, _ in parse_exposition(result.stdout)}
+            self.assertEqual(names, {"cpx_service_instances", "cpx_service_healthy_instances",
+                                     "cpx_scrape_duration_seconds", "cpx_scrape_errors"})
+
+    @unittest.skipUnless(HAVE_PROMTOOL, "promtool is not installed (.ci/run installs it)")
+    def test_promtool_finds_the_exposition_lint_clean(self):
+        for command in ("services", "status"):
+            text = self.cli(command, "-o", "prometheus", "-q").stdout
+            checked = promtool("check", "metrics", stdin=text)
+            self.assertEqual((checked.returncode, checked.stdout), (0, ""), command)
+
+    @unittest.skipUnless(HAVE_PROMTOOL, "promtool is not installed (.ci/run installs it)")
+    def test_promtool_accepts_the_rules_file(self):
+        checked = promtool("check", "rules", os.path.join(HERE, "cpx_rules.yml"))
+        self.assertEqual(checked.returncode, 0, checked.stdout)
+        self.assertIn("SUCCESS: 3 rules found", checked.stdout)
+
+    def test_track_refuses_prometheus_and_write(self):
+        for extra in (["-o", "prometheus"], ["--write", "x.prom"]):
+            result = self.cli("track", "UserService", *extra)
+            self.assertEqual(result.returncode, 2)
+            self.assertIn("track streams", result.stderr)
+
+
+class WriteTest(ServerTestCase):
+    def setUp(self):
+        super().setUp()
+        import tempfile
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, self.directory)
+        self.target = os.path.join(self.directory, "cpx.prom")
+
+    def test_writes_atomically_and_readably(self):
+        self.server.fleet(FIXED_FLEET)
+        with open(self.target, "w") as old:
+            old.write("old\n")
+        result = self.cli("services", "-o", "prometheus", "--write", self.target)
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "", ""))
+        with open(self.target) as written:
+            parse_exposition(written.read())
+        self.assertEqual(os.listdir(self.directory), ["cpx.prom"])  # no temporary file left behind
+        self.assertEqual(os.stat(self.target).st_mode & 0o777, 0o644)  # under the usual umask 022
+        for output in ("table", "json", "csv"):
+            self.cli("status", "-o", output, "--write", self.target)
+            with open(self.target) as written:
+                self.assertEqual(written.read(), self.cli("status", "-o", output).stdout)
+
+    def test_a_reader_never_sees_half_a_file(self):
+        simulator = cpx.start_simulator(servers=3000, seed=4)
+        self.addCleanup(simulator.server_close)
+        self.addCleanup(simulator.shutdown)
+        run_cli("--url", simulator.url, "services", "-o", "prometheus", "--write", self.target)
+        seen, stop = [], threading.Event()
+
+        def reader():
+            while not stop.is_set():
+                with open(self.target) as current:
+                    seen.append(current.read())
+        thread = threading.Thread(target=reader)
+        thread.start()
+        try:
+            for _ in range(3):
+                run_cli("--url", simulator.url, "services", "-o", "prometheus", "--write", self.target)
+        finally:
+            stop.set()
+            thread.join()
+        self.assertGreater(len(seen), 10)
+        for text in seen:
+            self.assertTrue(text.endswith("\n") and "# TYPE cpx_scrape_errors gauge" in text, len(text))
+
+    def test_unwritable_target_is_refused_before_any_request(self):
+        self.server.fleet(FIXED_FLEET)
+        for target in (os.path.join(self.directory, "missing", "cpx.prom"), self.directory):
+            result = self.cli("services", "--write", target)
+            self.assertEqual(result.returncode, 2, target)
+            self.assertRegex(result.stderr, r"^cpx_devops: error: cannot write ")
+        self.assertEqual(self.server.paths(), [])
+
+
+class ConventionsTest(ServerTestCase):
+    def setUp(self):
+        super().setUp()
+        fleet = dict(FIXED_FLEET)
+        fleet["10.0.0.77"] = Reply("boom", 500)
+        self.server.fleet(fleet)
+
+    def test_no_headers(self):
+        table = self.cli("services", "--no-headers", "-q").stdout.splitlines()
+        self.assertEqual(len(table), 6)
+        self.assertTrue(all(line.startswith("| 10.0.0.") for line in table), table)
+        csv_lines = self.cli("services", "-o", "csv", "--no-headers", "-q").stdout.splitlines()
+        self.assertEqual(csv_lines[0], "10.0.0.4,AuthService,Healthy,10,20,")
+        self.assertEqual(len(csv_lines), 6)
+        self.assertEqual(len(self.cli("status", "--no-headers", "-q").stdout.splitlines()), 4)
+
+    def test_colour_only_on_a_terminal(self):
+        code, text = run_in_pty(["--url", self.server.url, "services", "-q"], {"TERM": "xterm"})
+        self.assertEqual(code, 0)
+        self.assertIn("\x1b[31mUnhealthy", text)
+        self.assertIn("\x1b[33mUnknown (HTTP 500)", text)
+        for env, args in (({"TERM": "xterm", "NO_COLOR": "1"}, []), ({"TERM": "dumb"}, []),
+                          ({"TERM": "xterm"}, ["--no-color"])):
+            _, plain = run_in_pty(["--url", self.server.url, "services", "-q"] + args, env)
+            self.assertNotIn("\x1b", plain, (env, args))
+            self.assertIn("Unhealthy", plain)
+        _, empty_no_color = run_in_pty(["--url", self.server.url, "services", "-q"], {"TERM": "xterm", "NO_COLOR": ""})
+        self.assertIn("\x1b[31m", empty_no_color)  # NO_COLOR set but empty does not count
+        self.assertNotIn("\x1b", self.cli("services", "-q").stdout)  # a pipe gets no colour
+
+    def test_wide_fleets_are_not_truncated(self):
+        long_name = "Service" * 20
+        self.server.fleet({"2001:db8:ffff:ffff:ffff:ffff:ffff:1": instance(long_name, "1%", "1%"),
+                           "10.0.0.1": instance("A", "95%", "1%")})
+        lines = self.cli("services").stdout.splitlines()
+        self.assertIn("| 2001:db8:ffff:ffff:ffff:ffff:ffff:1 | %s | Healthy   |" % long_name, lines[3])
+        self.assertEqual(len({len(line) for line in lines[:-1]}), 1)
+        self.assertEqual(lines[-1], "2 instances, 2 services, 1 unhealthy")
+
+
 class CliFailureTest(ServerTestCase):
     def test_exit_3_when_cpx_is_unusable(self):
         self.server.routes["/nojson"] = Reply("<html>")
@@ -1118,8 +1312,9 @@ class CliFailureTest(ServerTestCase):
         self.assertNotIn("\x1b", result.stdout)
         self.assertNotIn("\x07", result.stdout)
         self.assertIn("Evil?[2J?]0;pwned?Service", result.stdout)
-        widths = {cpx.display_width(line) for line in result.stdout.splitlines()}
+        widths = {cpx.display_width(line) for line in result.stdout.splitlines()[:-1]}
         self.assertEqual(len(widths), 1, result.stdout)
+        self.assertEqual(result.stdout.splitlines()[-1], "2 instances, 2 services, 0 unhealthy")
         self.assertNotIn("\x1b", self.cli("services", "-o", "csv").stdout)
         raw = json.loads(self.cli("services", "-o", "json").stdout)
         self.assertEqual(raw[0]["service"], "Evil\x1b[2J\x1b]0;pwned\x07Service")  # JSON escapes it
@@ -1222,7 +1417,7 @@ class CliSignalsAndPipesTest(ServerTestCase):
                                     env=cli_env(), timeout=60)
             self.assertEqual(result.stderr, "", output)
             first, status = result.stdout.splitlines()
-            self.assertTrue(first.startswith(("| IP", "[", "ip,service")), first)
+            self.assertTrue(first.startswith(("| IP", "[", "ip,service", "# HELP")), first)
             # 141 when a write met the closed pipe; 0 when the kernel took the
             # whole answer before head exited (CPython drops what a SIGPIPE cut short).
             self.assertIn(status, ("status=141", "status=0"), output)
@@ -1270,6 +1465,30 @@ class CliMiscTest(unittest.TestCase):
             sub = run_cli(command, "--help")
             self.assertEqual(sub.returncode, 0)
             self.assertIn("examples:", sub.stdout)
+            if command != "simulate":
+                for text in ("CPX_URL", "NO_COLOR", "exit status:", "143", "--no-headers", "--write"):
+                    self.assertIn(text, sub.stdout, command)
+
+    def test_options_cannot_be_abbreviated(self):
+        for args in (["--outp", "json", "status"], ["services", "--serv", "A"], ["unhealthy", "--min", "3"],
+                     ["status", "--dead", "3"]):
+            result = run_cli(*args)
+            self.assertEqual(result.returncode, 2, args)
+            self.assertRegex(result.stderr, r"^cpx_devops: error: .*(unrecognized arguments|invalid choice)")
+
+    def test_make_install_and_uninstall(self):
+        import tempfile
+        prefix = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, prefix)
+        installed = subprocess.run(["make", "-s", "install", "PREFIX=" + prefix], cwd=HERE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, universal_newlines=True)
+        self.assertEqual(installed.returncode, 0, installed.stdout)
+        tool = os.path.join(prefix, "bin", "cpx-devops")
+        self.assertTrue(os.access(tool, os.X_OK))
+        version = subprocess.run([tool, "--version"], stdout=subprocess.PIPE, universal_newlines=True)
+        self.assertEqual(version.stdout.strip(), "cpx-devops " + cpx.__version__)
+        subprocess.run(["make", "-s", "uninstall", "PREFIX=" + prefix], cwd=HERE, check=True)
+        self.assertFalse(os.path.exists(tool))
 
     def test_simulate_serves_the_cpx_api_until_interrupted(self):
         process = subprocess.Popen([sys.executable, CLI, "simulate", "--port", "0", "--servers", "40",
