@@ -4,6 +4,8 @@ servers, then the CLI in a subprocess. Standard library only.
 
   python test_cpx_devops.py            the whole suite; ends with "N passed, M failed"
   python test_cpx_devops.py NAME ...   some tests (unittest names)
+  python test_cpx_devops.py bench      the benchmark table (make bench)
+  python test_cpx_devops.py readme     rewrite the README's example outputs from a seeded simulator
 """
 
 import json
@@ -188,9 +190,10 @@ def wait_until(predicate, timeout=10.0):
     return False
 
 
-def start_simulator_process(servers, latency_ms, extra):
+def start_simulator_process(servers, latency_ms, extra, seed=1):
+    """The simulator as its own process on a free port; returns the process and its URL."""
     process = subprocess.Popen([sys.executable, CLI, "simulate", "--port", "0", "--servers", str(servers),
-                                "--latency-ms", str(latency_ms), "--seed", "1"] + extra,
+                                "--latency-ms", str(latency_ms), "--seed", str(seed)] + extra,
                                stderr=subprocess.PIPE, universal_newlines=True, env=cli_env())
     line = process.stderr.readline()
     return process, line.split("listening on ")[1].split()[0]
@@ -284,16 +287,16 @@ class TrackStateTest(unittest.TestCase):
     def test_memory_stays_constant_over_a_long_run(self):
         import tracemalloc
         state = cpx.TrackState("S", THRESHOLDS)
-        readings = [self.reading("10.0.0.%d" % k, float(k)) for k in range(1, 20)]
+        readings = [self.reading("10.0.0.%d" % k, float(k)) for k in range(1, 6)]
 
         def run(samples):
             for sample in range(samples):
                 state.record("2026-01-01T00:00:00+00:00", readings if sample % 50 else [], outage=None)
         tracemalloc.start()
         try:
-            run(2000)
+            run(1000)
             after_warm_up = tracemalloc.get_traced_memory()[0]
-            run(20000)
+            run(10000)
             after_long_run = tracemalloc.get_traced_memory()[0]
         finally:
             tracemalloc.stop()
@@ -1134,21 +1137,22 @@ class WriteTest(ServerTestCase):
                 self.assertEqual(written.read(), self.cli("status", "-o", output).stdout)
 
     def test_a_reader_never_sees_half_a_file(self):
-        simulator = cpx.start_simulator(servers=3000, seed=4)
-        self.addCleanup(simulator.server_close)
-        self.addCleanup(simulator.shutdown)
-        run_cli("--url", simulator.url, "services", "-o", "prometheus", "--write", self.target)
+        simulator, url = start_simulator_process(1000, 0, [])
+        self.addCleanup(simulator.wait)
+        self.addCleanup(simulator.terminate)
+        run_cli("--url", url, "services", "-o", "prometheus", "--write", self.target)
         seen, stop = [], threading.Event()
 
         def reader():
             while not stop.is_set():
                 with open(self.target) as current:
                     seen.append(current.read())
+                time.sleep(0.002)
         thread = threading.Thread(target=reader)
         thread.start()
         try:
             for _ in range(3):
-                run_cli("--url", simulator.url, "services", "-o", "prometheus", "--write", self.target)
+                run_cli("--url", url, "services", "-o", "prometheus", "--write", self.target)
         finally:
             stop.set()
             thread.join()
@@ -1407,7 +1411,7 @@ class CliSignalsAndPipesTest(ServerTestCase):
             self.assertEqual((process.returncode, err), (141, ""), output)
 
     def test_head_1_ends_quietly(self):
-        simulator = cpx.start_simulator(servers=1500, seed=1)
+        simulator = cpx.start_simulator(servers=1200, seed=1)
         self.addCleanup(simulator.server_close)
         self.addCleanup(simulator.shutdown)
         for output in cpx.OUTPUT_FORMATS:
@@ -1526,6 +1530,67 @@ class CliMiscTest(unittest.TestCase):
         self.assertIsNone(first.read("10.58.99.99"))
 
 
+README_SEED = 42
+_VARIABLE = [  # what differs from run to run: compared as placeholders
+    (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d|Z)", "<time>"),
+    (r"cpx_scrape_duration_seconds \S+", "cpx_scrape_duration_seconds <seconds>"),
+]
+
+
+def readme_examples():
+    """(command, expected output lines) for every `$ python3 cpx_devops.py ...` in the README's
+    code blocks, in order; `simulate` itself is left out (the test runs one)."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        text = readme.read()
+    examples, inside, current = [], False, None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            inside, current = not inside, None
+            continue
+        if not inside:
+            continue
+        if line.startswith("$ "):
+            current = None
+            if line.startswith("$ python3 cpx_devops.py") and " simulate" not in line:
+                current = (line[2:], [])
+                examples.append(current)
+        elif current is not None:
+            current[1].append(line)
+    return examples
+
+
+def normalize(lines):
+    import re
+    out = []
+    for line in lines:
+        for pattern, placeholder in _VARIABLE:
+            line = re.sub(pattern, placeholder, line)
+        out.append(line.rstrip())
+    return out
+
+
+def run_readme_command(command, url):
+    """Run a README command as the README shows it (a shell line), stderr merged into stdout."""
+    import shlex
+    shell_line = command.replace("python3 cpx_devops.py", shlex.quote(sys.executable) + " cpx_devops.py", 1)
+    result = subprocess.run(["bash", "-c", "{ %s; } 2>&1" % shell_line], cwd=HERE, stdout=subprocess.PIPE,
+                            universal_newlines=True, env=cli_env({"CPX_URL": url, "PYTHONIOENCODING": "utf-8"}),
+                            timeout=60)
+    return result.stdout.splitlines()
+
+
+class ReadmeTest(unittest.TestCase):
+    def test_every_example_prints_what_the_readme_shows(self):
+        examples = readme_examples()
+        self.assertGreaterEqual(len(examples), 10)
+        simulator, url = start_simulator_process(150, 0, [], seed=README_SEED)
+        self.addCleanup(simulator.wait)
+        self.addCleanup(simulator.terminate)
+        for command, expected in examples:
+            actual = run_readme_command(command, url)
+            self.assertEqual(normalize(actual), normalize(expected), "README example: $ " + command)
+
+
 # ---------------------------------------------------------------------------
 # Benchmark (make bench): prints, asserts nothing, not part of the suite
 # ---------------------------------------------------------------------------
@@ -1637,8 +1702,39 @@ def run_suite(names):
     return 1 if failed or not result.testsRun else 0
 
 
+def update_readme():
+    """Rewrite the output under each README example with what it prints now (after a change
+    to the output; the README test then checks it)."""
+    path = os.path.join(HERE, "README.md")
+    with open(path, encoding="utf-8") as readme:
+        lines = readme.read().splitlines()
+    simulator, url = start_simulator_process(150, 0, [], seed=README_SEED)
+    out, inside, skipping = [], False, False
+    try:
+        for line in lines:
+            if line.startswith("```"):
+                inside, skipping = not inside, False
+            elif inside and line.startswith("$ "):
+                skipping = False
+                if line.startswith("$ python3 cpx_devops.py") and " simulate" not in line:
+                    out.append(line)
+                    out.extend(run_readme_command(line[2:], url))
+                    skipping = True
+                    continue
+            elif skipping:
+                continue
+            out.append(line)
+    finally:
+        simulator.terminate()
+        simulator.wait()
+    with open(path, "w", encoding="utf-8") as readme:
+        readme.write("\n".join(out) + "\n")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
         bench(quick="--quick" in sys.argv)
+    elif sys.argv[1:2] == ["readme"]:
+        update_readme()
     else:
         sys.exit(run_suite(sys.argv[1:]))
