@@ -12,6 +12,9 @@ Usage:
   cpx_devops.py [global options] track SERVICE [-n SECONDS] [-c COUNT]
   cpx_devops.py simulate [--port 8080] [--servers 150] [--latency-ms 0] [--seed N]
 
+Global options include --url (or $CPX_URL), -o table|json|csv|prometheus,
+--write FILE (atomic), --timeout, --deadline, --retries, --workers; see --help.
+
 Health rule: an instance is Unhealthy when its cpu or its memory is strictly
 above its threshold (90% each by default), Unknown when it could not be read
 or its data is invalid, Healthy otherwise.
@@ -35,6 +38,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -304,7 +308,7 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
 
 
 # ---------------------------------------------------------------------------
-# Pure analysis: health rule, aggregation, flagging, sorting
+# Pure analysis: health rule, aggregation, flagging, sorting; track's schedule and state
 # ---------------------------------------------------------------------------
 
 
@@ -782,7 +786,8 @@ class CpxClient:
         self.base_url = options.url
         self.opener = _build_opener()
         self.limiter = AdaptiveLimit(options.workers) if options.adaptive else FixedLimit(options.workers)
-        self.retried = 0
+        self.retried = 0  # retries made, for -v; workers add to it under the lock
+        self.retried_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=options.workers)
         self.headers = {"Accept": "application/json", "User-Agent": "cpx_devops/" + __version__}
 
@@ -846,7 +851,8 @@ class CpxClient:
                     raise
                 time.sleep(delay)
                 attempt += 1
-                self.retried += 1
+                with self.retried_lock:
+                    self.retried += 1
         try:
             return json.loads(body)
         except (ValueError, RecursionError):
@@ -912,7 +918,7 @@ class CpxClient:
 
 
 # ---------------------------------------------------------------------------
-# Renderers: table, json, csv; sanitising of server text
+# Renderers: table, json, csv, prometheus, track's views; sanitising of server text
 # ---------------------------------------------------------------------------
 
 # Control characters (C0, DEL, C1 including the 8-bit CSI), zero-width and
@@ -1176,10 +1182,23 @@ def _marked(cell: str, value: Optional[float], threshold: float) -> str:
     return cell + "!" if value is not None and value > threshold else cell
 
 
-def render_track_table(state: TrackState, blocks: str, color: bool) -> str:
-    """The live table: every instance with its status, values and recent trend."""
+_TRACK_RANK = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}
+
+
+def render_track_table(state: TrackState, blocks: str, color: bool, max_rows: Optional[int] = None) -> str:
+    """The live table: every instance with its status, values and recent trend; when only
+    max_rows fit, the worst instances (then the lowest IPs) and a line counting the others."""
     thresholds = state.thresholds
     tracks = state.tracks()
+    hidden = 0
+    if max_rows is not None and len(tracks) > max_rows:
+        def rank(track: InstanceTrack) -> int:
+            if track.gone or track.last is None:
+                return 3
+            return _TRACK_RANK[instance_status(track.last, thresholds)]
+        shown = set(id(t) for t in sorted(tracks, key=rank)[:max(1, max_rows - 1)])
+        hidden = len(tracks) - len(shown)
+        tracks = [t for t in tracks if id(t) in shown]
     readable = [t.last if t.last is not None and t.last.error is None and not t.gone else None for t in tracks]
     cpus = format_percents([r.cpu if r else None for r in readable])
     memories = format_percents([r.memory if r else None for r in readable])
@@ -1198,7 +1217,11 @@ def render_track_table(state: TrackState, blocks: str, color: bool) -> str:
                      _marked(memories[index], reading.memory if reading else None, thresholds.memory),
                      sparkline(track.recent_memory, blocks)])
         styles.append(style)
-    return render_table(TRACK_COLUMNS, rows, (False, False, True, False, True, False), styles, color)
+    table = render_table(TRACK_COLUMNS, rows, (False, False, True, False, True, False), styles, color)
+    if hidden:
+        table += "%s not shown (the worst are shown first; a taller terminal shows all)\n" % _plural(
+            hidden, "more instance")
+    return table
 
 
 def render_track_header(state: TrackState, interval: float) -> str:
@@ -1439,8 +1462,10 @@ def poll_service(client: CpxClient, service: str, fleet: Dict[str, Optional[str]
 class TrackView:
     """Where track's samples go: a screen redrawn in place, an appended log, JSON Lines or csv."""
 
-    ENTER = "\x1b[?1049h\x1b[?25l"  # alternate screen, hide the cursor
-    LEAVE = "\x1b[?25h\x1b[?1049l"  # show the cursor, back to the screen the user had
+    # Alternate screen, cursor hidden, and no auto-wrap, so that a line wider than
+    # the terminal is clipped rather than wrapped: the frame never scrolls.
+    ENTER = "\x1b[?1049h\x1b[?25l\x1b[?7l"
+    LEAVE = "\x1b[?7h\x1b[?25h\x1b[?1049l"  # all that back: the screen the user had
 
     def __init__(self, options: Options, interval: float):
         self.options = options
@@ -1467,14 +1492,18 @@ class TrackView:
                 emit(render_track_records(state.last_time, readings, gone, state.service, self.options,
                                           header=state.samples == 1))
             return
-        table = render_track_table(state, self.blocks, self.options.color)
         status = render_outage(state) if state.outage is not None else ""
         if self.mode == "log":
+            table = render_track_table(state, self.blocks, self.options.color)
             emit("%s\n%s%s\n" % (render_track_header(state, self.interval), table, status + "\n" if status else ""))
             return
-        footer = paint(status, "31", self.options.color) if status else "Ctrl+C to stop"
+        footer = paint(status, UNHEALTHY, self.options.color) if status else "Ctrl+C to stop"
+        # Header, blank, two table heading lines, blank, footer: 6 lines around the rows.
+        rows_that_fit = max(1, shutil.get_terminal_size((80, 24)).lines - 6)
+        table = render_track_table(state, self.blocks, self.options.color, rows_that_fit)
         lines = [render_track_header(state, self.interval), ""] + table.splitlines() + ["", footer]
-        emit("\x1b[H" + "".join(line + "\x1b[K\n" for line in lines) + "\x1b[J")
+        # No newline after the last line: on the bottom row it would scroll the screen.
+        emit("\x1b[H" + "\x1b[K\n".join(lines) + "\x1b[K\x1b[J")
 
     def close(self, state: TrackState) -> None:
         """Give the screen back, then print the session summary (stderr for json/csv)."""

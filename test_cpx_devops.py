@@ -161,7 +161,7 @@ def free_port():
 
 def cli_env(extra=None):
     env = {k: v for k, v in os.environ.items()
-           if k not in ("CPX_URL", "NO_COLOR") and not k.lower().endswith("_proxy")}
+           if k not in ("CPX_URL", "NO_COLOR", "LINES", "COLUMNS") and not k.lower().endswith("_proxy")}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.update(extra or {})
     return env
@@ -843,10 +843,14 @@ def read_lines_live(stream, into):
     return thread
 
 
-def run_in_pty(args, env):
-    """Run the CLI with stdout on a pseudo-terminal; returns (exit status, what the terminal got)."""
+def run_in_pty(args, env, rows=24, columns=100):
+    """Run the CLI with stdout on a pseudo-terminal of that size; returns (exit status, what it got)."""
+    import fcntl
     import pty
+    import struct
+    import termios
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     process = subprocess.Popen([sys.executable, CLI] + args, stdout=slave, stderr=subprocess.PIPE,
                                stdin=subprocess.DEVNULL, env=cli_env(env))
     os.close(slave)
@@ -997,6 +1001,35 @@ class TrackTest(ServerTestCase):
         self.assertIn("\u2588", text)  # a block sparkline
         leave = text.index("\x1b[?25h\x1b[?1049l")
         self.assertIn("--- TicketService: 3 samples", text[leave:])  # the summary stays on the user's screen
+
+    def test_the_live_view_fits_a_small_terminal_worst_first(self):
+        fleet = {"10.0.1.%d" % k: instance("Big", "%d%%" % k, "10%") for k in range(1, 31)}
+        fleet["10.0.1.99"] = instance("Big", "99%", "10%")
+        self.server.fleet(fleet)
+        code, text = run_in_pty(["--url", self.server.url, "track", "Big", "-n", "0.1", "-c", "2"],
+                                {"TERM": "xterm"}, rows=12)
+        self.assertEqual(code, 0)
+        frame = text.split("\x1b[H")[-1].split("\x1b[J")[0]
+        lines = frame.split("\n")
+        self.assertLessEqual(len(lines), 12)  # never more than the terminal: nothing scrolls
+        self.assertIn("Big  31 instances", lines[0])
+        self.assertIn("10.0.1.99", frame)  # the unhealthy one makes the cut
+        self.assertIn("26 more instances not shown", frame)
+        self.assertIn("\x1b[?7l", text)  # no auto-wrap while the view owns the screen...
+        self.assertIn("\x1b[?7h", text)  # ...and back on after
+
+    def test_terminal_shows_an_outage_in_red(self):
+        # After the first sample, /servers and every UserService instance drop the connection.
+        fleet = dict(FIXED_FLEET)
+        fleet["10.0.0.9"] = Sequence_(Reply(FIXED_FLEET["10.0.0.9"]), close_without_answer)
+        fleet["10.0.0.10"] = Sequence_(Reply(FIXED_FLEET["10.0.0.10"]), close_without_answer)
+        self.server.fleet(fleet)
+        self.server.routes["/servers"] = Sequence_(Reply(list(fleet)), close_without_answer)
+        code, text = run_in_pty(["--url", self.server.url, "--retries", "0", "track", "UserService",
+                                 "-n", "0.2", "-c", "2"], {"TERM": "xterm"})
+        self.assertEqual(code, 0)
+        self.assertIn("\x1b[31mCPX unreachable at ", text)
+        self.assertIn("Healthy (stale)", text)
 
     def test_terminal_without_colour_or_unicode(self):
         for extra in ({"NO_COLOR": "1"}, {"TERM": "dumb"}, {"PYTHONIOENCODING": "ascii"}):
