@@ -82,14 +82,18 @@ IPS_LISTED_PER_REASON = 5
 # overflows a listen backlog of 5; slow start grows fourfold per round while
 # latency stays near the best seen; a latency this long and this far above the
 # best means a connection attempt was dropped and retried by the kernel. The
-# first round decides whether a server takes concurrency at all, so it must be
-# flatter: measured here, its upper quartile over the best was 1.01-1.11 on a
-# concurrent server with 20 ms latency, and 1.19-3.98 (1.52 and up but once)
-# on a single-threaded one, where the client's own overhead blurs queueing.
+# first growth decides whether a server takes concurrency at all, so the rounds
+# at the start must be flatter: measured here, a round's upper quartile over the
+# best was 1.01-1.11 on a concurrent server with 20 ms latency, and 1.19-3.98
+# (1.52 and up but once) on a single-threaded one, where the client's own
+# overhead (1-5 ms under load) blurs queueing. And they must add up to
+# STARTUP_EVIDENCE_SECONDS of latency: one round at 20 ms, ten at 2 ms. Evidence
+# is cheap where latency is low, and that is where noise can fake a flat round.
 INITIAL_IN_FLIGHT = 5
 GROWTH_FACTOR = 4
 FLAT_LATENCY_RATIO = 1.5
 FIRST_ROUND_RATIO = 1.2
+STARTUP_EVIDENCE_SECONDS = 0.02
 QUEUEING_LATENCY_RATIO = 2.5
 STALL_SECONDS = 0.5
 STALL_RATIO = 8.0
@@ -723,10 +727,11 @@ class AdaptiveLimit:
     latency is the upper quartile, because a server that answers one at a time
     spreads a round's latencies as s, 2s, ... ks. While the typical latency stays
     near the best seen, the server has room: grow fourfold per round at first
-    (slow start), by an eighth later. When it climbs, requests are queueing at
-    the server: scale the limit down by that ratio. A timeout, a refused or
-    dropped connection, an overload answer, or a stall that looks like a dropped
-    SYN (a full listen backlog) halves the limit and ends slow start.
+    (slow start, once the starting rounds proved flat; see the constants), by an
+    eighth later. When it climbs, requests are queueing at the server: scale the
+    limit down by that ratio. A timeout, a refused or dropped connection, an
+    overload answer, or a stall that looks like a dropped SYN (a full listen
+    backlog) halves the limit and ends slow start.
     """
 
     def __init__(self, ceiling: int, initial: int = INITIAL_IN_FLIGHT):
@@ -737,7 +742,8 @@ class AdaptiveLimit:
         self.best_latency = float("inf")
         self.round = []  # type: List[float]  # latencies of this round's answers
         self.growing = True
-        self.first_round = True
+        self.proving = True  # still at the start, gathering evidence for the first growth
+        self.evidence = 0.0  # latency covered by flat rounds so far, while proving
 
     def _set(self, limit: int) -> None:
         self.limit = max(1, min(self.ceiling, limit))
@@ -760,9 +766,14 @@ class AdaptiveLimit:
             best = self.best_latency if self.best_latency > 0 else latencies[0] or 1.0
             ratio = latencies[len(latencies) * 3 // 4] / best
             flat = ratio <= FLAT_LATENCY_RATIO
-            if self.first_round:
-                self.first_round = False
+            if self.proving:
                 flat = ratio <= FIRST_ROUND_RATIO and latencies[-1] <= FLAT_LATENCY_RATIO * best
+                if flat:
+                    self.evidence += latencies[-1]
+                    if self.evidence < STARTUP_EVIDENCE_SECONDS:
+                        self.round = []
+                        return
+                self.proving = False
             if flat:
                 step = self.limit * (GROWTH_FACTOR - 1) if self.growing else max(1, self.limit // 8)
                 self._set(self.limit + step)

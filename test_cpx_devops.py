@@ -557,6 +557,13 @@ class AdaptiveLimitTest(unittest.TestCase):
         self.run_server(limiter, 200, 0.020, None)
         self.assertEqual((limiter.limit, limiter.peak), (64, 64))
 
+    def test_a_fast_server_must_prove_flat_for_longer(self):
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        self.run_server(limiter, 5 * 18, 0.0011, None)  # 18 flat rounds of 1.1 ms: 19.8 ms of evidence
+        self.assertEqual(limiter.peak, cpx.INITIAL_IN_FLIGHT)
+        self.run_server(limiter, 5, 0.0011, None)  # the nineteenth makes 20.9 ms
+        self.assertEqual(limiter.limit, cpx.INITIAL_IN_FLIGHT * cpx.GROWTH_FACTOR)
+
     def test_stays_small_against_a_server_that_answers_one_at_a_time(self):
         limiter = cpx.AdaptiveLimit(ceiling=64)
         self.run_server(limiter, 500, 0.001, 1)
