@@ -38,10 +38,10 @@ test: check-python ## the whole suite (PYTHON=python3.7 for another Python)
 bench: check-python ## the performance table of the README (a few minutes; asserts nothing)
 	@$(PY) test_cpx_devops.py bench
 
-install: ## install as an executable cpx-devops in $(PREFIX)/bin (PREFIX=~/.local by default)
+install: ## install as an executable cpx-devops in PREFIX/bin (PREFIX=~/.local by default)
 	install -d "$(DESTDIR)$(BINDIR)"
 	install -m 0755 cpx_devops.py "$(DESTDIR)$(BINDIR)/cpx-devops"
 	@echo "installed $(DESTDIR)$(BINDIR)/cpx-devops"
 
-uninstall: ## remove $(PREFIX)/bin/cpx-devops
+uninstall: ## remove PREFIX/bin/cpx-devops
 	rm -f "$(DESTDIR)$(BINDIR)/cpx-devops"

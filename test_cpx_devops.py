@@ -1719,8 +1719,8 @@ def bench(quick=False):
                          "%.1f" % max(memory), detail))
             print("  measured %s x %d" % (label, size), file=sys.stderr, flush=True)
     print(cpx.render_table(header, rows, (False, True, True, True, True, True, True, False)), end="")
-    print("medians of %s runs (3 at 10,000); ratio = default / best fixed; skip: a lower bound "
-          "(instances / workers x latency) over 3x the best, so not run" % "5")
+    print("medians of 5 runs (3 at 10,000); ratio = default / best fixed; skip: a lower bound "
+          "(instances / workers x latency) over 3x the best, so not run")
 
 
 # ---------------------------------------------------------------------------
