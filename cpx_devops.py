@@ -504,11 +504,10 @@ class SessionTrend:
 class InstanceTrack:
     """What track remembers of one instance: recent values, running stats, the session trend."""
 
-    def __init__(self, ip: str, service: str):
+    def __init__(self, ip: str):
         from collections import deque
 
         self.ip = ip
-        self.service = service
         self.last = None  # type: Optional[Instance]
         self.recent_cpu = deque(maxlen=TRACK_WINDOW)
         self.recent_memory = deque(maxlen=TRACK_WINDOW)
@@ -580,7 +579,7 @@ class TrackState:
         for reading in readings:
             track = self.instances.get(reading.ip)
             if track is None:
-                track = self.instances[reading.ip] = InstanceTrack(reading.ip, self.service)
+                track = self.instances[reading.ip] = InstanceTrack(reading.ip)
             track.gone = False
             track.add(reading, self.thresholds)
         present = self.present()
@@ -1207,9 +1206,9 @@ def render_track_table(state: TrackState, blocks: str, color: bool, max_rows: Op
             if track.gone or track.last is None:
                 return 3
             return _TRACK_RANK[instance_status(track.last, thresholds)]
-        shown = set(id(t) for t in sorted(tracks, key=rank)[:max(1, max_rows - 1)])
+        shown = {t.ip for t in sorted(tracks, key=rank)[:max(1, max_rows - 1)]}
         hidden = len(tracks) - len(shown)
-        tracks = [t for t in tracks if id(t) in shown]
+        tracks = [t for t in tracks if t.ip in shown]
     readable = [t.last if t.last is not None and t.last.error is None and not t.gone else None for t in tracks]
     cpus = format_percents([r.cpu if r else None for r in readable])
     memories = format_percents([r.memory if r else None for r in readable])

@@ -837,6 +837,8 @@ class CliOutputTest(ServerTestCase):
         lines = result.stdout.splitlines()
         self.assertEqual(lines[0], "time,ip,service,status,cpu,memory")
         self.assertEqual(len(lines), 5)
+        self.assertNotIn("---", result.stdout)  # the summary goes to stderr, stdout stays csv
+        self.assertIn("--- UserService: 2 samples", result.stderr)
         self.assertRegex(lines[1], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d),10\.0\.0\.9,UserService,Healthy,3,43$")
 
 
@@ -1122,8 +1124,9 @@ class PrometheusTest(ServerTestCase):
         self.assertGreater(series[("cpx_scrape_duration_seconds", ())], 0)
         self.assertIn(("cpx_instance_up", (("ip", "fe80::1"), ("service", 'Odd "quoted" \\ name?line'))), series)
         self.assertIn('service="Odd \\"quoted\\" \\\\ name?line"', result.stdout)
-        for line in result.stdout.splitlines():
-            self.assertFalse(line.startswith("cpx_") and len(line.split(" ")) > 2 and "{" not in line, line)
+        for line in result.stdout.splitlines():  # no timestamps: exactly one token after the labels
+            if line.startswith("cpx_"):
+                self.assertNotIn(" ", line.rsplit("} ", 1)[-1] if "{" in line else line.split(" ", 1)[1], line)
 
     def test_status_and_unhealthy_exposition_are_per_service(self):
         for command, code in (("status", 0), ("unhealthy", 1)):
