@@ -11,6 +11,7 @@ Usage:
   cpx_devops.py [global options] unhealthy [--min-healthy N]
   cpx_devops.py [global options] track SERVICE [-n SECONDS] [-c COUNT]
   cpx_devops.py simulate [--port 8080] [--servers 150] [--latency-ms 0] [--seed N]
+                         [--fail-fraction F] [--hang-fraction F] [--slow-fraction F --slow-ms MS]
 
 Global options include --url (or $CPX_URL), -o table|json|csv|prometheus,
 --write FILE (atomic), --timeout, --deadline, --retries, --workers; see --help.
@@ -45,8 +46,9 @@ import sys
 import threading
 import time
 import unicodedata
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 __version__ = "1.0.0"
 
@@ -77,26 +79,6 @@ BACKOFF_CAP = 2.0
 RETRY_AFTER_CAP = 10.0
 MAX_SERVICE_NAME = 256
 IPS_LISTED_PER_REASON = 5
-
-# Adaptive concurrency (see AdaptiveLimit). A start of 5 in flight never
-# overflows a listen backlog of 5; slow start grows fourfold per round while
-# latency stays near the best seen; a latency this long and this far above the
-# best means a connection attempt was dropped and retried by the kernel. The
-# first growth decides whether a server takes concurrency at all, so the rounds
-# at the start must be flatter: measured here, a round's upper quartile over the
-# best was 1.01-1.11 on a concurrent server with 20 ms latency, and 1.19-3.98
-# (1.52 and up but once) on a single-threaded one, where the client's own
-# overhead (1-5 ms under load) blurs queueing. And they must add up to
-# STARTUP_EVIDENCE_SECONDS of latency: one round at 20 ms, ten at 2 ms. Evidence
-# is cheap where latency is low, and that is where noise can fake a flat round.
-INITIAL_IN_FLIGHT = 5
-GROWTH_FACTOR = 4
-FLAT_LATENCY_RATIO = 1.5
-FIRST_ROUND_RATIO = 1.2
-STARTUP_EVIDENCE_SECONDS = 0.02
-QUEUEING_LATENCY_RATIO = 2.5
-STALL_SECONDS = 0.5
-STALL_RATIO = 8.0
 
 # track: the live sparklines show the last TRACK_WINDOW samples; the session
 # summary squeezes a session of any length into TREND_BUCKETS characters.
@@ -505,8 +487,6 @@ class InstanceTrack:
     """What track remembers of one instance: recent values, running stats, the session trend."""
 
     def __init__(self, ip: str):
-        from collections import deque
-
         self.ip = ip
         self.last = None  # type: Optional[Instance]
         self.recent_cpu = deque(maxlen=TRACK_WINDOW)
@@ -594,15 +574,18 @@ class TrackState:
 
 
 class FetchError(Exception):
-    """One request failed; reason is short and stable so failures group well."""
+    """One request failed; reason is short and stable so failures group well. pushback: how the
+    server said it is overloaded, as the limiter names it (HTTP 429, or a connection timed out
+    in a listen queue that drops SYNs), or None."""
 
     def __init__(self, reason: str, retryable: bool = False, retry_after: Optional[float] = None,
-                 detail: str = ""):
+                 detail: str = "", pushback: Optional[str] = None):
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
         self.retry_after = retry_after
         self.detail = detail
+        self.pushback = pushback
 
 
 def normalize_url(text: str) -> str:
@@ -623,10 +606,125 @@ def normalize_url(text: str) -> str:
     return "%s://%s%s" % (parts.scheme, parts.netloc, parts.path.rstrip("/"))
 
 
-def _build_opener():
-    """One urllib opener for the process: http(s) only, no cross-host redirects."""
+class RequestGuard:
+    """One request's time limit, and the connection to cut when it passes."""
+
+    def __init__(self, give_up_at: float):
+        self.give_up_at = give_up_at
+        self.lock = threading.Lock()
+        self.sock = None  # type: Optional[socket.socket]
+        self.fired = False
+        self.connect_seconds = None  # type: Optional[float]  # None: never connected
+
+    def connected(self, sock: Optional[socket.socket], seconds: float) -> None:
+        """The request's connection is open (after `seconds`); cut it at once if time is up."""
+        with self.lock:
+            self.sock, self.connect_seconds = sock, seconds
+            if self.fired:
+                self._cut()
+
+    def fire(self) -> None:
+        """Time is up: cut the connection, so that any read in progress returns now."""
+        with self.lock:
+            self.fired = True
+            self._cut()
+
+    def _cut(self) -> None:
+        if self.sock is not None:
+            try:
+                # The socket level, not ssl's: shutdown wakes a thread blocked in recv.
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed: nothing left to cut
+
+
+class Watchdog:
+    """Cuts requests that outlive their time limit, however the server trickles.
+
+    A socket timeout bounds each read, not a request: a server that sends its
+    headers one byte a second, or an endless stream of `100 Continue`, would hold
+    a request (and its worker thread) for ever. One thread for all requests: it
+    sleeps until the earliest limit, then shuts down the sockets of the requests
+    that passed theirs. Limit: a TLS handshake and a DNS lookup are bounded by the
+    socket timeout only (the socket is not ours until connect() returns)."""
+
+    SLACK = 0.01  # seconds: limits this close together are handled in one wake-up
+
+    def __init__(self) -> None:
+        self.condition = threading.Condition()
+        self.armed = set()  # type: Set[RequestGuard]
+        self.wake_at = float("inf")
+        self.thread = None  # type: Optional[threading.Thread]
+        self.local = threading.local()  # the guard of the request this thread is making
+
+    def arm(self, give_up_at: float) -> RequestGuard:
+        """Start guarding the calling thread's next request until give_up_at."""
+        guard = RequestGuard(give_up_at)
+        self.local.guard = guard
+        with self.condition:
+            self.armed.add(guard)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="cpx-watchdog", daemon=True)
+                self.thread.start()
+            elif give_up_at < self.wake_at:
+                self.condition.notify()
+        return guard
+
+    def disarm(self, guard: RequestGuard) -> None:
+        """The request is over: stop guarding it."""
+        self.local.guard = None
+        with self.condition:
+            self.armed.discard(guard)
+
+    def current(self) -> Optional[RequestGuard]:
+        """The guard of the request the calling thread is making, if any."""
+        return getattr(self.local, "guard", None)
+
+    def _run(self) -> None:
+        with self.condition:
+            while True:
+                now = time.monotonic()
+                for guard in [g for g in self.armed if g.give_up_at <= now]:
+                    self.armed.discard(guard)
+                    guard.fire()
+                earliest = min((g.give_up_at for g in self.armed), default=None)
+                if earliest is None:
+                    self.wake_at = float("inf")
+                    self.condition.wait()
+                else:
+                    self.wake_at = max(earliest, now + self.SLACK)
+                    self.condition.wait(self.wake_at - now)
+
+
+def _build_opener(watchdog: Watchdog):
+    """One urllib opener for the process: http(s) only, no cross-host redirects, and every
+    connection handed to the watchdog guarding its request."""
     import urllib.request
     from urllib.parse import urljoin, urlsplit
+
+    def guarded(connection_class: Any) -> Any:
+        def make(host: str, **kwargs: Any) -> Any:
+            connection = connection_class(host, **kwargs)
+            plain_connect = connection.connect
+
+            def connect() -> None:
+                began = time.monotonic()
+                plain_connect()
+                guard = watchdog.current()
+                if guard is not None:
+                    guard.connected(connection.sock, time.monotonic() - began)
+            connection.connect = connect
+            return connection
+        return make
+
+    class GuardedConnections:
+        """urllib's HTTP(S) handler with connections the watchdog can cut."""
+
+        def do_open(self, http_class, req, **http_conn_args):
+            return super().do_open(guarded(http_class), req, **http_conn_args)
+
+    class GuardedHTTPHandler(GuardedConnections, urllib.request.HTTPHandler):
+        pass
 
     class SameHostRedirects(urllib.request.HTTPRedirectHandler):
         """Follow a redirect only to the same host and port, over http or https."""
@@ -646,17 +744,19 @@ def _build_opener():
     # data: handlers are simply absent: no URL or redirect can reach them.
     opener = urllib.request.OpenerDirector()
     handlers = [urllib.request.ProxyHandler(), urllib.request.UnknownHandler(),
-                urllib.request.HTTPHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                GuardedHTTPHandler(), urllib.request.HTTPDefaultErrorHandler(),
                 SameHostRedirects(), urllib.request.HTTPErrorProcessor()]
     if hasattr(urllib.request, "HTTPSHandler"):
-        handlers.append(urllib.request.HTTPSHandler())
+        class GuardedHTTPSHandler(GuardedConnections, urllib.request.HTTPSHandler):
+            pass
+        handlers.append(GuardedHTTPSHandler())
     for handler in handlers:
         opener.add_handler(handler)
     return opener
 
 
-def _read_capped(response, cap: int, give_up_at: float, late_reason: str) -> bytes:
-    """Read a body of at most cap bytes, giving up when a trickling server passes give_up_at."""
+def _read_capped(response, cap: int) -> bytes:
+    """Read a body of at most cap bytes (the watchdog ends a trickle)."""
     length = response.headers.get("Content-Length")
     if length and length.strip().isdigit() and int(length) > cap:
         raise FetchError("answer over %s" % _size(cap))
@@ -669,8 +769,6 @@ def _read_capped(response, cap: int, give_up_at: float, late_reason: str) -> byt
         if total > cap:
             raise FetchError("answer over %s" % _size(cap))
         chunks.append(chunk)
-        if time.monotonic() > give_up_at:
-            raise FetchError(late_reason, retryable=late_reason == "timeout")
 
 
 def _size(byte_count: int) -> str:
@@ -707,83 +805,288 @@ def backoff_delay(attempt: int, retry_after: Optional[float] = None, rng: Any = 
     return rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))
 
 
-class FixedLimit:
-    """The number of requests in flight: fixed at the worker count."""
+class ConcurrencyLimit:
+    """How many requests may be in flight: here fixed at `limit` (--concurrency fixed).
 
-    def __init__(self, workers: int):
-        self.limit = workers
-        self.peak = workers
+    Bookkeeping only, with no clock of its own: the caller says when (`now`), so a
+    test can replay any sequence. A request counts against the limit while it
+    runs; AdaptiveLimit moves the limit and stops counting requests that are stuck.
+    start(), finish() and room() are for the one thread that dispatches requests,
+    observe() for the worker threads."""
 
-    def observe(self, latency: float, ok: bool) -> None:
-        """Nothing to learn: the limit does not move."""
+    # What one attempt came to, as observe() is told.
+    ANSWERED = "answered"  # a valid answer: its latency is a sample
+    REFUSED = "refused"  # HTTP 429: the server asks for fewer requests
+    DROPPED = "dropped"  # the connection timed out: a listen queue that drops SYNs
+    FAILED = "failed"  # anything else (an error answer, a timeout, the deadline): not a sample
+
+    def __init__(self, limit: int):
+        self.lock = threading.Lock()
+        self.limit = limit
+        self.peak = limit
+        self.running = OrderedDict()  # type: OrderedDict[int, float]  # ticket -> start; these count
+        self.stuck = set()  # type: Set[int]  # still running, no longer counted
+        self.congested = False  # while the server queues, stuck requests count again
+        self.tickets = 0
+
+    @property
+    def capacity(self) -> int:
+        """The most requests in flight at once, stuck ones included (the thread pool's size)."""
+        return self.limit
+
+    def stuck_after(self) -> float:
+        """Seconds after which a running request stops counting against the limit."""
+        return float("inf")
+
+    def begin_batch(self) -> None:
+        """A batch of reads starts (on a server idle since the last one)."""
+
+    def observe(self, ticket: int, outcome: str, latency: float = 0.0, connect: Optional[float] = None) -> None:
+        """Learn from one attempt of a request: its outcome, latency and connect time (None: no
+        connection was made)."""
+
+    def start(self, now: float) -> int:
+        """A request starts now; the ticket is for observe() and finish()."""
+        with self.lock:
+            self.tickets += 1
+            self.running[self.tickets] = now
+            return self.tickets
+
+    def finish(self, ticket: int) -> None:
+        """The request of this ticket is over, however it ended."""
+        with self.lock:
+            if self.running.pop(ticket, None) is None:
+                self.stuck.discard(ticket)
+
+    def room(self, now: float) -> int:
+        """How many more requests may start now."""
+        with self.lock:
+            cutoff = now - self.stuck_after()
+            while self.running:
+                ticket, started = next(iter(self.running.items()))  # the oldest
+                if started > cutoff:
+                    break
+                del self.running[ticket]
+                self.stuck.add(ticket)
+                self._turned_stuck(ticket)
+            in_flight = len(self.running) + len(self.stuck)
+            counted = in_flight if self.congested else len(self.running)
+            return max(0, min(self.limit - counted, self.capacity - in_flight))
+
+    def _turned_stuck(self, ticket: int) -> None:
+        pass
+
+    def next_change(self) -> Optional[float]:
+        """When room() can grow with no request ending: the oldest counted request turns stuck."""
+        with self.lock:
+            after = self.stuck_after()
+            if not self.running or after == float("inf"):
+                return None
+            return next(iter(self.running.values())) + after
 
 
-class AdaptiveLimit:
+class AdaptiveLimit(ConcurrencyLimit):
     """Requests in flight, adapted to what the server can take, up to a ceiling.
 
-    The idea of TCP congestion control (slow start, then additive increase) and
-    of adaptive concurrency limiters. A round is `limit` answers; its typical
-    latency is the upper quartile, because a server that answers one at a time
-    spreads a round's latencies as s, 2s, ... ks. While the typical latency stays
-    near the best seen, the server has room: grow fourfold per round at first
-    (slow start, once the starting rounds proved flat; see the constants), by an
-    eighth later. When it climbs, requests are queueing at the server: scale the
-    limit down by that ratio. A timeout, a refused or dropped connection, an
-    overload answer, or a stall that looks like a dropped SYN (a full listen
-    backlog) halves the limit and ends slow start.
+    Only valid answers teach latency: an error, a timeout or the deadline is an
+    outcome of one instance and says nothing of queueing (a fast HTTP 500 once
+    taught a best latency near 0 s, and the limit fell to 1 for good).
+
+    The base is the server's latency when nothing queues, measured where nothing
+    can: the burst that opens a batch of reads on an idle server. It is the
+    median of the burst's requests (one that failed or got stuck counts as
+    slow), so that a few odd instances cannot set it, and it is measured anew
+    in every batch (every track sample): nothing learnt is for good.
+
+    A request running for STUCK_RATIO times the base (at least STUCK_FLOOR) is
+    stuck: it stops counting against the limit and its answer is no sample.
+    Slow is not congestion: hung or slow instances wait out their time side by
+    side, in up to STUCK_ROOM x the ceiling more threads, instead of starving
+    the rest of the fleet, and half the fleet at 700 ms teaches nothing.
+
+    A round is `limit` answers (at least ROUND_ANSWERS). Queueing is latency
+    that rises with concurrency: a round's lower quartile over the base. A flat
+    round grows the limit (fourfold per round at first, answer by answer as in
+    TCP's slow start, once the start proved flat; by an eighth per round
+    later); over QUEUEING_RATIO the limit scales down by that ratio.
+
+    Pushback halves the limit, once per limit's worth of outcomes: HTTP 429
+    (regained at double per flat round once it stops, since one sick instance
+    can answer it), or a connection whose SYN was dropped (a listen queue
+    overflowing: the server is full, so growth goes on by an eighth only).
     """
 
-    def __init__(self, ceiling: int, initial: int = INITIAL_IN_FLIGHT):
-        self.lock = threading.Lock()
+    INITIAL = 5  # in flight at first: never overflows a listen backlog of 5
+    GROWTH_FACTOR = 4  # per round, in slow start
+    PROBE_DIVISOR = 8  # after slow start, grow by limit / 8 per flat round
+    FLAT_RATIO = 1.5  # a round's lower quartile within this of the base: flat
+    QUEUEING_RATIO = 2.5  # over this: requests are queueing at the server
+    # The first growth decides whether a server takes concurrency at all, so the
+    # start must be flatter, for rounds worth STARTUP_EVIDENCE_SECONDS of latency:
+    # one round at 20 ms, four at 5 ms. And never below GROWTH_MIN_BASE: there the
+    # client's own cost (about 0.5 ms of CPU a request, 1-5 ms of latency under
+    # load) hides any queueing (measured against the single-threaded simulator:
+    # 1-3 ms at 5 in flight, as flat as a concurrent server, until the 8th in
+    # flight overflows its listen backlog and waits 1 s), and 5 in flight
+    # already keep the client busy (5 / 2.5 ms is about what it can send).
+    FIRST_ROUND_RATIO = 1.2
+    STARTUP_EVIDENCE_SECONDS = 0.02
+    GROWTH_MIN_BASE = 0.005
+    ROUND_ANSWERS = 8
+    STUCK_RATIO = 4.0
+    STUCK_FLOOR = 0.05  # seconds; above the client's own scheduling noise
+    STUCK_BEFORE_ANY_ANSWER = 1.0  # seconds, while nothing is known of the latency
+    STUCK_ROOM = 1  # stuck requests may hold up to ceiling x STUCK_ROOM more threads
+    CONNECT_STALL_SECONDS = 0.5  # Linux sends a dropped SYN again after 1 s
+    CONNECT_STALL_RATIO = 4.0
+
+    def __init__(self, ceiling: int, initial: int = INITIAL):
+        super().__init__(max(1, min(initial, ceiling)))
         self.ceiling = ceiling
-        self.limit = max(1, min(initial, ceiling))
-        self.peak = self.limit
-        self.best_latency = float("inf")
-        self.round = []  # type: List[float]  # latencies of this round's answers
-        self.growing = True
+        self.slow_start = True
         self.proving = True  # still at the start, gathering evidence for the first growth
         self.evidence = 0.0  # latency covered by flat rounds so far, while proving
+        self.recovery = 0  # the limit before a 429, to regain once they stop
+        self.cut_guard = 0  # outcomes still to come from requests sent before the last cut
+        self.best_connect = float("inf")
+        self.base = None  # type: Optional[float]  # this batch's latency with nothing queued
+        self.last_base = None  # type: Optional[float]  # the batch before's
+        self.fastest = None  # type: Optional[float]  # this batch's fastest answer, until the base is known
+        self.burst_at = None  # type: Optional[float]  # when this batch's burst was sent
+        self.burst = {}  # type: Dict[int, Optional[float]]  # its tickets -> latency (inf: failed or stuck)
+        self.burst_left = 0
+        self.round = []  # type: List[float]  # latencies of this round's answers
+
+    @property
+    def capacity(self) -> int:
+        return self.ceiling * (1 + self.STUCK_ROOM)
+
+    def stuck_after(self) -> float:
+        latency = self.base or self.fastest or self.last_base
+        if latency is None:
+            return self.STUCK_BEFORE_ANY_ANSWER
+        return max(self.STUCK_FLOOR, self.STUCK_RATIO * latency)
+
+    def begin_batch(self) -> None:
+        with self.lock:
+            self.last_base = self.base or self.last_base
+            self.base = self.fastest = self.burst_at = None
+            self.burst, self.burst_left, self.round = {}, 0, []
+
+    def start(self, now: float) -> int:
+        ticket = super().start(now)
+        with self.lock:
+            if self.burst_at is None:
+                self.burst_at = now
+            if now == self.burst_at:  # sent in the same breath as the batch's first request
+                self.burst[ticket] = None
+                self.burst_left += 1
+        return ticket
+
+    def _turned_stuck(self, ticket: int) -> None:
+        self._burst_answer(ticket, float("inf"))
+
+    def observe(self, ticket: int, outcome: str, latency: float = 0.0, connect: Optional[float] = None) -> None:
+        with self.lock:
+            self.cut_guard -= 1
+            if outcome == self.ANSWERED and connect is not None:
+                if connect > self.CONNECT_STALL_SECONDS and connect > self.CONNECT_STALL_RATIO * self.best_connect:
+                    outcome = self.DROPPED  # answered, but only after its SYN was sent again
+                else:
+                    self.best_connect = min(self.best_connect, connect)
+            if outcome in (self.REFUSED, self.DROPPED):
+                self._cut(outcome)
+            if outcome != self.ANSWERED:
+                self._burst_answer(ticket, float("inf"))
+            elif ticket in self.burst:
+                self.fastest = min(self.fastest or latency, latency)
+                self._burst_answer(ticket, latency)
+            elif ticket not in self.stuck:
+                self._learn(latency)
+
+    def _burst_answer(self, ticket: int, latency: float) -> None:
+        if ticket not in self.burst or self.burst[ticket] is not None:
+            return  # not of the burst, or already told
+        self.burst[ticket] = latency
+        self.burst_left -= 1
+        answered = sorted(l for l in self.burst.values() if l is not None and l != float("inf"))
+        if self.burst_left > 0 or len(answered) < 2:
+            return  # with fewer than two answers, the next round sets the base
+        self.base = answered[len(answered) // 2]
+        self.round = []
+        # A burst answered as one, with no queue behind the first answer, is a flat round.
+        if answered[-1] <= self.FIRST_ROUND_RATIO * answered[0]:
+            self._flat_start(self.base)
 
     def _set(self, limit: int) -> None:
         self.limit = max(1, min(self.ceiling, limit))
         self.peak = max(self.peak, self.limit)
         self.round = []
 
-    def observe(self, latency: float, ok: bool) -> None:
-        """Learn from one answer: its latency and whether the server coped."""
-        with self.lock:
-            stalled = latency > STALL_SECONDS and latency > STALL_RATIO * self.best_latency
-            if not ok or stalled:
-                self.growing = False
-                self._set(self.limit // 2)
-                return
-            self.best_latency = min(self.best_latency, latency)
-            self.round.append(latency)
-            if len(self.round) < self.limit:
-                return
-            latencies = sorted(self.round)
-            best = self.best_latency if self.best_latency > 0 else latencies[0] or 1.0
-            ratio = latencies[len(latencies) * 3 // 4] / best
-            flat = ratio <= FLAT_LATENCY_RATIO
-            if self.proving:
-                flat = ratio <= FIRST_ROUND_RATIO and latencies[-1] <= FLAT_LATENCY_RATIO * best
-                if flat:
-                    self.evidence += latencies[-1]
-                    if self.evidence < STARTUP_EVIDENCE_SECONDS:
-                        self.round = []
-                        return
-                self.proving = False
-            if flat:
-                step = self.limit * (GROWTH_FACTOR - 1) if self.growing else max(1, self.limit // 8)
-                self._set(self.limit + step)
-                return
-            self.growing = False  # the first round that is not flat ends slow start
-            if ratio > QUEUEING_LATENCY_RATIO:
-                # Keep about twice what the server serves at its best latency:
+    def _cut(self, outcome: str) -> None:
+        if self.cut_guard > 0:
+            return  # the same overload, told again by requests sent before the cut
+        self.slow_start = self.proving = False
+        self.congested = True
+        self.recovery = max(self.recovery, self.limit) if outcome == self.REFUSED else 0
+        self.cut_guard = self.limit
+        self._set(self.limit // 2)
+
+    def _learn(self, latency: float) -> None:
+        self.round.append(latency)
+        if self.base is None:
+            if len(self.round) >= max(self.limit, self.ROUND_ANSWERS):
+                # The burst told nothing (most of it failed or got stuck): this round is the base.
+                self.base = sorted(self.round)[len(self.round) // 2]
+                self.round = []
+            return
+        if (self.slow_start and not self.proving and self.base >= self.GROWTH_MIN_BASE
+                and latency <= self.FLAT_RATIO * self.base):
+            # As TCP's slow start: more for each answer that did not queue, so the limit
+            # grows fourfold in a round however long the round's slowest answers take.
+            self.limit = min(self.ceiling, self.limit + self.GROWTH_FACTOR - 1)
+            self.peak = max(self.peak, self.limit)
+        # A round is at least ROUND_ANSWERS long once it can cut the limit; the first
+        # round only decides whether to grow: the sooner the better.
+        if len(self.round) >= (self.limit if self.proving else max(self.limit, self.ROUND_ANSWERS)):
+            self._end_round(sorted(self.round)[len(self.round) // 4], self.base)
+
+    def _end_round(self, quartile: float, base: float) -> None:
+        self.round = []
+        ratio = quartile / base
+        # When every answer slows down, a request is stuck because the server queues:
+        # it counts again, or the limit would not bound what the server is sent.
+        self.congested = ratio > self.FLAT_RATIO
+        if self.congested:
+            self.proving = self.slow_start = False  # the first round that is not flat ends slow start
+            if ratio > self.QUEUEING_RATIO:
+                # Keep about twice what the server serves at its base latency:
                 # enough to keep it busy, not enough to overflow its queue.
                 self._set(int(self.limit * 2 / ratio) + 1)
-            else:
-                self.round = []
+            return
+        if self.limit < self.recovery:
+            if self.cut_guard <= 0:
+                self._set(min(self.recovery, self.limit * 2))
+            return
+        self.recovery = 0
+        if base < self.GROWTH_MIN_BASE:
+            return
+        if not self.proving:
+            if not self.slow_start:
+                self._set(self.limit + max(1, self.limit // self.PROBE_DIVISOR))
+        elif ratio <= self.FIRST_ROUND_RATIO:
+            self._flat_start(quartile)
+        else:
+            self.proving = self.slow_start = False
+
+    def _flat_start(self, latency: float) -> None:
+        """A flat round at the start: evidence for the first growth, when the base allows one."""
+        if not self.proving or self.base is None or self.base < self.GROWTH_MIN_BASE:
+            return
+        self.evidence += latency
+        if self.evidence >= self.STARTUP_EVIDENCE_SECONDS:
+            self.proving = False
+            self._set(self.limit * self.GROWTH_FACTOR)  # slow start goes on answer by answer
 
 
 class CpxClient:
@@ -794,66 +1097,80 @@ class CpxClient:
 
         self.options = options
         self.base_url = options.url
-        self.opener = _build_opener()
-        self.limiter = AdaptiveLimit(options.workers) if options.adaptive else FixedLimit(options.workers)
+        self.watchdog = Watchdog()
+        self.opener = _build_opener(self.watchdog)
+        self.limiter = AdaptiveLimit(options.workers) if options.adaptive else ConcurrencyLimit(options.workers)
         self.retried = 0  # retries made, for -v; workers add to it under the lock
         self.retried_lock = threading.Lock()
-        self.executor = ThreadPoolExecutor(max_workers=options.workers)
+        # One more thread than requests may be in flight: /servers never waits for a free one.
+        self.executor = ThreadPoolExecutor(max_workers=self.limiter.capacity + 1)
         self.headers = {"Accept": "application/json", "User-Agent": "cpx_devops/" + __version__}
 
     def close(self) -> None:
         """Let go of the worker threads without waiting for requests still in flight."""
         self.executor.shutdown(wait=False)
 
-    def _get_once(self, url: str, cap: int, deadline: float) -> bytes:
+    def _get_once(self, url: str, cap: int, deadline: float) -> Tuple[bytes, Optional[float]]:
+        """One attempt: the body and the seconds it took to connect; FetchError if it failed.
+        --timeout bounds the attempt's whole life (connect, headers, body), as the deadline does."""
         import urllib.error
         import urllib.request
 
         started = time.monotonic()
-        timeout = min(self.options.timeout, deadline - started)
-        if timeout <= 0:
+        give_up_at = min(started + self.options.timeout, deadline)
+        if give_up_at <= started:
             raise FetchError("deadline")
         # When the command's deadline comes before this request's own timeout,
         # running out of time is the deadline's doing, and is said so.
-        late_reason = "deadline" if timeout < self.options.timeout else "timeout"
+        late = FetchError("timeout", retryable=True) if give_up_at < deadline else FetchError("deadline")
         request = urllib.request.Request(url, headers=self.headers)
+        guard = self.watchdog.arm(give_up_at)
         try:
-            with self.opener.open(request, timeout=timeout) as response:
-                return _read_capped(response, cap, started + timeout, late_reason)
-        except FetchError:
-            raise
+            with self.opener.open(request, timeout=give_up_at - started) as response:
+                body = _read_capped(response, cap)
         except urllib.error.HTTPError as error:
             status = error.code
             detail = ""
             try:
                 detail = error.read(200).decode("utf-8", "replace")
-            except Exception:  # the error body is only decoration
+            except (OSError, ValueError):  # the error body is only decoration
                 pass
             finally:
                 error.close()
             raise FetchError("HTTP %d" % status, retryable=status in RETRYABLE_HTTP_STATUSES,
                              retry_after=parse_retry_after(error.headers.get("Retry-After")),
-                             detail=" ".join(sanitize(detail).split())[:120])
+                             detail=" ".join(sanitize(detail).split())[:120],
+                             pushback=ConcurrencyLimit.REFUSED if status == 429 else None)
+        except FetchError:
+            raise
         except Exception as error:  # URLError, OSError, http.client.HTTPException and kin
             failure = _describe_network_error(error)
-            if failure.reason == "timeout" and late_reason == "deadline":
-                failure = FetchError("deadline")
+            if guard.fired or failure.reason == "timeout":
+                # Out of time; before a connection was even made: a listen queue that
+                # drops SYNs (or a host gone), which the limiter must hear of.
+                dropped = guard.connect_seconds is None and late.reason == "timeout"
+                failure = FetchError(late.reason, late.retryable,
+                                     pushback=ConcurrencyLimit.DROPPED if dropped else None)
             raise failure
+        finally:
+            self.watchdog.disarm(guard)
+        if guard.fired:
+            raise late  # cut mid-body: what was read may be short
+        return body, guard.connect_seconds
 
-    def get_json(self, path: str, cap: int, deadline: float, learn: bool = True) -> Any:
+    def get_json(self, path: str, cap: int, deadline: float, ticket: Optional[int] = None) -> Any:
         """GET base_url+path and decode JSON, retrying what is worth retrying before the deadline;
-        learn: let the concurrency limiter learn from its latency (instance requests only)."""
+        ticket: the limiter's, to tell it how each attempt went (instance requests only)."""
         url = self.base_url + path
-        observe = self.limiter.observe if learn else lambda latency, ok: None
+        limiter = self.limiter
         attempt = 0
         while True:
             started = time.monotonic()
             try:
-                body = self._get_once(url, cap, deadline)
-                observe(time.monotonic() - started, True)
-                break
+                body, connect_seconds = self._get_once(url, cap, deadline)
             except FetchError as error:
-                observe(time.monotonic() - started, not error.retryable)
+                if ticket is not None:
+                    limiter.observe(ticket, error.pushback or limiter.FAILED)
                 if not error.retryable or attempt >= self.options.retries:
                     raise
                 delay = backoff_delay(attempt, error.retry_after)
@@ -863,15 +1180,19 @@ class CpxClient:
                 attempt += 1
                 with self.retried_lock:
                     self.retried += 1
+                continue
+            if ticket is not None:
+                limiter.observe(ticket, limiter.ANSWERED, time.monotonic() - started, connect_seconds)
+            break
         try:
             return json.loads(body)
         except (ValueError, RecursionError):
             raise FetchError("not JSON")
 
-    def read_instance(self, ip: str, deadline: float) -> Instance:
+    def read_instance(self, ip: str, deadline: float, ticket: Optional[int] = None) -> Instance:
         """One instance; any failure becomes an Unknown instance with its reason."""
         try:
-            payload = self.get_json("/" + ip, INSTANCE_BODY_CAP, deadline)
+            payload = self.get_json("/" + ip, INSTANCE_BODY_CAP, deadline, ticket)
         except FetchError as error:
             return Instance(ip, error=error.reason)
         return parse_instance(ip, payload)
@@ -882,7 +1203,7 @@ class CpxClient:
 
         url = self.base_url + "/servers"
         # Run in a worker so that even a hanging DNS lookup cannot outlive the deadline.
-        future = self.executor.submit(self.get_json, "/servers", SERVERS_BODY_CAP, deadline, False)
+        future = self.executor.submit(self.get_json, "/servers", SERVERS_BODY_CAP, deadline)
         try:
             payload = future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
@@ -903,24 +1224,32 @@ class CpxClient:
         waiting = list(reversed(ips))
         # Finished futures arrive on a queue: one wake-up per answer, where
         # concurrent.futures.wait() would lock every future in flight each time.
-        finished = queue.SimpleQueue()
-        in_flight = {}
+        finished = queue.SimpleQueue()  # type: Any
+        in_flight = {}  # type: Dict[Any, Tuple[str, int]]  # future -> (ip, limiter ticket)
+        limiter = self.limiter
+        limiter.begin_batch()
         while waiting or in_flight:
-            while waiting and len(in_flight) < self.limiter.limit:
+            now = time.monotonic()
+            for _ in range(min(len(waiting), limiter.room(now))):
                 ip = waiting.pop()
-                future = self.executor.submit(self.read_instance, ip, deadline)
-                in_flight[future] = ip
+                ticket = limiter.start(now)
+                future = self.executor.submit(self.read_instance, ip, deadline, ticket)
+                in_flight[future] = (ip, ticket)
                 future.add_done_callback(finished.put)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+            # Wake up for an answer, the deadline, or a request turning stuck (room for one more).
+            wake = min(deadline, limiter.next_change() or deadline)
             try:
-                future = finished.get(timeout=remaining)
+                future = finished.get(timeout=max(0.0, wake - now))
             except queue.Empty:
-                break
-            results[in_flight.pop(future)] = future.result()
-        for future, ip in in_flight.items():
-            future.cancel()
+                if time.monotonic() >= deadline:
+                    break
+                continue
+            ip, ticket = in_flight.pop(future)
+            limiter.finish(ticket)
+            results[ip] = future.result()
+        for future, (ip, ticket) in in_flight.items():
+            future.cancel()  # one still running is cut by the watchdog at the deadline
+            limiter.finish(ticket)
             results[ip] = Instance(ip, error="deadline")
         for ip in waiting:
             results[ip] = Instance(ip, error="deadline")
@@ -1533,15 +1862,18 @@ def cmd_track(client: CpxClient, options: Options, args: argparse.Namespace) -> 
     """Sample one service on a fixed schedule until Ctrl+C or --count samples, then summarize."""
     if options.output == "prometheus" or options.write:
         raise UsageError("track streams: -o prometheus and --write are for services, status and unhealthy")
+    # A sample must not outlive its slot by default: the schedule matters more
+    # than one slow instance, which shows as Unknown (deadline) for that sample.
+    # A full read of the fleet (the first, and each rediscovery) is another
+    # matter: it gets a whole command's deadline, or it would lose instances.
+    sample_deadline = args.deadline if args.deadline is not None else max(args.interval, 1.0)
+    full_read_deadline = max(DEFAULT_DEADLINE, sample_deadline)
     moment, started = _wall_clock(), time.monotonic()
-    instances = take_snapshot(client, options).instances
+    instances = take_snapshot(client, replace(options, deadline=full_read_deadline)).instances
     service = resolve_service(args.service, _known_services(instances))
     fleet = {i.ip: i.service for i in instances}  # type: Dict[str, Optional[str]]
     readings = sort_instances([i for i in instances if i.service == service], "ip", options.thresholds)
     gone, outage = [], None  # type: List[str], Optional[str]
-    # A sample must not outlive its slot by default: the schedule matters more
-    # than one slow instance, which shows as Unknown (deadline) for that sample.
-    sample_deadline = args.deadline if args.deadline is not None else max(args.interval, 1.0)
     state = TrackState(service, options.thresholds)
     view = TrackView(options, args.interval)
     schedule = Schedule(args.interval, started)
@@ -1561,7 +1893,8 @@ def cmd_track(client: CpxClient, options: Options, args: argparse.Namespace) -> 
             full = time.monotonic() - last_full_read >= args.rediscover
             if full:
                 last_full_read = time.monotonic()
-            readings, gone, outage = poll_service(client, service, fleet, time.monotonic() + sample_deadline, full)
+            deadline = time.monotonic() + (full_read_deadline if full else sample_deadline)
+            readings, gone, outage = poll_service(client, service, fleet, deadline, full)
     except KeyboardInterrupt:
         pass  # Ctrl+C is how a live view is stopped: a normal end
     except Terminated:
@@ -1587,14 +1920,35 @@ def _splitmix64(state: int) -> Tuple[int, float]:
     return state, ((mixed ^ (mixed >> 31)) >> 11) / float(1 << 53)
 
 
+@dataclass(frozen=True)
+class Sickness:
+    """What part of a simulated fleet is sick, as fractions of its instances (each at least one
+    instance when above 0; which ones, the seed decides): instances that answer HTTP 500 at
+    once, that never answer, and that answer slow_ms late."""
+
+    fail_fraction: float = 0.0
+    hang_fraction: float = 0.0
+    slow_fraction: float = 0.0
+    slow_ms: float = 0.0
+
+    def counts(self, servers: int) -> Tuple[int, int, int]:
+        """How many instances fail, hang and are slow in a fleet of this size."""
+        def count(fraction: float) -> int:
+            return max(1, int(fraction * servers + 0.5)) if fraction > 0 else 0
+        return count(self.fail_fraction), count(self.hang_fraction), count(self.slow_fraction)
+
+
+FAIL, HANG, SLOW = "fail", "hang", "slow"
+
+
 class SimulatedFleet:
-    """Instances with a service each and a cpu/memory random walk; thread-safe.
+    """Instances with a service each and a cpu/memory random walk, some of them sick; thread-safe.
 
     Each instance walks on its own generator, so with a seed the values an
     instance shows depend only on how often it was read, not on the order in
     which concurrent requests arrive: seeded runs are reproducible."""
 
-    def __init__(self, count: int, seed: Optional[int] = None):
+    def __init__(self, count: int, seed: Optional[int] = None, sickness: Sickness = Sickness()):
         rng = random.Random(seed)
         self.lock = threading.Lock()
         self.state = {}  # type: Dict[str, List[Any]]
@@ -1611,6 +1965,15 @@ class SimulatedFleet:
             base_cpu = rng.uniform(93, 99) if hot else rng.uniform(5, 70)
             base_memory = rng.uniform(10, 80)
             self.state[ip] = [service, base_cpu, base_memory, base_cpu, base_memory, rng.getrandbits(64)]
+        # A generator of its own, so that a sick fleet shows the same values as a healthy one.
+        order = list(self.ips)
+        random.Random(None if seed is None else "sick-%d" % seed).shuffle(order)
+        fail, hang, slow = sickness.counts(count)
+        self.sick = {}  # type: Dict[str, str]  # ip -> FAIL, HANG or SLOW
+        for kind, how_many in ((FAIL, fail), (HANG, hang), (SLOW, slow)):
+            for ip in order[:how_many]:
+                self.sick[ip] = kind
+            order = order[how_many:]
 
     def read(self, ip: str) -> Optional[Dict[str, str]]:
         """The next reading of an instance (the walk moves on every read), None if unknown."""
@@ -1631,19 +1994,30 @@ class SimulatedFleet:
 
 
 def start_simulator(host: str = "127.0.0.1", port: int = 0, servers: int = 150, latency_ms: float = 0.0,
-                    seed: Optional[int] = None, single_threaded: bool = False):
+                    seed: Optional[int] = None, single_threaded: bool = False, sickness: Sickness = Sickness()):
     """Start a CPX-compatible server in a background thread; returns the server (see .url)."""
+    import select
     from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 
-    fleet = SimulatedFleet(servers, seed)
+    fleet = SimulatedFleet(servers, seed, sickness)
     server_list = json.dumps(fleet.ips).encode()
+    stopping = threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "cpx-simulator/" + __version__
 
         def do_GET(self) -> None:
+            sick = fleet.sick.get(self.path[1:])
+            if sick == FAIL:
+                self._answer(500, b'{"error": "Internal Server Error"}')
+                return
             if latency_ms:
                 time.sleep(latency_ms / 1000.0)
+            if sick == HANG:
+                self._hang()
+                return
+            if sick == SLOW:
+                time.sleep(sickness.slow_ms / 1000.0)
             if self.path == "/servers":
                 self._answer(200, server_list)
                 return
@@ -1652,6 +2026,18 @@ def start_simulator(host: str = "127.0.0.1", port: int = 0, servers: int = 150, 
                 self._answer(400, b'{"error": "Invalid IP"}')
             else:
                 self._answer(200, json.dumps(reading).encode())
+
+        def _hang(self) -> None:
+            """Answer nothing until the client gives up (or the simulator stops)."""
+            self.close_connection = True
+            while not stopping.is_set():
+                if select.select([self.connection], [], [], 0.2)[0]:
+                    try:
+                        if not self.connection.recv(1, socket.MSG_PEEK):
+                            return  # the client closed the connection
+                    except OSError:
+                        return
+                    stopping.wait(0.2)  # it sent more than its request: keep hanging
 
         def _answer(self, status: int, body: bytes) -> None:
             self.send_response(status)
@@ -1663,10 +2049,21 @@ def start_simulator(host: str = "127.0.0.1", port: int = 0, servers: int = 150, 
         def log_message(self, *args: Any) -> None:
             pass  # a request log would drown the demo
 
-    if single_threaded:
-        server_class = HTTPServer  # the reference server: one at a time, backlog 5
-    else:
-        server_class = type("ThreadedServer", (ThreadingHTTPServer,), {"request_queue_size": 1024})
+    class ThreadedServer(ThreadingHTTPServer):
+        request_queue_size = 1024
+
+        def server_close(self) -> None:
+            stopping.set()  # hanging answers end
+            super().server_close()
+
+    class SingleThreadedServer(HTTPServer):
+        """The reference server: one request at a time, a listen backlog of 5."""
+
+        def server_close(self) -> None:
+            stopping.set()
+            super().server_close()
+
+    server_class = SingleThreadedServer if single_threaded else ThreadedServer
     server = server_class((host, port), Handler)
     server.url = "http://%s:%d" % (host if ":" not in host else "[%s]" % host, server.server_address[1])
     server.fleet = fleet
@@ -1677,13 +2074,19 @@ def start_simulator(host: str = "127.0.0.1", port: int = 0, servers: int = 150, 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Serve a simulated fleet until Ctrl+C."""
+    sickness = Sickness(args.fail_fraction, args.hang_fraction, args.slow_fraction, args.slow_ms)
+    if sum(sickness.counts(args.servers)) > args.servers:
+        raise UsageError("--fail-fraction, --hang-fraction and --slow-fraction add up to more than the fleet")
     try:
         server = start_simulator(args.host, args.port, args.servers, args.latency_ms, args.seed,
-                                 args.single_threaded)
+                                 args.single_threaded, sickness)
     except OSError as error:
         raise UsageError("cannot listen on %s port %d: %s" % (args.host, args.port, error.strerror or error))
-    print("%s: simulating %d servers, listening on %s (Ctrl+C to stop)" % (PROG, args.servers, server.url),
-          file=sys.stderr, flush=True)
+    fail, hang, slow = sickness.counts(args.servers)
+    sick = ", ".join("%d %s" % (n, what) for n, what in ((fail, "answer HTTP 500"), (hang, "hang"),
+                                                          (slow, "answer %g ms late" % args.slow_ms)) if n)
+    print("%s: simulating %d servers%s, listening on %s (Ctrl+C to stop)"
+          % (PROG, args.servers, " (%s)" % sick if sick else "", server.url), file=sys.stderr, flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -1715,6 +2118,18 @@ def _positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError("%r must be a positive number" % text)
     return value
+
+
+def _float_in(low: float, high: float, what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % text)
+        if not low <= value <= high:  # written so that NaN fails too
+            raise argparse.ArgumentTypeError("%r must be %s from %.10g to %.10g" % (text, what, low, high))
+        return value
+    return parse
 
 
 def _interval(text: str) -> float:
@@ -1838,18 +2253,29 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", help="a CPX-compatible API server on loopback",
                                    description="A CPX-compatible API server for demos and tests.",
                                    epilog="examples:\n  cpx_devops.py simulate\n"
-                                          "  cpx_devops.py simulate --port 0 --servers 1000 --latency-ms 20\n",
+                                          "  cpx_devops.py simulate --port 0 --servers 1000 --latency-ms 20\n"
+                                          "  cpx_devops.py simulate --latency-ms 20 --hang-fraction 0.07 "
+                                          "--slow-fraction 0.5\n",
                                    formatter_class=formatter, allow_abbrev=False)
     simulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     simulate.add_argument("--port", type=_int_in(0, 65535), default=8080,
                           help="port (default 8080; 0 picks a free one)")
     simulate.add_argument("--servers", type=_int_in(1, 1000000), default=150, help="fleet size (default 150)")
-    simulate.add_argument("--latency-ms", type=float, default=0.0, metavar="MS",
+    simulate.add_argument("--latency-ms", type=_float_in(0, 3600000, "milliseconds"), default=0.0, metavar="MS",
                           help="delay before every answer (default 0)")
     simulate.add_argument("--seed", type=int, default=None, help="random seed, for a reproducible fleet")
     simulate.add_argument("--single-threaded", action="store_true",
                           help="answer one request at a time with a listen backlog of 5, "
                                "like the reference server")
+    simulate.add_argument("--fail-fraction", type=_float_in(0, 1, "a fraction"), default=0.0, metavar="F",
+                          help="this fraction of the instances answer HTTP 500 at once (default 0)")
+    simulate.add_argument("--hang-fraction", type=_float_in(0, 1, "a fraction"), default=0.0, metavar="F",
+                          help="this fraction never answer, until the client gives up (default 0)")
+    simulate.add_argument("--slow-fraction", type=_float_in(0, 1, "a fraction"), default=0.0, metavar="F",
+                          help="this fraction answer --slow-ms late (default 0); each fraction is at least "
+                               "one instance when above 0, and the seed picks which")
+    simulate.add_argument("--slow-ms", type=_float_in(0, 3600000, "milliseconds"), default=700.0, metavar="MS",
+                          help="how late the slow instances answer (default 700)")
     return parser
 
 

@@ -71,6 +71,32 @@ def trickle(handler):
         handler.wfile.flush()
 
 
+def trickle_headers(handler):
+    """A status line, then one byte of a header line every 0.1 s, for ever."""
+    handler.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+    while not handler.server.controller.stopping.wait(0.1):
+        handler.wfile.write(b"x")
+        handler.wfile.flush()
+
+
+def endless_continue(handler):
+    """`100 Continue`, again and again, every 0.1 s: never a final answer."""
+    while not handler.server.controller.stopping.wait(0.1):
+        handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        handler.wfile.flush()
+
+
+class Delayed:
+    """An answer given after a delay, like an instance with some latency."""
+
+    def __init__(self, answer, seconds):
+        self.answer, self.seconds = answer, seconds
+
+    def __call__(self, handler):
+        time.sleep(self.seconds)
+        self.answer(handler)
+
+
 class Sequence_:
     """Answers in turn; the last one repeats."""
 
@@ -179,6 +205,36 @@ def spawn_cli(*args, env=None, stdout=subprocess.PIPE):
     return subprocess.Popen([sys.executable, CLI] + [str(a) for a in args], stdout=stdout,
                             stderr=subprocess.PIPE, universal_newlines=True, env=cli_env(env),
                             stdin=subprocess.DEVNULL)
+
+
+def run_in_process(*args, env=None):
+    """main(argv) in this process, as a user runs it: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+    out, err = io.StringIO(), io.StringIO()
+    saved_environ, saved_sigterm = dict(os.environ), signal.getsignal(signal.SIGTERM)
+    os.environ.clear()
+    os.environ.update(cli_env(env))
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cpx.main([str(a) for a in args])
+            except SystemExit as leaving:  # argparse: usage errors, --help, --version
+                code = leaving.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        signal.signal(signal.SIGTERM, saved_sigterm)
+    return code, out.getvalue(), err.getvalue()
+
+
+def samples_of(json_lines):
+    """track's JSON Lines grouped by sample: a list of {ip: status}, in order."""
+    samples = {}
+    for line in json_lines.splitlines():
+        record = json.loads(line)
+        samples.setdefault(record["time"], {})[record["ip"]] = record["status"]
+    return [samples[moment] for moment in sorted(samples)]
 
 
 def wait_until(predicate, timeout=10.0):
@@ -529,69 +585,204 @@ class ClientUnitTest(unittest.TestCase):
         self.assertEqual(error.reason, "cannot resolve host (Name or service not known)")
 
 
-class AdaptiveLimitTest(unittest.TestCase):
-    """The controller against simulated servers: a clock, not a network."""
+HANG, FAIL, TOO_MANY = "hang", "fail", "429"
 
-    def run_server(self, limiter, answers, service_time, parallel):
-        """Keep limiter.limit requests in flight against a server that serves `parallel` at once
-        (None: any number) in service_time each, first come first served."""
+
+class ModelServer:
+    """A server on a virtual clock, for the limiter: `workers` requests served at once, first
+    come first served (None: any number), each for its own time; a listen backlog past which a
+    connection waits 1 s for its SYN to be sent again, as Linux does."""
+
+    def __init__(self, workers=None, backlog=None, timeout=5.0):
+        self.workers, self.backlog, self.timeout = workers, backlog, timeout
+        self.free_at = [0.0] * (workers or 0)
+        self.ends = []  # when each request accepted so far leaves the server
+        self.syn_retries = 0
+
+    def accept(self, now, request):
+        """When the answer to a request sent now arrives, its outcome, latency and connect time."""
         import heapq
-        now, free_at, flight = 0.0, [0.0] * (parallel or 1), []
-        while answers:
-            while len(flight) < limiter.limit:
-                if parallel is None:
-                    done = now + service_time
-                else:
-                    slot = heapq.heappop(free_at)
-                    done = max(slot, now) + service_time
-                    heapq.heappush(free_at, done)
-                heapq.heappush(flight, (done, now))
-            done, sent = heapq.heappop(flight)
-            now = done
-            limiter.observe(done - sent, True)
-            answers -= 1
+        L = cpx.ConcurrencyLimit
+        connect = 0.0001
+        if self.backlog is not None and sum(1 for end in self.ends if end > now) - self.workers >= self.backlog:
+            self.syn_retries += 1
+            connect = 1.0
+        arrive = now + connect
+        if request == FAIL:
+            return arrive + 0.0002, L.FAILED, connect
+        if request == TOO_MANY:
+            return arrive + 0.0002, L.REFUSED, connect
+        service = self.timeout if request == HANG else request
+        if self.workers:
+            begin = max(heapq.heappop(self.free_at), arrive)
+            end = begin + service
+            heapq.heappush(self.free_at, end)
+        else:
+            end = arrive + service
+        self.ends.append(end)
+        if request == HANG:
+            return now + self.timeout, L.FAILED, connect
+        return end, L.ANSWERED, connect
+
+
+def drive(limiter, requests, server=None, now=0.0):
+    """Send requests (service seconds, HANG, FAIL or TOO_MANY) through the limiter as
+    read_instances does, against a model server; returns the time of the last answer and
+    each request's answer time, in order."""
+    import heapq
+    server = server or ModelServer()
+    limiter.begin_batch()
+    waiting = list(enumerate(requests))[::-1]
+    answers, events, answered_at, start = [], [], {}, now
+    while waiting or events:
+        for _ in range(min(len(waiting), limiter.room(now))):
+            index, request = waiting.pop()
+            ticket = limiter.start(now)
+            done, outcome, connect = server.accept(now, request)
+            heapq.heappush(events, (done, ticket, index, outcome, done - now, connect))
+        change = limiter.next_change()
+        if change is not None and (not events or change < events[0][0]):
+            now = max(now, change) + 1e-9
+            continue
+        now, ticket, index, outcome, latency, connect = heapq.heappop(events)
+        limiter.observe(ticket, outcome, latency, connect)
+        limiter.finish(ticket)
+        answered_at[index] = now
+    return now - start, [answered_at[k] for k in range(len(requests))]
+
+
+def best_fixed(requests, server_factory=ModelServer):
+    """The time of the best fixed worker count, in hindsight."""
+    return min(drive(cpx.ConcurrencyLimit(workers), requests, server_factory())[0] for workers in (1, 5, 32, 64, 128))
+
+
+class AdaptiveLimitTest(unittest.TestCase):
+    """The limiter against model servers on a virtual clock: repeatable, not a timing."""
 
     def test_grows_to_the_ceiling_against_a_concurrent_server(self):
         limiter = cpx.AdaptiveLimit(ceiling=64)
-        self.assertEqual(limiter.limit, cpx.INITIAL_IN_FLIGHT)
-        self.run_server(limiter, 200, 0.020, None)
+        self.assertEqual(limiter.limit, cpx.AdaptiveLimit.INITIAL)
+        elapsed, _ = drive(limiter, [0.020] * 1000)
         self.assertEqual((limiter.limit, limiter.peak), (64, 64))
-
-    def test_a_fast_server_must_prove_flat_for_longer(self):
-        limiter = cpx.AdaptiveLimit(ceiling=64)
-        self.run_server(limiter, 5 * 18, 0.0011, None)  # 18 flat rounds of 1.1 ms: 19.8 ms of evidence
-        self.assertEqual(limiter.peak, cpx.INITIAL_IN_FLIGHT)
-        self.run_server(limiter, 5, 0.0011, None)  # the nineteenth makes 20.9 ms
-        self.assertEqual(limiter.limit, cpx.INITIAL_IN_FLIGHT * cpx.GROWTH_FACTOR)
+        fixed, _ = drive(cpx.ConcurrencyLimit(64), [0.020] * 1000)
+        self.assertLess(elapsed, 1.25 * fixed)
 
     def test_stays_small_against_a_server_that_answers_one_at_a_time(self):
-        limiter = cpx.AdaptiveLimit(ceiling=64)
-        self.run_server(limiter, 500, 0.001, 1)
-        self.assertEqual(limiter.peak, cpx.INITIAL_IN_FLIGHT)
-        self.assertLessEqual(limiter.limit, 5)
+        for service in (0.001, 0.030):  # under GROWTH_MIN_BASE, and over it
+            with self.subTest(service=service):
+                limiter, server = cpx.AdaptiveLimit(ceiling=64), ModelServer(workers=1, backlog=5)
+                elapsed, _ = drive(limiter, [service] * 150, server)
+                self.assertEqual(server.syn_retries, 0)
+                self.assertLessEqual(limiter.peak, cpx.AdaptiveLimit.INITIAL)
+                self.assertAlmostEqual(elapsed, 150 * service, delta=service)
 
     def test_settles_near_the_capacity_of_a_server_with_8_workers(self):
         limiter = cpx.AdaptiveLimit(ceiling=64)
-        self.run_server(limiter, 3000, 0.010, 8)
+        drive(limiter, [0.010] * 3000, ModelServer(workers=8))
         self.assertGreaterEqual(limiter.limit, 8)
         self.assertLessEqual(limiter.limit, 24)
 
-    def test_backs_off_on_failures_and_stalls(self):
-        limiter = cpx.AdaptiveLimit(ceiling=64)
-        self.run_server(limiter, 200, 0.020, None)
-        limiter.observe(5.0, False)
-        self.assertEqual(limiter.limit, 32)
-        limiter.observe(1.02, True)  # a dropped SYN retried after a second
-        self.assertEqual(limiter.limit, 16)
-        for _ in range(10):
-            limiter.observe(0.02, False)
-        self.assertEqual(limiter.limit, 1)
+    def test_one_fast_failure_teaches_nothing(self):
+        clean, _ = drive(cpx.AdaptiveLimit(ceiling=64), [0.020] * 200)
+        for where in (0, 7, 100):
+            with self.subTest(failure_at=where):
+                requests = [0.020] * 200
+                requests[where] = FAIL
+                limiter = cpx.AdaptiveLimit(ceiling=64)
+                elapsed, _ = drive(limiter, requests)
+                self.assertEqual(limiter.limit, 64)
+                self.assertLessEqual(elapsed, clean + 0.021)
 
-    def test_ceiling_and_fixed(self):
+    def test_hanging_requests_cost_their_timeout_side_by_side(self):
+        requests = [HANG if k % 15 == 3 else 0.020 for k in range(150)]  # 10 hang
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        elapsed, answered_at = drive(limiter, requests, ModelServer(timeout=5.0))
+        healthy = [t for t, r in zip(answered_at, requests) if r != HANG]
+        self.assertLess(max(healthy), 0.5)  # not one of them waited for a timeout
+        self.assertLess(elapsed, 5.0 + 0.5)  # the hanging ones together: one timeout
+        self.assertEqual(limiter.limit, 64)
+        self.assertLessEqual(limiter.peak + len(limiter.stuck), limiter.capacity)
+
+    def test_hanging_requests_at_the_head_of_the_fleet(self):
+        requests = [HANG] * 5 + [0.020] * 145  # the whole first burst hangs
+        elapsed, answered_at = drive(cpx.AdaptiveLimit(ceiling=64), requests)
+        self.assertLess(max(answered_at[5:]), cpx.AdaptiveLimit.STUCK_BEFORE_ANY_ANSWER + 0.5)
+
+    def test_half_the_fleet_slow_is_not_congestion(self):
+        import random
+        pick = random.Random(7)
+        requests = [0.700 if pick.random() < 0.5 else 0.020 for _ in range(150)]
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        elapsed, _ = drive(limiter, requests)
+        self.assertEqual(limiter.peak, 64)
+        self.assertLess(elapsed, 1.25 * best_fixed(requests))
+
+    def test_recovers_after_a_sick_phase(self):
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        drive(limiter, [0.020] * 300)
+        self.assertEqual(limiter.limit, 64)
+        drive(limiter, [TOO_MANY] * 300)  # an overload: the limit falls
+        self.assertLess(limiter.limit, 8)
+        drive(limiter, [0.020] * 200)  # a few rounds of health: back to full speed
+        self.assertEqual(limiter.limit, 64)
+        for sick in (FAIL, HANG):
+            drive(limiter, [sick] * 100 + [0.020] * 100)  # instances' own sickness: nothing lost
+            self.assertEqual(limiter.limit, 64, sick)
+
+    def test_a_server_that_slows_down_for_good_is_learnt_again(self):
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        drive(limiter, [0.020] * 300)
+        for batch in range(3):  # say, track's samples after a deploy made every answer 10x slower
+            drive(limiter, [0.200] * 300)
+        self.assertEqual(limiter.limit, 64)
+
+    def test_one_odd_answer_does_not_set_the_base(self):
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        drive(limiter, [0.0001] + [0.020] * 299)  # the first answer of the burst is 200 times faster
+        self.assertEqual(limiter.limit, 64)
+        self.assertAlmostEqual(limiter.base, 0.020, delta=0.001)
+
+    def test_pushback_halves_once_per_window(self):
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        drive(limiter, [0.020] * 300)
+        tickets = [limiter.start(100.0) for _ in range(64)]
+        for ticket in tickets:  # 64 requests in flight all hear the same overload
+            limiter.observe(ticket, limiter.REFUSED)
+        self.assertEqual(limiter.limit, 32)
+        for _ in range(32):  # the requests sent after the cut hear it again: it was not enough
+            limiter.observe(limiter.start(101.0), limiter.DROPPED)
+        self.assertEqual(limiter.limit, 16)
+
+    def test_a_connect_that_waited_for_a_second_syn_is_pushback(self):
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        drive(limiter, [0.020] * 300)
+        limiter.observe(limiter.start(100.0), limiter.ANSWERED, 0.02, connect=0.0002)
+        self.assertEqual(limiter.limit, 64)
+        limiter.observe(limiter.start(100.0), limiter.ANSWERED, 1.02, connect=1.0002)
+        self.assertEqual(limiter.limit, 32)
+
+    def test_stuck_requests_stop_counting(self):
+        limiter = cpx.AdaptiveLimit(ceiling=8)
+        limiter.begin_batch()
+        for _ in range(5):
+            limiter.start(0.0)
+        self.assertEqual(limiter.room(0.0), 0)
+        self.assertEqual(limiter.next_change(), cpx.AdaptiveLimit.STUCK_BEFORE_ANY_ANSWER)
+        self.assertEqual(limiter.room(0.99), 0)
+        self.assertEqual(limiter.room(1.0), 5)  # no answer yet after 1 s: stuck, room for 5 more
+        for when in (1.0, 2.0):
+            for _ in range(5):
+                limiter.start(when)
+        self.assertEqual(limiter.room(3.0), 1)  # at most capacity (16) in flight, stuck ones included
+        limiter.congested = True
+        self.assertEqual(limiter.room(3.0), 0)  # when the server queues, stuck ones count again
+
+    def test_fixed_limit_never_moves(self):
         self.assertEqual(cpx.AdaptiveLimit(ceiling=2).limit, 2)
-        fixed = cpx.FixedLimit(7)
-        fixed.observe(9.0, False)
-        self.assertEqual((fixed.limit, fixed.peak), (7, 7))
+        fixed = cpx.ConcurrencyLimit(7)
+        drive(fixed, [HANG] * 10 + [0.020] * 100)
+        self.assertEqual((fixed.limit, fixed.peak, fixed.capacity), (7, 7, 7))
+        self.assertIsNone(fixed.next_change())
 
 
 # ---------------------------------------------------------------------------
@@ -715,6 +906,76 @@ class ClientTest(ServerTestCase):
             self.assertIn("redirected to %s, not followed" % location, str(caught.exception))
         self.assertEqual(self.server.count("/etc/passwd"), 0)
 
+    def test_hanging_instances_do_not_hold_back_the_healthy_ones(self):
+        fleet = {"10.0.1.%d" % k: hang if k % 15 == 3 else instance("A", "1%", "1%") for k in range(150)}
+        self.server.fleet(fleet)
+        started = time.monotonic()
+        instances = self.client(timeout=0.5, retries=1).read_instances(list(fleet), self.deadline())
+        elapsed = time.monotonic() - started
+        healthy = [i for i in instances if fleet[i.ip] is not hang]
+        self.assertEqual([i.error for i in healthy], [None] * 140)
+        self.assertEqual({i.error for i in instances if fleet[i.ip] is hang}, {"timeout"})
+        # Judged from the server's side: every healthy instance was asked for before the
+        # first hanging request gave up, and the hanging ones waited out their time together.
+        arrivals = {path: moment for moment, path in reversed(self.server.log)}
+        first = min(arrivals.values())
+        self.assertLess(max(arrivals["/" + i.ip] for i in healthy) - first, 0.5)
+        self.assertLess(elapsed, 2 * 0.5 + cpx.BACKOFF_BASE + 1.0)
+
+    def test_one_instant_failure_costs_no_more_than_itself(self):
+        def span(fleet):
+            """Seconds from the first instance request to the last, as the server saw them."""
+            self.server.log.clear()
+            self.server.fleet(fleet)
+            instances = self.client().read_instances(list(fleet), self.deadline())
+            moments = [moment for moment, path in self.server.log if path != "/servers"]
+            return max(moments) - min(moments), instances
+        answer = Delayed(Reply(instance("A", "1%", "1%")), 0.02)
+        clean = {"10.0.2.%d" % k: answer for k in range(200)}
+        clean_span, _ = span(clean)
+        for where in (0, 100):
+            with self.subTest(failure_at=where):
+                sick = dict(clean)
+                sick["10.0.2.%d" % where] = Reply("boom", status=500)
+                sick_span, instances = span(sick)
+                self.assertEqual(sum(1 for i in instances if i.error is None), 199)
+                self.assertLess(sick_span, 2 * clean_span + 0.1)
+
+    def test_timeout_bounds_a_request_however_the_server_trickles(self):
+        for answer in (trickle_headers, endless_continue, trickle):
+            with self.subTest(answer=answer.__name__):
+                self.server.log.clear()
+                self.server.routes["/10.0.0.1"] = answer
+                started = time.monotonic()
+                result = self.client(retries=1, timeout=0.3).read_instance("10.0.0.1", self.deadline())
+                self.assertEqual(result.error, "timeout")
+                self.assertEqual(self.server.count("/10.0.0.1"), 2)
+                self.assertLess(time.monotonic() - started, 2 * 0.3 + cpx.BACKOFF_BASE + 0.5)
+
+    def test_a_trickling_server_list_is_bounded_by_the_timeout(self):
+        self.server.routes["/servers"] = trickle_headers
+        started = time.monotonic()
+        with self.assertRaisesRegex(cpx.CpxUnavailable, "/servers: timeout"):
+            self.client(retries=0, timeout=0.5).list_servers(self.deadline())
+        self.assertLess(time.monotonic() - started, 1.5)
+
+    def test_a_request_cut_at_the_deadline_frees_its_worker(self):
+        ended = []
+
+        def trickle_until_cut(handler):
+            try:
+                trickle_headers(handler)
+            finally:
+                ended.append(time.monotonic())
+        self.server.routes["/10.0.0.1"] = trickle_until_cut
+        client = self.client(timeout=30)
+        started = time.monotonic()
+        [result] = client.read_instances(["10.0.0.1"], started + 0.3)
+        self.assertEqual(result.error, "deadline")
+        # The connection is cut at the deadline: the server sees it go within moments.
+        self.assertTrue(wait_until(lambda: ended, timeout=3))
+        self.assertLess(ended[0] - started, 0.3 + 0.5)
+
 
 # ---------------------------------------------------------------------------
 # The CLI in a subprocess
@@ -746,6 +1007,115 @@ UNHEALTHY_TABLE = """\
 | TicketService |       0 |         2 |
 | AuthService   |       1 |         1 |
 """
+
+
+class SickFleetCliTest(ServerTestCase):
+    """The commands on a sick fleet, in this process through main(argv)."""
+
+    def test_a_trickling_instance_is_unknown_timeout_after_its_timeout(self):
+        self.server.fleet({"10.0.0.1": trickle_headers, "10.0.0.2": instance("A", "1%", "1%")})
+        started = time.monotonic()
+        code, out, err = run_in_process("--url", self.server.url, "--timeout", "1", "--deadline", "10",
+                                        "services", "-o", "json")
+        elapsed = time.monotonic() - started
+        self.assertEqual(code, 0, err)
+        self.assertEqual({r["ip"]: r["error"] for r in json.loads(out)}, {"10.0.0.1": "timeout", "10.0.0.2": None})
+        self.assertEqual(self.server.count("/10.0.0.1"), cpx.DEFAULT_RETRIES + 1)
+        backoff = sum(min(cpx.BACKOFF_CAP, cpx.BACKOFF_BASE * 2 ** k) for k in range(cpx.DEFAULT_RETRIES))
+        self.assertLess(elapsed, 1 * (cpx.DEFAULT_RETRIES + 1) + backoff + 1.0)
+
+    def test_track_reads_every_instance_again_after_a_sick_phase(self):
+        healthy = Reply(instance("A", "5%", "5%"))
+        fleet = {"10.0.3.%d" % k: healthy for k in range(1, 8)}
+        for k in (8, 9, 10):  # read at first, sick for three samples, then well again
+            fleet["10.0.3.%d" % k] = Sequence_(healthy, Reply("down", status=503), hang, close_without_answer,
+                                              healthy)
+        fleet["10.0.3.11"] = Sequence_(healthy, hang)  # answers once, then hangs for good
+        self.server.fleet(fleet)
+        code, out, err = run_in_process("--url", self.server.url, "--timeout", "0.3", "--retries", "0",
+                                        "track", "A", "-n", "0.5", "-c", "8", "-o", "json")
+        self.assertEqual(code, 0, err)
+        samples = samples_of(out)
+        self.assertEqual(len(samples), 8)
+        for number, sample in enumerate(samples, 1):
+            # The seven healthy instances are read in every sample, whatever the others do.
+            self.assertEqual({sample["10.0.3.%d" % k] for k in range(1, 8)}, {"Healthy"}, number)
+            self.assertEqual(sample["10.0.3.11"], "Healthy" if number == 1 else "Unknown", number)
+        self.assertEqual([samples[n]["10.0.3.8"] for n in range(8)], ["Healthy"] + ["Unknown"] * 3 + ["Healthy"] * 4)
+        self.assertNotIn("CPX unreachable", err)
+
+    def test_a_trickling_instance_never_makes_track_report_an_outage(self):
+        # Each trickling request must end with its sample: were it to keep its worker,
+        # 16 samples would take every worker, and /servers would look unreachable.
+        fleet = {"10.0.4.%d" % k: instance("A", "5%", "5%") for k in range(1, 5)}
+        fleet["10.0.4.9"] = Sequence_(Reply(instance("A", "5%", "5%")), trickle_headers)  # then trickles
+        self.server.fleet(fleet)
+        code, out, err = run_in_process("--url", self.server.url, "--timeout", "0.15", "--retries", "0",
+                                        "--concurrency", "fixed", "--workers", "16",
+                                        "track", "A", "-n", "0.2", "-c", "100", "-o", "json")
+        self.assertEqual(code, 0, err)
+        self.assertNotIn("CPX unreachable", err)
+        samples = samples_of(out)
+        self.assertEqual(len(samples), 100)
+        self.assertEqual(self.server.count("/10.0.4.9"), 100)
+        for sample in samples[1:]:
+            self.assertEqual(sample["10.0.4.9"], "Unknown")
+            self.assertEqual({sample["10.0.4.%d" % k] for k in range(1, 5)}, {"Healthy"})
+
+    def test_track_deadline_is_per_sample_not_for_full_reads(self):
+        slow = Delayed(Reply(instance("A", "5%", "5%")), 0.1)
+        fleet = {"10.0.5.%d" % k: slow for k in range(1, 11)}
+        self.server.fleet(fleet)
+        code, out, err = run_in_process("--url", self.server.url, "--deadline", "0.05",
+                                        "track", "A", "-n", "0.3", "-c", "2", "-o", "json")
+        self.assertEqual(code, 0, err)
+        first, second = samples_of(out)
+        self.assertEqual(set(first.values()), {"Healthy"})  # the first read is a full read: all 10
+        self.assertEqual(len(first), 10)
+        self.assertEqual(set(second.values()), {"Unknown"})  # a sample: 0.05 s is not enough
+
+
+class SimulatorSicknessTest(unittest.TestCase):
+    def test_fractions_pick_instances_by_the_seed(self):
+        sickness = cpx.Sickness(fail_fraction=0.001, hang_fraction=10 / 150.0, slow_fraction=0.5, slow_ms=50)
+        self.assertEqual(sickness.counts(150), (1, 10, 75))
+        self.assertEqual(cpx.Sickness().counts(150), (0, 0, 0))
+        fleet = cpx.SimulatedFleet(150, 3, sickness)
+        kinds = list(fleet.sick.values())
+        self.assertEqual((kinds.count(cpx.FAIL), kinds.count(cpx.HANG), kinds.count(cpx.SLOW)), (1, 10, 75))
+        self.assertEqual(fleet.sick, cpx.SimulatedFleet(150, 3, sickness).sick)
+        self.assertNotEqual(fleet.sick, cpx.SimulatedFleet(150, 4, sickness).sick)
+        # Sickness does not change what the healthy fleet shows.
+        self.assertEqual(fleet.state, cpx.SimulatedFleet(150, 3).state)
+
+    def test_sick_instances_answer_as_told(self):
+        sickness = cpx.Sickness(fail_fraction=0.1, hang_fraction=0.1, slow_fraction=0.1, slow_ms=300)
+        server = cpx.start_simulator(servers=10, seed=5, sickness=sickness)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        by_kind = {kind: ip for ip, kind in server.fleet.sick.items()}
+        well = next(ip for ip in server.fleet.ips if ip not in server.fleet.sick)
+        client = client_for(server.url, timeout=1.0, retries=0)
+        self.addCleanup(client.close)
+        deadline = time.monotonic() + 10
+        self.assertEqual(client.read_instance(by_kind[cpx.FAIL], deadline).error, "HTTP 500")
+        self.assertEqual(client.read_instance(by_kind[cpx.HANG], deadline).error, "timeout")
+        started = time.monotonic()
+        self.assertIsNone(client.read_instance(by_kind[cpx.SLOW], deadline).error)
+        self.assertGreaterEqual(time.monotonic() - started, 0.3)
+        started = time.monotonic()
+        self.assertIsNone(client.read_instance(well, deadline).error)
+        self.assertLess(time.monotonic() - started, 0.3)
+
+    def test_bad_fractions_are_usage_errors(self):
+        for args in (["--fail-fraction", "1.5"], ["--hang-fraction", "-0.1"], ["--slow-fraction", "x"],
+                     ["--slow-ms", "nan"], ["--latency-ms", "-5"],
+                     ["--fail-fraction", "0.6", "--hang-fraction", "0.6"]):
+            with self.subTest(args=args):
+                code, out, err = run_in_process("simulate", "--port", "0", *args)
+                self.assertEqual(code, 2)
+                self.assertEqual(len(err.splitlines()), 1, err)
+                self.assertTrue(err.startswith("cpx_devops: "), err)
 
 
 class CliOutputTest(ServerTestCase):
@@ -1638,27 +2008,76 @@ class ReadmeTest(unittest.TestCase):
 # Benchmark (make bench): prints, asserts nothing, not part of the suite
 # ---------------------------------------------------------------------------
 
-BENCH_SHAPES = [  # label, simulator options, fleet sizes
-    ("reference: 1 thread, HTTP/1.0, backlog 5", ["--single-threaded"], 0, [150]),
-    ("concurrent, 20 ms per request", [], 20, [150, 1000, 10000]),
+class BenchShape:
+    """One row of the benchmark: a simulated fleet, the command run against it, and how often."""
+
+    def __init__(self, label, size, latency_ms=20, simulator=(), command=("services", "-o", "json"),
+                 sickness=cpx.Sickness(), repeats=5, fixed=(128, 64, 32, 5, 1)):
+        self.label, self.size, self.latency_ms = label, size, latency_ms
+        self.sickness = sickness
+        self.simulator = list(simulator) + ["--fail-fraction", str(sickness.fail_fraction),
+                                            "--hang-fraction", str(sickness.hang_fraction),
+                                            "--slow-fraction", str(sickness.slow_fraction),
+                                            "--slow-ms", str(sickness.slow_ms)]
+        self.command, self.repeats, self.fixed = list(command), repeats, fixed
+        # Which instances are sick: the simulator picks them from the seed, and so can we.
+        self.sick = cpx.SimulatedFleet(size, BENCH_SEED, sickness).sick
+
+    def lower_bound(self, workers):
+        """Seconds a run with this many fixed workers takes at least: waves of requests, and
+        of hanging ones (each holds a worker for --timeout x (retries + 1))."""
+        hanging = sum(1 for kind in self.sick.values() if kind == cpx.HANG)
+        hang_seconds = cpx.DEFAULT_TIMEOUT * (cpx.DEFAULT_RETRIES + 1)
+        return -(-self.size // workers) * self.latency_ms / 1000.0 + -(-hanging // workers) * hang_seconds
+
+    def healthy_lost(self, output):
+        """Rows of instances that are not sick but came out Unknown (json, or JSON Lines for track)."""
+        text = output.strip()
+        records = json.loads(text) if text.startswith("[") else [json.loads(l) for l in text.splitlines() if l]
+        return sum(1 for r in records if r["status"] == cpx.UNKNOWN and r["ip"] not in self.sick)
+
+
+BENCH_SEED = 1
+SICK_FLEET = 150
+BENCH_SHAPES = [
+    BenchShape("reference: 1 thread, HTTP/1.0, backlog 5", 150, 0, ["--single-threaded"]),
+    BenchShape("concurrent, 20 ms per request", 150),
+    BenchShape("concurrent, 20 ms per request", 1000),
+    BenchShape("concurrent, 20 ms per request", 10000, repeats=3),
+    BenchShape("20 ms, one instance answers HTTP 500 at once", SICK_FLEET,
+               sickness=cpx.Sickness(fail_fraction=1.0 / SICK_FLEET)),
+    BenchShape("20 ms, 10 instances hang", SICK_FLEET, sickness=cpx.Sickness(hang_fraction=10.0 / SICK_FLEET),
+               repeats=3),
+    BenchShape("20 ms, half the fleet answers in 700 ms", SICK_FLEET,
+               sickness=cpx.Sickness(slow_fraction=0.5, slow_ms=700)),
+    BenchShape("reference, one instance answers HTTP 500 at once", SICK_FLEET, 0, ["--single-threaded"],
+               sickness=cpx.Sickness(fail_fraction=1.0 / SICK_FLEET)),
+    BenchShape("track -n 1 -c 10 --rediscover 3, one HTTP 500", 3000,
+               command=("track", cpx.SIMULATED_SERVICES[0], "-n", "1", "-c", "10", "--rediscover", "3",
+                        "-o", "json"),
+               sickness=cpx.Sickness(fail_fraction=1.0 / 3000), repeats=3, fixed=(128, 64, 32)),
 ]
-BENCH_FIXED_WORKERS = [128, 64, 32, 5, 1]
 
 
 def measure(args):
-    """Wall time, CPU time and peak RSS of one run of the CLI (via wait4)."""
+    """Wall time and stdout of one run of the CLI."""
     started = time.monotonic()
-    with open(os.devnull, "wb") as sink:
-        process = subprocess.Popen([sys.executable, CLI] + args, stdout=sink, stderr=subprocess.PIPE,
-                                   env=cli_env())
-        err = process.stderr.read()
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
-            else (status >> 8)
+    result = subprocess.run([sys.executable, CLI] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=cli_env())
     elapsed = time.monotonic() - started
-    if process.returncode not in (0, 1, 2):
-        raise RuntimeError("run failed (%s): %s" % (process.returncode, err[-300:]))
-    return elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+    if result.returncode not in (0, 1, 2):
+        raise RuntimeError("run failed (%s): %s" % (result.returncode, result.stderr[-300:]))
+    return elapsed, result.stdout.decode("utf-8", "replace")
+
+
+def measure_usage(args):
+    """CPU seconds and peak RSS (MB) of one run of the CLI, output discarded."""
+    with open(os.devnull, "wb") as sink:
+        process = subprocess.Popen([sys.executable, CLI] + args, stdout=sink, stderr=subprocess.DEVNULL,
+                                   env=cli_env())
+        _, _, usage = os.wait4(process.pid, 0)
+        process.returncode = 0  # reaped by wait4
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
 
 
 def median(values):
@@ -1667,8 +2086,42 @@ def median(values):
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
+def bench_shape(shape):
+    """Default and fixed worker counts on one shape, interleaved; a table row."""
+    simulator, url = start_simulator_process(shape.size, shape.latency_ms, shape.simulator, seed=BENCH_SEED)
+    try:
+        configs = [("default", [])] + [(w, ["--concurrency", "fixed", "--workers", str(w)]) for w in shape.fixed]
+        times = {name: [] for name, _ in configs}
+        lost = {name: [] for name, _ in configs}
+        skipped = {}
+        for _ in range(shape.repeats):
+            for name, options in configs:
+                if name in skipped:
+                    continue
+                measured = [min(v) for v in times.values() if v]
+                bound = shape.lower_bound(name) if name != "default" else 0
+                if not times[name] and measured and bound > 3 * min(measured):
+                    skipped[name] = bound  # it cannot be the best: not worth minutes
+                    continue
+                elapsed, out = measure(["--url", url] + shape.command + options)
+                times[name].append(elapsed)
+                lost[name].append(shape.healthy_lost(out))
+        cpu, memory = measure_usage(["--url", url] + shape.command)
+    finally:
+        simulator.terminate()
+        simulator.wait()
+    fixed = {name: median(v) for name, v in times.items() if name != "default" and v}
+    best = min(fixed, key=fixed.get)
+    default = median(times["default"])
+    detail = " ".join("%s:%.2f" % (w, fixed[w]) for w in shape.fixed if w in fixed)
+    detail += "".join(" %s:skip(>=%.1f)" % (w, b) for w, b in skipped.items())
+    return (shape.label, str(shape.size), "%.2f" % default, "%.2f (%d)" % (fixed[best], best),
+            "%.2f" % (default / fixed[best]), "%d" % max(lost["default"]), "%d" % max(lost[best]),
+            "%.3f" % (cpu / shape.size * 1000), "%.1f" % memory, detail)
+
+
 def bench(quick=False):
-    """Print the benchmark table of issue 5."""
+    """Print the benchmark table of the README."""
     import platform
     cpu_model = "?"
     try:
@@ -1681,49 +2134,19 @@ def bench(quick=False):
     usage = [measure(["--bogus"])[0] for _ in range(7)]
     print("startup: --help median %.0f ms, usage error median %.0f ms" % (median(startup) * 1000,
                                                                         median(usage) * 1000))
-    header = ("shape", "instances", "default s", "best fixed s (workers)", "ratio", "CPU ms/inst", "peak MB",
-              "fixed medians")
+    header = ("shape", "instances", "default s", "best fixed s (workers)", "ratio", "lost", "lost fixed",
+              "CPU ms/inst", "peak MB", "fixed medians")
     rows = []
-    for label, extra, latency_ms, sizes in BENCH_SHAPES:
-        for size in sizes:
-            if quick and size > 1000:
-                continue
-            simulator, url = start_simulator_process(size, latency_ms, extra)
-            try:
-                repeats = 3 if size >= 10000 else 5
-                configs = [("default", [])] + [(w, ["--concurrency", "fixed", "--workers", str(w)])
-                                               for w in BENCH_FIXED_WORKERS]
-                times = {name: [] for name, _ in configs}
-                cpu, memory, skipped = [], [], {}
-                for _ in range(repeats):
-                    for name, options in configs:
-                        if name in skipped:
-                            continue
-                        measured = [min(v) for v in times.values() if v]
-                        bound = -(-size // name) * latency_ms / 1000.0 if name != "default" else 0
-                        if not times[name] and measured and bound > 3 * min(measured):
-                            skipped[name] = bound  # physics says it cannot be the best: not worth minutes
-                            continue
-                        elapsed, cpu_seconds, peak_mb = measure(["--url", url, "services", "-o", "json"] + options)
-                        times[name].append(elapsed)
-                        if name == "default":
-                            cpu.append(cpu_seconds)
-                            memory.append(peak_mb)
-            finally:
-                simulator.terminate()
-                simulator.wait()
-            fixed = {name: median(v) for name, v in times.items() if name != "default" and v}
-            best = min(fixed, key=fixed.get)
-            default = median(times["default"])
-            detail = " ".join("%s:%.2f" % (w, fixed[w]) for w in BENCH_FIXED_WORKERS if w in fixed)
-            detail += "".join(" %s:skip(>=%.1f)" % (w, b) for w, b in skipped.items())
-            rows.append((label, str(size), "%.2f" % default, "%.2f (%d)" % (fixed[best], best),
-                         "%.2f" % (default / fixed[best]), "%.3f" % (median(cpu) / size * 1000),
-                         "%.1f" % max(memory), detail))
-            print("  measured %s x %d" % (label, size), file=sys.stderr, flush=True)
-    print(cpx.render_table(header, rows, (False, True, True, True, True, True, True, False)), end="")
-    print("medians of 5 runs (3 at 10,000); ratio = default / best fixed; skip: a lower bound "
-          "(instances / workers x latency) over 3x the best, so not run")
+    for shape in BENCH_SHAPES:
+        if quick and (shape.size > 1000 or shape.command[0] == "track"):
+            continue
+        rows.append(bench_shape(shape))
+        print("  measured %s x %d" % (shape.label, shape.size), file=sys.stderr, flush=True)
+    print(cpx.render_table(header, rows, (False, True, True, True, True, True, True, True, True, False)), end="")
+    print("medians of 5 runs (3 for 10,000 instances, hanging instances and track); ratio = default / best "
+          "fixed; lost: healthy instances that came out Unknown (the most in one run; for track, rows over "
+          "all samples), with the default and with the best fixed count; CPU and peak MB: one run with the "
+          "default; skip: a lower bound (waves of requests and of hanging ones) over 3x the best, so not run")
 
 
 # ---------------------------------------------------------------------------
