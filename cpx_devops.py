@@ -1040,8 +1040,7 @@ class AdaptiveLimit(ConcurrencyLimit):
                 self.base = sorted(self.round)[len(self.round) // 2]
                 self.round = []
             return
-        if (self.slow_start and not self.proving and self.base >= self.GROWTH_MIN_BASE
-                and latency <= self.FLAT_RATIO * self.base):
+        if self.slow_start and not self.proving and self._can_grow() and latency <= self.FLAT_RATIO * self.base:
             # As TCP's slow start: more for each answer that did not queue, so the limit
             # grows fourfold in a round however long the round's slowest answers take.
             self.limit = min(self.ceiling, self.limit + self.GROWTH_FACTOR - 1)
@@ -1069,19 +1068,20 @@ class AdaptiveLimit(ConcurrencyLimit):
                 self._set(min(self.recovery, self.limit * 2))
             return
         self.recovery = 0
-        if base < self.GROWTH_MIN_BASE:
-            return
-        if not self.proving:
-            if not self.slow_start:
-                self._set(self.limit + max(1, self.limit // self.PROBE_DIVISOR))
-        elif ratio <= self.FIRST_ROUND_RATIO:
-            self._flat_start(quartile)
-        else:
+        if self.proving and ratio > self.FIRST_ROUND_RATIO:
             self.proving = self.slow_start = False
+        elif self.proving:
+            self._flat_start(quartile)
+        elif not self.slow_start and self._can_grow():
+            self._set(self.limit + max(1, self.limit // self.PROBE_DIVISOR))
+
+    def _can_grow(self) -> bool:
+        """Whether more in flight can help: not where the client's own cost hides any queue."""
+        return self.base is not None and self.base >= self.GROWTH_MIN_BASE
 
     def _flat_start(self, latency: float) -> None:
         """A flat round at the start: evidence for the first growth, when the base allows one."""
-        if not self.proving or self.base is None or self.base < self.GROWTH_MIN_BASE:
+        if not self.proving or not self._can_grow():
             return
         self.evidence += latency
         if self.evidence >= self.STARTUP_EVIDENCE_SECONDS:

@@ -714,8 +714,25 @@ class AdaptiveLimitTest(unittest.TestCase):
         requests = [0.700 if pick.random() < 0.5 else 0.020 for _ in range(150)]
         limiter = cpx.AdaptiveLimit(ceiling=64)
         elapsed, _ = drive(limiter, requests)
-        self.assertEqual(limiter.peak, 64)
+        self.assertEqual((limiter.peak, limiter.limit), (64, 64))  # the slow answers taught nothing
         self.assertLess(elapsed, 1.25 * best_fixed(requests))
+
+    def test_no_growth_where_the_client_is_the_bottleneck(self):
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        drive(limiter, [0.002] * 2000)  # flat, but under GROWTH_MIN_BASE: the client's noise would hide a queue
+        self.assertEqual(limiter.peak, cpx.AdaptiveLimit.INITIAL)
+
+    def test_queueing_scales_the_limit_down_by_its_ratio(self):
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        drive(limiter, [0.020] * 300)
+        limiter.begin_batch()
+        burst = [limiter.start(10.0) for _ in range(64)]
+        for ticket in burst:
+            limiter.observe(ticket, limiter.ANSWERED, 0.020)
+        for _ in range(64):  # a round where every answer took 10 times the base
+            limiter.observe(limiter.start(10.1), limiter.ANSWERED, 0.200)
+        self.assertEqual(limiter.limit, int(64 * 2 / 10.0) + 1)
+        self.assertTrue(limiter.congested)
 
     def test_recovers_after_a_sick_phase(self):
         limiter = cpx.AdaptiveLimit(ceiling=64)
@@ -909,18 +926,48 @@ class ClientTest(ServerTestCase):
     def test_hanging_instances_do_not_hold_back_the_healthy_ones(self):
         fleet = {"10.0.1.%d" % k: hang if k % 15 == 3 else instance("A", "1%", "1%") for k in range(150)}
         self.server.fleet(fleet)
-        started = time.monotonic()
-        instances = self.client(timeout=0.5, retries=1).read_instances(list(fleet), self.deadline())
-        elapsed = time.monotonic() - started
-        healthy = [i for i in instances if fleet[i.ip] is not hang]
-        self.assertEqual([i.error for i in healthy], [None] * 140)
-        self.assertEqual({i.error for i in instances if fleet[i.ip] is hang}, {"timeout"})
-        # Judged from the server's side: every healthy instance was asked for before the
-        # first hanging request gave up, and the hanging ones waited out their time together.
-        arrivals = {path: moment for moment, path in reversed(self.server.log)}
-        first = min(arrivals.values())
-        self.assertLess(max(arrivals["/" + i.ip] for i in healthy) - first, 0.5)
-        self.assertLess(elapsed, 2 * 0.5 + cpx.BACKOFF_BASE + 1.0)
+        for workers in (64, 8):  # 8: fewer workers than hanging instances
+            with self.subTest(workers=workers):
+                self.server.log.clear()
+                started = time.monotonic()
+                instances = self.client(timeout=0.5, retries=1, workers=workers).read_instances(
+                    list(fleet), self.deadline())
+                elapsed = time.monotonic() - started
+                healthy = [i for i in instances if fleet[i.ip] is not hang]
+                self.assertEqual([i.error for i in healthy], [None] * 140)
+                self.assertEqual({i.error for i in instances if fleet[i.ip] is hang}, {"timeout"})
+                # Judged from the server's side: every healthy instance was asked for before the
+                # first hanging request gave up, and the hanging ones waited out their time together.
+                arrivals = {path: moment for moment, path in reversed(self.server.log)}
+                first = min(arrivals.values())
+                self.assertLess(max(arrivals["/" + i.ip] for i in healthy) - first, 0.5)
+                self.assertLess(elapsed, 2 * 0.5 + cpx.BACKOFF_BASE + 1.0)
+
+    def test_overload_is_pushback_for_the_limiter(self):
+        self.server.routes["/10.0.0.1"] = Reply("slow down", 429)
+        # A listen queue that is full: the kernel drops further SYNs, so connecting times out.
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filling = []
+        for _ in range(8):
+            probe = socket.socket()
+            self.addCleanup(probe.close)
+            probe.setblocking(False)
+            probe.connect_ex(listener.getsockname())
+            filling.append(probe)
+        time.sleep(0.1)
+        full = "http://127.0.0.1:%d" % listener.getsockname()[1]
+        for url, reason in ((self.server.url, "HTTP 429"), (full, "timeout")):
+            with self.subTest(reason=reason):
+                client = client_for(url, retries=0, timeout=0.3)
+                self.addCleanup(client.close)
+                limiter = client.limiter
+                self.assertEqual(limiter.limit, cpx.AdaptiveLimit.INITIAL)
+                result = client.read_instance("10.0.0.1", self.deadline(), limiter.start(time.monotonic()))
+                self.assertEqual(result.error, reason)
+                self.assertEqual(limiter.limit, cpx.AdaptiveLimit.INITIAL // 2)
 
     def test_one_instant_failure_costs_no_more_than_itself(self):
         def span(fleet):
@@ -1067,12 +1114,12 @@ class SickFleetCliTest(ServerTestCase):
         fleet = {"10.0.5.%d" % k: slow for k in range(1, 11)}
         self.server.fleet(fleet)
         code, out, err = run_in_process("--url", self.server.url, "--deadline", "0.05",
-                                        "track", "A", "-n", "0.3", "-c", "2", "-o", "json")
+                                        "track", "A", "-n", "0.5", "-c", "3", "--rediscover", "0.6", "-o", "json")
         self.assertEqual(code, 0, err)
-        first, second = samples_of(out)
-        self.assertEqual(set(first.values()), {"Healthy"})  # the first read is a full read: all 10
-        self.assertEqual(len(first), 10)
+        first, second, third = samples_of(out)
+        self.assertEqual(first, dict.fromkeys(fleet, "Healthy"))  # the first read is a full read: all 10
         self.assertEqual(set(second.values()), {"Unknown"})  # a sample: 0.05 s is not enough
+        self.assertEqual(third, dict.fromkeys(fleet, "Healthy"))  # a rediscovery, a full read again
 
 
 class SimulatorSicknessTest(unittest.TestCase):
