@@ -35,7 +35,7 @@ test: check-python ## the whole suite (PYTHON=python3.7 for another Python)
 	@$(PY) --version
 	@$(PY) test_cpx_devops.py
 
-bench: check-python ## the performance table of the README (a few minutes; asserts nothing)
+bench: check-python ## the performance table of the README (about 15 minutes; asserts nothing)
 	@$(PY) test_cpx_devops.py bench
 
 install: ## install as an executable cpx-devops in PREFIX/bin (PREFIX=~/.local by default)

@@ -655,6 +655,7 @@ class Watchdog:
         self.armed = set()  # type: Set[RequestGuard]
         self.wake_at = float("inf")
         self.thread = None  # type: Optional[threading.Thread]
+        self.closing = False
         self.local = threading.local()  # the guard of the request this thread is making
 
     def arm(self, give_up_at: float) -> RequestGuard:
@@ -676,6 +677,12 @@ class Watchdog:
         with self.condition:
             self.armed.discard(guard)
 
+    def close(self) -> None:
+        """Stop the thread once the requests it guards are over (or cut)."""
+        with self.condition:
+            self.closing = True
+            self.condition.notify()
+
     def current(self) -> Optional[RequestGuard]:
         """The guard of the request the calling thread is making, if any."""
         return getattr(self.local, "guard", None)
@@ -688,6 +695,9 @@ class Watchdog:
                     self.armed.discard(guard)
                     guard.fire()
                 earliest = min((g.give_up_at for g in self.armed), default=None)
+                if earliest is None and self.closing:
+                    self.thread = None
+                    return
                 if earliest is None:
                     self.wake_at = float("inf")
                     self.condition.wait()
@@ -1109,6 +1119,7 @@ class CpxClient:
     def close(self) -> None:
         """Let go of the worker threads without waiting for requests still in flight."""
         self.executor.shutdown(wait=False)
+        self.watchdog.close()
 
     def _get_once(self, url: str, cap: int, deadline: float) -> Tuple[bytes, Optional[float]]:
         """One attempt: the body and the seconds it took to connect; FetchError if it failed.

@@ -2117,14 +2117,21 @@ def measure(args):
     return elapsed, result.stdout.decode("utf-8", "replace")
 
 
+# A fresh, small interpreter starts the run to measure: Linux counts the RSS a
+# child had when it forked towards its peak, so forked from this process (which
+# holds earlier runs' output) every run would look as big as the benchmark.
+_SPAWN_AND_MEASURE = ("import os, subprocess, sys\n"
+                      "child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                      "_, _, usage = os.wait4(child.pid, 0)\n"
+                      "print(usage.ru_utime + usage.ru_stime, usage.ru_maxrss)\n")
+
+
 def measure_usage(args):
     """CPU seconds and peak RSS (MB) of one run of the CLI, output discarded."""
-    with open(os.devnull, "wb") as sink:
-        process = subprocess.Popen([sys.executable, CLI] + args, stdout=sink, stderr=subprocess.DEVNULL,
-                                   env=cli_env())
-        _, _, usage = os.wait4(process.pid, 0)
-        process.returncode = 0  # reaped by wait4
-    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+    result = subprocess.run([sys.executable, "-c", _SPAWN_AND_MEASURE, sys.executable, CLI] + args,
+                            stdout=subprocess.PIPE, universal_newlines=True, env=cli_env(), check=True)
+    cpu_seconds, peak_kb = result.stdout.split()
+    return float(cpu_seconds), int(peak_kb) / 1024.0
 
 
 def median(values):
