@@ -2178,16 +2178,19 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
     group.add_argument("--url", default=default(None),
                        help="CPX API base URL (default: $CPX_URL, else %s)" % DEFAULT_URL)
     group.add_argument("--timeout", type=_positive_float, default=default(DEFAULT_TIMEOUT), metavar="SECONDS",
-                       help="per-request timeout (default %g)" % DEFAULT_TIMEOUT)
+                       help="per-request timeout, for its whole life: connect, headers, body "
+                            "(default %g)" % DEFAULT_TIMEOUT)
     group.add_argument("--deadline", type=_positive_float, default=default(None), metavar="SECONDS",
                        help="time limit for a whole command (default %g); for track, per sample "
-                            "(default: the interval, at least 1 s)" % DEFAULT_DEADLINE)
+                            "(default: the interval, at least 1 s; a full read of the fleet gets %g s)"
+                       % (DEFAULT_DEADLINE, DEFAULT_DEADLINE))
     group.add_argument("--retries", type=_int_in(0, 10), default=default(DEFAULT_RETRIES), metavar="N",
                        help="retries of a failed request: connection errors, timeouts, "
                             "HTTP 429/502/503/504 (default %d)" % DEFAULT_RETRIES)
     group.add_argument("--workers", type=_int_in(1, 1024), default=default(DEFAULT_WORKERS), metavar="N",
                        help="most requests in flight at once (default %d); how many are is adapted "
-                            "to the server's latency" % DEFAULT_WORKERS)
+                            "to the server's latency, and requests stuck on a hanging or slow "
+                            "instance stop counting, in up to N more threads" % DEFAULT_WORKERS)
     group.add_argument("--concurrency", choices=("adaptive", "fixed"), default=default("adaptive"),
                        help="adaptive (default) or fixed at --workers")
     group.add_argument("--cpu-threshold", type=_percent_option, default=default(DEFAULT_THRESHOLD),

@@ -602,16 +602,16 @@ class ModelServer:
     def accept(self, now, request):
         """When the answer to a request sent now arrives, its outcome, latency and connect time."""
         import heapq
-        L = cpx.ConcurrencyLimit
+        limit = cpx.ConcurrencyLimit  # the outcomes' names
         connect = 0.0001
         if self.backlog is not None and sum(1 for end in self.ends if end > now) - self.workers >= self.backlog:
             self.syn_retries += 1
             connect = 1.0
         arrive = now + connect
         if request == FAIL:
-            return arrive + 0.0002, L.FAILED, connect
+            return arrive + 0.0002, limit.FAILED, connect
         if request == TOO_MANY:
-            return arrive + 0.0002, L.REFUSED, connect
+            return arrive + 0.0002, limit.REFUSED, connect
         service = self.timeout if request == HANG else request
         if self.workers:
             begin = max(heapq.heappop(self.free_at), arrive)
@@ -621,8 +621,8 @@ class ModelServer:
             end = arrive + service
         self.ends.append(end)
         if request == HANG:
-            return now + self.timeout, L.FAILED, connect
-        return end, L.ANSWERED, connect
+            return now + self.timeout, limit.FAILED, connect
+        return end, limit.ANSWERED, connect
 
 
 def drive(limiter, requests, server=None, now=0.0):
@@ -749,7 +749,7 @@ class AdaptiveLimitTest(unittest.TestCase):
     def test_a_server_that_slows_down_for_good_is_learnt_again(self):
         limiter = cpx.AdaptiveLimit(ceiling=64)
         drive(limiter, [0.020] * 300)
-        for batch in range(3):  # say, track's samples after a deploy made every answer 10x slower
+        for _ in range(3):  # say, track's samples after a deploy made every answer 10x slower
             drive(limiter, [0.200] * 300)
         self.assertEqual(limiter.limit, 64)
 
@@ -994,8 +994,14 @@ class ClientTest(ServerTestCase):
                 self.server.log.clear()
                 self.server.routes["/10.0.0.1"] = answer
                 started = time.monotonic()
-                result = self.client(retries=1, timeout=0.3).read_instance("10.0.0.1", self.deadline())
-                self.assertEqual(result.error, "timeout")
+                results = []
+                client = self.client(retries=1, timeout=0.3)
+                reader = threading.Thread(target=lambda: results.append(
+                    client.read_instance("10.0.0.1", self.deadline())), daemon=True)
+                reader.start()
+                reader.join(5)  # were the timeout a socket timeout only, this read would never end
+                self.assertFalse(reader.is_alive(), "still reading after 5 s")
+                self.assertEqual(results[0].error, "timeout")
                 self.assertEqual(self.server.count("/10.0.0.1"), 2)
                 self.assertLess(time.monotonic() - started, 2 * 0.3 + cpx.BACKOFF_BASE + 0.5)
 
@@ -1110,15 +1116,16 @@ class SickFleetCliTest(ServerTestCase):
             self.assertEqual({sample["10.0.4.%d" % k] for k in range(1, 5)}, {"Healthy"})
 
     def test_track_deadline_is_per_sample_not_for_full_reads(self):
-        slow = Delayed(Reply(instance("A", "5%", "5%")), 0.1)
+        slow = Delayed(Reply(instance("A", "5%", "5%")), 0.25)
         fleet = {"10.0.5.%d" % k: slow for k in range(1, 11)}
         self.server.fleet(fleet)
-        code, out, err = run_in_process("--url", self.server.url, "--deadline", "0.05",
-                                        "track", "A", "-n", "0.5", "-c", "3", "--rediscover", "0.6", "-o", "json")
+        # The first read ends at about 0.5 s: sample 2 (at 1 s) is no full read, sample 3 (at 2 s) is.
+        code, out, err = run_in_process("--url", self.server.url, "--deadline", "0.1",
+                                        "track", "A", "-n", "1", "-c", "3", "--rediscover", "1.2", "-o", "json")
         self.assertEqual(code, 0, err)
         first, second, third = samples_of(out)
         self.assertEqual(first, dict.fromkeys(fleet, "Healthy"))  # the first read is a full read: all 10
-        self.assertEqual(set(second.values()), {"Unknown"})  # a sample: 0.05 s is not enough
+        self.assertEqual(set(second.values()), {"Unknown"})  # a sample: 0.1 s is not enough
         self.assertEqual(third, dict.fromkeys(fleet, "Healthy"))  # a rediscovery, a full read again
 
 
