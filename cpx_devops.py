@@ -961,7 +961,7 @@ class AdaptiveLimit(ConcurrencyLimit):
         self.best_connect = float("inf")
         self.base = None  # type: Optional[float]  # this batch's latency with nothing queued
         self.last_base = None  # type: Optional[float]  # the batch before's
-        self.fastest = None  # type: Optional[float]  # this batch's fastest answer, until the base is known
+        self.fastest = None  # type: Optional[float]  # this batch's fastest answer
         self.burst_at = None  # type: Optional[float]  # when this batch's burst was sent
         self.burst = {}  # type: Dict[int, Optional[float]]  # its tickets -> latency (inf: failed or stuck)
         self.burst_left = 0
@@ -1008,8 +1008,9 @@ class AdaptiveLimit(ConcurrencyLimit):
                 self._cut(outcome)
             if outcome != self.ANSWERED:
                 self._burst_answer(ticket, float("inf"))
-            elif ticket in self.burst:
-                self.fastest = min(self.fastest or latency, latency)
+                return
+            self.fastest = min(self.fastest or latency, latency)
+            if ticket in self.burst:
                 self._burst_answer(ticket, latency)
             elif ticket not in self.stuck:
                 self._learn(latency)
@@ -1058,9 +1059,10 @@ class AdaptiveLimit(ConcurrencyLimit):
         # A round is at least ROUND_ANSWERS long once it can cut the limit; the first
         # round only decides whether to grow: the sooner the better.
         if len(self.round) >= (self.limit if self.proving else max(self.limit, self.ROUND_ANSWERS)):
-            self._end_round(sorted(self.round)[len(self.round) // 4], self.base)
+            latencies = sorted(self.round)
+            self._end_round(latencies[len(latencies) // 4], latencies[len(latencies) * 3 // 4], self.base)
 
-    def _end_round(self, quartile: float, base: float) -> None:
+    def _end_round(self, quartile: float, upper_quartile: float, base: float) -> None:
         self.round = []
         ratio = quartile / base
         # When every answer slows down, a request is stuck because the server queues:
@@ -1078,16 +1080,23 @@ class AdaptiveLimit(ConcurrencyLimit):
                 self._set(min(self.recovery, self.limit * 2))
             return
         self.recovery = 0
-        if self.proving and ratio > self.FIRST_ROUND_RATIO:
+        # Growth also needs the round's answers close together: the client's own noise
+        # spreads those of a server that answers one at a time (0.5-12 ms under load,
+        # measured), and more in flight would overflow its backlog.
+        tight = upper_quartile <= self.FLAT_RATIO * base
+        if self.proving and (ratio > self.FIRST_ROUND_RATIO or not tight):
             self.proving = self.slow_start = False
         elif self.proving:
             self._flat_start(quartile)
-        elif not self.slow_start and self._can_grow():
+        elif not self.slow_start and tight and self._can_grow():
             self._set(self.limit + max(1, self.limit // self.PROBE_DIVISOR))
 
     def _can_grow(self) -> bool:
-        """Whether more in flight can help: not where the client's own cost hides any queue."""
-        return self.base is not None and self.base >= self.GROWTH_MIN_BASE
+        """Whether more in flight can help: not where the client's own cost hides any queue,
+        nor while answers far faster than the base (a server idle between the client's
+        hiccups: 0.5 ms answers against a 5 ms median, measured under load) say it is noise."""
+        return (self.base is not None and self.base >= self.GROWTH_MIN_BASE
+                and self.fastest is not None and self.fastest * self.FLAT_RATIO >= self.base)
 
     def _flat_start(self, latency: float) -> None:
         """A flat round at the start: evidence for the first growth, when the base allows one."""
