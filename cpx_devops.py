@@ -918,7 +918,9 @@ class AdaptiveLimit(ConcurrencyLimit):
     that rises with concurrency: a round's lower quartile over the base. A flat
     round grows the limit (fourfold per round at first, answer by answer as in
     TCP's slow start, once the start proved flat; by an eighth per round
-    later); over QUEUEING_RATIO the limit scales down by that ratio.
+    later); over QUEUEING_RATIO the limit scales down by that ratio. Growth also
+    needs clean evidence (see GROWTH_MIN_BASE and _can_grow): the client's own
+    noise must not pass for a server that takes more.
 
     Pushback halves the limit, once per limit's worth of outcomes: HTTP 429
     (regained at double per flat round once it stops, since one sick instance
