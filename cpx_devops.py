@@ -1231,6 +1231,10 @@ class CpxClient:
         except FutureTimeout:
             raise CpxUnavailable("GET %s: no answer within the deadline" % url)
         except FetchError as error:
+            # The watchdog cuts the request at the deadline, a moment before the wait
+            # above gives up: whichever comes first, the user reads the same words.
+            if error.reason == "deadline":
+                raise CpxUnavailable("GET %s: no answer within the deadline" % url)
             detail = ": " + error.detail if error.detail else ""
             raise CpxUnavailable("GET %s: %s%s" % (url, error.reason, detail))
         try:
