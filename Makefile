@@ -29,7 +29,8 @@ demo: check-python ## run the tool against its own simulator
 	cpx services --sort cpu | head -12; \
 	cpx status; \
 	cpx unhealthy || echo "(exit status $$?: at least one service flagged)"; \
-	cpx track MailService --interval 1 --count 3
+	cpx track MailService --interval 1 --count 3; \
+	cpx track --count 1
 
 test: check-python ## the whole suite (PYTHON=python3.7 for another Python)
 	@$(PY) --version

@@ -9,7 +9,7 @@ Usage:
   cpx_devops.py [global options] services [--service NAME] [--sort KEY]
   cpx_devops.py [global options] status [SERVICE]
   cpx_devops.py [global options] unhealthy [--min-healthy N]
-  cpx_devops.py [global options] track SERVICE [-n SECONDS] [-c COUNT]
+  cpx_devops.py [global options] track [SERVICE | --all] [-n SECONDS] [-c COUNT]
   cpx_devops.py simulate [--port 8080] [--servers 150] [--latency-ms 0] [--seed N]
                          [--fail-fraction F] [--hang-fraction F] [--slow-fraction F --slow-ms MS]
 
@@ -24,7 +24,8 @@ Exit status:
   0    success (for `unhealthy`: no service flagged)
   1    `unhealthy` flagged at least one service
   2    usage error (bad option, unknown service, URL not http/https)
-  3    CPX unavailable (server list unreadable, or no instance readable)
+  3    CPX unavailable (server list unreadable, no instance readable, or no readable
+       instance of the service asked for while some could not be read)
   130  interrupted by Ctrl+C (`track` exits 0: Ctrl+C is how it stops)
   141  stdout closed early (e.g. `| head -1`)
   143  terminated by SIGTERM
@@ -80,14 +81,8 @@ RETRY_AFTER_CAP = 10.0
 MAX_SERVICE_NAME = 256
 IPS_LISTED_PER_REASON = 5
 
-# track: the live sparklines show the last TRACK_WINDOW samples; the session
-# summary squeezes a session of any length into TREND_BUCKETS characters.
 MIN_INTERVAL = 0.1
 DEFAULT_REDISCOVER = 60.0
-TRACK_WINDOW = 20
-TREND_BUCKETS = 32
-SPARK_BLOCKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
-SPARK_ASCII = "_.,-~=*#"
 GONE = "Gone"
 
 HEALTHY = "Healthy"
@@ -109,7 +104,8 @@ exit status:
   0    success (for unhealthy: no service flagged)
   1    unhealthy flagged at least one service
   2    usage error (bad option, unknown service, URL not http/https)
-  3    CPX unavailable (server list unreadable, or no instance readable)
+  3    CPX unavailable (server list unreadable, no instance readable, or none of
+       the service asked for while some could not be read)
   130  interrupted by Ctrl+C (track exits 0)
   141  stdout closed early
   143  terminated by SIGTERM
@@ -118,6 +114,15 @@ exit status:
 
 class CpxUnavailable(Exception):
     """CPX cannot be used at all: main() prints one line and exits 3."""
+
+    prefix = "CPX unavailable: "
+
+
+class ServiceUnreadable(CpxUnavailable):
+    """No readable instance has the service asked for, but some could not be read: exit 3, not
+    a usage error, since during an incident the service may well be among them."""
+
+    prefix = ""
 
 
 class UsageError(Exception):
@@ -170,6 +175,7 @@ class Instance:
     cpu: Optional[float] = None
     memory: Optional[float] = None
     error: Optional[str] = None
+    answered: bool = field(default=False, compare=False)  # it sent JSON (valid or not), not a failure
 
 
 @dataclass
@@ -181,6 +187,8 @@ class ServiceSummary:
     healthy: int
     avg_cpu: Optional[float]
     avg_memory: Optional[float]
+    max_cpu: Optional[float] = None
+    max_memory: Optional[float] = None
 
 
 @dataclass
@@ -227,6 +235,10 @@ def parse_percent(value: Any) -> float:
 
 def parse_instance(ip: str, payload: Any) -> Instance:
     """Turn one /<ip> answer into an Instance, with a short error when invalid."""
+    return replace(_instance_from(ip, payload), answered=True)
+
+
+def _instance_from(ip: str, payload: Any) -> Instance:
     if not isinstance(payload, dict):
         return Instance(ip, error="not a JSON object")
     service = payload.get("service")
@@ -294,7 +306,7 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
 
 
 # ---------------------------------------------------------------------------
-# Pure analysis: health rule, aggregation, flagging, sorting; track's schedule and state
+# Pure analysis: health rule, aggregation, flagging, sorting
 # ---------------------------------------------------------------------------
 
 
@@ -333,6 +345,8 @@ def summarize_services(instances: Iterable[Instance], thresholds: Thresholds) ->
             healthy=sum(1 for m in members if instance_status(m, thresholds) == HEALTHY),
             avg_cpu=_mean([m.cpu for m in readable]),
             avg_memory=_mean([m.memory for m in readable]),
+            max_cpu=max((m.cpu for m in readable), default=None),
+            max_memory=max((m.memory for m in readable), default=None),
         ))
     return summaries
 
@@ -373,8 +387,10 @@ def sort_instances(instances: Iterable[Instance], key: str, thresholds: Threshol
     return sorted(instances, key=by_service)
 
 
-def resolve_service(name: str, known: Iterable[str]) -> str:
-    """The known service that name means (exact, then case-insensitive); UsageError naming the closest."""
+def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str:
+    """The known service that name means (exact, then case-insensitive). When none is, and some
+    instances (unreadable of them) could not be read, ServiceUnreadable: it may be among them;
+    when every instance was read, UsageError naming the closest."""
     known = sorted(set(known), key=str.lower)
     if name in known:
         return name
@@ -386,6 +402,10 @@ def resolve_service(name: str, known: Iterable[str]) -> str:
     if not close:
         lowered = {service.lower(): service for service in known}
         close = [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)]
+    if unreadable:
+        message = "no readable instance of %r; %d %s could not be read, it may be among them" % (
+            sanitize(name), unreadable, "instance" if unreadable == 1 else "instances")
+        raise ServiceUnreadable(message + ("; did you mean %r?" % sanitize(close[0]) if close else ""))
     if close:
         message += "; did you mean %r?" % sanitize(close[0])
     if known:
@@ -412,160 +432,6 @@ def summarize_failures(instances: Sequence[Instance]) -> Optional[str]:
         parts.append("%s %s" % (reason, shown))
     noun = "instance" if len(instances) == 1 else "instances"
     return "%d of %d %s could not be read: %s" % (len(failed), len(instances), noun, "; ".join(parts))
-
-
-class Schedule:
-    """Sample k starts at start + k x interval; a slot that began while the previous
-    sample was still running is skipped and counted, never made up in a burst."""
-
-    def __init__(self, interval: float, start: float):
-        self.interval = interval
-        self.start = start
-        self.slot = 0
-
-    def next_wait(self, now: float) -> Tuple[float, int]:
-        """Seconds until the next slot, and how many slots were missed to reach it."""
-        next_slot = self.slot + 1
-        missed = 0
-        if now > self.start + next_slot * self.interval:
-            latest = int((now - self.start) // self.interval)  # the slot that began last
-            missed = latest - self.slot
-            next_slot = latest + 1
-        self.slot = next_slot
-        return max(0.0, self.start + next_slot * self.interval - now), missed
-
-
-class RunningStats:
-    """Count, min, mean and max in constant memory."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.total = 0.0
-        self.minimum = float("inf")
-        self.maximum = float("-inf")
-
-    def add(self, value: float) -> None:
-        """Take one value into account."""
-        self.count += 1
-        self.total += value
-        self.minimum = min(self.minimum, value)
-        self.maximum = max(self.maximum, value)
-
-    @property
-    def mean(self) -> Optional[float]:
-        return self.total / self.count if self.count else None
-
-
-class SessionTrend:
-    """A whole session's values in at most `size` buckets: when full, neighbours merge."""
-
-    def __init__(self, size: int = TREND_BUCKETS):
-        self.size = size
-        self.per_bucket = 1
-        self.buckets = []  # type: List[List[float]]  # [total, values, slots]
-
-    def add(self, value: Optional[float]) -> None:
-        """One sample's value, None for a gap (unknown)."""
-        if not self.buckets or self.buckets[-1][2] >= self.per_bucket:
-            if len(self.buckets) >= self.size:
-                pairs = zip(self.buckets[0::2], self.buckets[1::2])
-                self.buckets = [[a[0] + b[0], a[1] + b[1], a[2] + b[2]] for a, b in pairs]
-                self.per_bucket *= 2
-            self.buckets.append([0.0, 0, 0])
-        bucket = self.buckets[-1]
-        bucket[2] += 1
-        if value is not None:
-            bucket[0] += value
-            bucket[1] += 1
-
-    def values(self) -> List[Optional[float]]:
-        """The mean of each bucket, None where it holds no value."""
-        return [total / count if count else None for total, count, _ in self.buckets]
-
-
-class InstanceTrack:
-    """What track remembers of one instance: recent values, running stats, the session trend."""
-
-    def __init__(self, ip: str):
-        self.ip = ip
-        self.last = None  # type: Optional[Instance]
-        self.recent_cpu = deque(maxlen=TRACK_WINDOW)
-        self.recent_memory = deque(maxlen=TRACK_WINDOW)
-        self.cpu = RunningStats()
-        self.memory = RunningStats()
-        self.cpu_trend = SessionTrend()
-        self.memory_trend = SessionTrend()
-        self.samples = 0
-        self.unhealthy = 0
-        self.gone = False
-
-    def add(self, reading: Optional[Instance], thresholds: Thresholds) -> None:
-        """One sample: a reading, or None when CPX could not be reached (a gap)."""
-        cpu = reading.cpu if reading is not None and reading.error is None else None
-        memory = reading.memory if reading is not None and reading.error is None else None
-        for recent, trend, stats, value in ((self.recent_cpu, self.cpu_trend, self.cpu, cpu),
-                                            (self.recent_memory, self.memory_trend, self.memory, memory)):
-            recent.append(value)
-            trend.add(value)
-            if value is not None:
-                stats.add(value)
-        if reading is not None:
-            self.last = reading
-            self.samples += 1
-            if instance_status(reading, thresholds) == UNHEALTHY:
-                self.unhealthy += 1
-
-
-class TrackState:
-    """Everything track knows about one service across samples, in bounded memory."""
-
-    def __init__(self, service: str, thresholds: Thresholds):
-        self.service = service
-        self.thresholds = thresholds
-        self.instances = {}  # type: Dict[str, InstanceTrack]
-        self.samples = 0
-        self.skipped = 0
-        self.unreachable = 0
-        self.first_time = None  # type: Optional[str]
-        self.last_time = None  # type: Optional[str]
-        self.last_good_time = None  # type: Optional[str]
-        self.outage = None  # type: Optional[str]  # why the last sample could not reach CPX
-        self.worst = None  # type: Optional[Tuple[int, int, str, int]]  # healthy, present, time, sample
-
-    def present(self) -> List[InstanceTrack]:
-        """Instances still listed, by IP."""
-        return [t for t in self.tracks() if not t.gone]
-
-    def tracks(self) -> List[InstanceTrack]:
-        """Every instance seen this session, by IP."""
-        return [self.instances[ip] for ip in sorted(self.instances, key=ip_sort_key)]
-
-    def record(self, moment: str, readings: Sequence[Instance], gone: Iterable[str] = (),
-               outage: Optional[str] = None) -> None:
-        """Take one sample: the service's readings and the IPs gone, or an outage with its reason."""
-        self.samples += 1
-        self.first_time = self.first_time or moment
-        self.last_time = moment
-        self.outage = outage
-        if outage is not None:
-            self.unreachable += 1
-            for track in self.present():
-                track.add(None, self.thresholds)
-            return
-        self.last_good_time = moment
-        for ip in gone:
-            if ip in self.instances:
-                self.instances[ip].gone = True
-        for reading in readings:
-            track = self.instances.get(reading.ip)
-            if track is None:
-                track = self.instances[reading.ip] = InstanceTrack(reading.ip)
-            track.gone = False
-            track.add(reading, self.thresholds)
-        present = self.present()
-        healthy = sum(1 for t in present if t.last and instance_status(t.last, self.thresholds) == HEALTHY)
-        if self.worst is None or healthy < self.worst[0]:
-            self.worst = (healthy, len(present), moment, self.samples)
 
 
 # ---------------------------------------------------------------------------
@@ -1283,7 +1149,7 @@ class CpxClient:
 
 
 # ---------------------------------------------------------------------------
-# Renderers: table, json, csv, prometheus, track's views; sanitising of server text
+# Renderers: table, json, csv, prometheus; sanitising of server text
 # ---------------------------------------------------------------------------
 
 # Control characters (C0, DEL, C1 including the 8-bit CSI), zero-width and
@@ -1521,129 +1387,6 @@ def render_prometheus(snapshot: Snapshot, thresholds: Thresholds, per_instance: 
     return "\n".join(lines) + "\n"
 
 
-TRACK_FIELDS = ("time", "ip", "service", "status", "cpu", "memory")
-TRACK_COLUMNS = ("IP", "Status", "CPU", "CPU trend", "Memory", "Memory trend")
-SUMMARY_COLUMNS = ("IP", "Samples", "CPU min/avg/max", "Memory min/avg/max", "Unhealthy", "CPU trend",
-                   "Memory trend")
-
-
-def spark_blocks(stream: Any) -> str:
-    """Block characters when the stream's encoding can show them, else an ASCII ramp."""
-    try:
-        SPARK_BLOCKS.encode(getattr(stream, "encoding", None) or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return SPARK_ASCII
-    return SPARK_BLOCKS
-
-
-def sparkline(values: Iterable[Optional[float]], blocks: str) -> str:
-    """Percentages on a fixed 0-100 scale, one character each; a space where unknown."""
-    top = len(blocks) - 1
-    return "".join(" " if v is None else blocks[min(top, int(v * len(blocks) / 100.0))] for v in values)
-
-
-def _marked(cell: str, value: Optional[float], threshold: float) -> str:
-    """A value above its threshold gets a '!', so it shows without colour too."""
-    return cell + "!" if value is not None and value > threshold else cell
-
-
-_TRACK_RANK = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}
-
-
-def render_track_table(state: TrackState, blocks: str, color: bool, max_rows: Optional[int] = None) -> str:
-    """The live table: every instance with its status, values and recent trend; when only
-    max_rows fit, the worst instances (then the lowest IPs) and a line counting the others."""
-    thresholds = state.thresholds
-    tracks = state.tracks()
-    hidden = 0
-    if max_rows is not None and len(tracks) > max_rows:
-        def rank(track: InstanceTrack) -> int:
-            if track.gone or track.last is None:
-                return 3
-            return _TRACK_RANK[instance_status(track.last, thresholds)]
-        shown = {t.ip for t in sorted(tracks, key=rank)[:max(1, max_rows - 1)]}
-        hidden = len(tracks) - len(shown)
-        tracks = [t for t in tracks if t.ip in shown]
-    readable = [t.last if t.last is not None and t.last.error is None and not t.gone else None for t in tracks]
-    cpus = format_percents([r.cpu if r else None for r in readable])
-    memories = format_percents([r.memory if r else None for r in readable])
-    rows, styles = [], []
-    for index, track in enumerate(tracks):
-        if track.gone or track.last is None:
-            status, style = GONE if track.gone else UNKNOWN, "stale"
-        else:
-            status, style = status_label(track.last, thresholds), instance_status(track.last, thresholds)
-            if state.outage is not None:
-                status, style = status + " (stale)", "stale"
-        reading = readable[index]
-        rows.append([sanitize(track.ip), status,
-                     _marked(cpus[index], reading.cpu if reading else None, thresholds.cpu),
-                     sparkline(track.recent_cpu, blocks),
-                     _marked(memories[index], reading.memory if reading else None, thresholds.memory),
-                     sparkline(track.recent_memory, blocks)])
-        styles.append(style)
-    table = render_table(TRACK_COLUMNS, rows, (False, False, True, False, True, False), styles, color)
-    if hidden:
-        table += "%s not shown (the worst are shown first; a taller terminal shows all)\n" % _plural(
-            hidden, "more instance")
-    return table
-
-
-def render_track_header(state: TrackState, interval: float) -> str:
-    """One line: service, instance count, time, sample number, interval, skipped slots."""
-    line = "%s  %d instances  %s  sample %d  every %gs" % (
-        sanitize(state.service), len(state.present()), state.last_time, state.samples, interval)
-    if state.skipped:
-        line += "  %d slots skipped" % state.skipped
-    return line
-
-
-def render_outage(state: TrackState) -> str:
-    """Why the last sample could not reach CPX, and how old the values shown are."""
-    since = " (values from %s)" % state.last_good_time if state.last_good_time else ""
-    return "CPX unreachable at %s: %s; keeping the last known values%s" % (state.last_time, state.outage, since)
-
-
-def _min_avg_max(stats: RunningStats) -> str:
-    if not stats.count:
-        return "-"
-
-    def short(value: float) -> str:
-        text = "%.1f" % value
-        return text[:-2] if text.endswith(".0") else text
-    return "%s/%s/%s%%" % (short(stats.minimum), short(stats.mean), short(stats.maximum))
-
-
-def render_track_summary(state: TrackState, blocks: str) -> str:
-    """The end-of-session summary, like ping's: per instance, then the service's worst moment."""
-    lines = ["--- %s: %d samples from %s to %s, %d slots skipped, %d unreachable ---" % (
-        sanitize(state.service), state.samples, state.first_time, state.last_time, state.skipped,
-        state.unreachable)]
-    rows = [[sanitize(t.ip) + (" (gone)" if t.gone else ""), str(t.samples), _min_avg_max(t.cpu),
-             _min_avg_max(t.memory), str(t.unhealthy), sparkline(t.cpu_trend.values(), blocks),
-             sparkline(t.memory_trend.values(), blocks)] for t in state.tracks()]
-    lines.append(render_table(SUMMARY_COLUMNS, rows, (False, True, True, True, True, False, False)).rstrip("\n"))
-    if state.worst is not None:
-        healthy, present, moment, sample = state.worst
-        lines.append("worst moment: %d of %d instances healthy at %s (sample %d)" % (healthy, present, moment, sample))
-    return "\n".join(lines) + "\n"
-
-
-def render_track_records(moment: str, readings: Sequence[Instance], gone: Sequence[str], service: str,
-                         options: Options, header: bool) -> str:
-    """One sample as JSON Lines or csv rows (with the header when asked): instances, then those gone."""
-    records = []
-    for instance in readings:
-        record = instance_record(instance, options.thresholds)
-        del record["error"]
-        records.append(dict(time=moment, **record))
-    for ip in gone:
-        records.append({"time": moment, "ip": ip, "service": service, "status": GONE, "cpu": None, "memory": None})
-    if options.output == "json":
-        return "".join(json.dumps(record) + "\n" for record in records)
-    return render_csv(TRACK_FIELDS, records, header and options.headers)
-
-
 # ---------------------------------------------------------------------------
 # Commands: one small function each
 # ---------------------------------------------------------------------------
@@ -1714,10 +1457,8 @@ def _quoted_list(entries: Sequence[Any], limit: int = IPS_LISTED_PER_REASON) -> 
     return shown
 
 
-def take_snapshot(client: CpxClient, options: Options) -> Snapshot:
-    """Read the whole fleet once; warn about what could not be read, raise if nothing could."""
-    scrape_started = time.monotonic()
-    deadline = scrape_started + options.deadline
+def list_fleet(client: CpxClient, options: Options, deadline: float) -> List[str]:
+    """The IPs /servers lists; a warning for entries refused, CpxUnavailable when there is none."""
     servers = client.list_servers(deadline)
     if servers.rejected:
         warn(options, "/servers listed %d entries that are not IP addresses, not requested: %s"
@@ -1726,8 +1467,16 @@ def take_snapshot(client: CpxClient, options: Options) -> Snapshot:
         warn(options, "/servers listed %d duplicate entries, each requested once" % servers.duplicates)
     if not servers.ips:
         raise CpxUnavailable("GET %s/servers: no instance listed" % options.url)
+    return servers.ips
+
+
+def take_snapshot(client: CpxClient, options: Options) -> Snapshot:
+    """Read the whole fleet once; warn about what could not be read, raise if nothing could."""
+    scrape_started = time.monotonic()
+    deadline = scrape_started + options.deadline
+    ips = list_fleet(client, options, deadline)
     started = time.monotonic()
-    instances = client.read_instances(servers.ips, deadline)
+    instances = client.read_instances(ips, deadline)
     if options.verbose:
         print("%s: read %d instances in %.2f s, peak concurrency %d (ceiling %d), %d retries"
               % (PROG, len(instances), time.monotonic() - started, client.limiter.peak, options.workers,
@@ -1748,7 +1497,8 @@ def _only_service(snapshot: Snapshot, name: Optional[str]) -> Snapshot:
     """The snapshot, or just one service's instances of it when a name is given."""
     if name is None:
         return snapshot
-    wanted = resolve_service(name, _known_services(snapshot.instances))
+    unreadable = sum(1 for i in snapshot.instances if i.service is None)
+    wanted = resolve_service(name, _known_services(snapshot.instances), unreadable)
     return Snapshot([i for i in snapshot.instances if i.service == wanted], snapshot.seconds)
 
 
@@ -1785,43 +1535,814 @@ def cmd_unhealthy(client: CpxClient, options: Options, args: argparse.Namespace)
     return EXIT_FLAGGED if flagged else EXIT_OK
 
 
+# ---------------------------------------------------------------------------
+# track: a live view of one service or of the whole fleet (state, polling, views)
+# ---------------------------------------------------------------------------
+#
+# Read from the top: what track was asked (TrackSettings), what it knows of the
+# fleet (Membership) and of the session (the row tracks, TrackState), the two
+# scopes it can watch, one sample (poll), the schedule, the views, cmd_track().
+
+
+@dataclass(frozen=True)
+class TrackSettings:
+    """What track was asked for: one service (None: the whole fleet) and its schedule."""
+
+    service: Optional[str] = None
+    interval: float = DEFAULT_INTERVAL
+    count: Optional[int] = None
+    rediscover: float = DEFAULT_REDISCOVER
+    deadline: Optional[float] = None  # --deadline: per sample; None for the default
+
+    @property
+    def sample_deadline(self) -> float:
+        """Seconds a sample's /servers may take, and then again its reads of instances."""
+        # The schedule matters more than one slow instance, which shows as Unknown
+        # (deadline) for that sample only. The listing and the reads get this time
+        # each, so an API that answers within it is shown with real values even when
+        # a sample takes longer than its interval (the header says so).
+        return self.deadline if self.deadline is not None else max(self.interval, 1.0)
+
+    @property
+    def full_read_deadline(self) -> float:
+        """A read of the whole fleet (the first, each rediscovery) gets a whole command's time."""
+        return max(DEFAULT_DEADLINE, self.sample_deadline)
+
+
+class _NotRead:
+    """The membership of an instance that never answered: it may belong to any service."""
+
+    def __repr__(self) -> str:
+        return "NOT_READ"
+
+
+NOT_READ = _NotRead()
+
+
+class Membership:
+    """The one owner of which service each listed instance belongs to, as its answers said:
+    a service name; None once it answered without a valid one (the "(unknown)" group);
+    NOT_READ until it answers at all (a body that is not JSON is no answer)."""
+
+    # An instance that never answered may be the service's: it is read again at the
+    # next sample, then after 2, 4, 8... samples, at most RETRY_CAP apart. Read every
+    # sample, a few hanging ones would hold every sample to its deadline.
+    RETRY_CAP = 32
+
+    def __init__(self) -> None:
+        self.services = OrderedDict()  # type: Dict[str, Any]  # ip -> name, None or NOT_READ
+        self.samples = 0  # choices made: one per sample
+        self.retry = {}  # type: Dict[str, Tuple[int, int]]  # never answered: (failed reads, sample due)
+
+    def forget(self, listed: Sequence[str]) -> List[str]:
+        """Follow /servers: instances it no longer lists are forgotten (and returned); new ones are NOT_READ."""
+        still = set(listed)
+        left = [ip for ip in self.services if ip not in still]
+        for ip in left:
+            del self.services[ip]
+            self.retry.pop(ip, None)
+        for ip in listed:
+            self.services.setdefault(ip, NOT_READ)
+        return left
+
+    def choose(self, service: Optional[str], full: bool, eager: bool = False) -> List[str]:
+        """What a sample reads (each call is one sample): every instance when full (or service
+        is None), else the service's members and the instances that never answered, when due
+        (all of them when eager: while the service is not found, they are all there is to read)."""
+        self.samples += 1
+        if full or service is None:
+            return list(self.services)
+        return [ip for ip, known in self.services.items() if known == service or (
+            known is NOT_READ and (eager or self.retry.get(ip, (0, 0))[1] <= self.samples))]
+
+    def learn(self, readings: Iterable[Instance]) -> None:
+        """Take what readings said: a service named is learnt (a reassignment too); an answer
+        without one makes a never-read instance "(unknown)"; a failure changes nothing."""
+        for reading in readings:
+            if reading.ip not in self.services:
+                continue  # forgotten while it was being read
+            if reading.service is not None:
+                self.services[reading.ip] = reading.service
+            elif reading.answered and self.services[reading.ip] is NOT_READ:
+                self.services[reading.ip] = None
+            elif self.services[reading.ip] is NOT_READ:
+                failed = self.retry.get(reading.ip, (0, 0))[0] + 1
+                self.retry[reading.ip] = (failed, self.samples + min(self.RETRY_CAP, 2 ** (failed - 1)))
+            if self.services[reading.ip] is not NOT_READ:
+                self.retry.pop(reading.ip, None)
+
+    def service_of(self, ip: str) -> Optional[str]:
+        """The service ip is known to belong to, or None."""
+        known = self.services.get(ip)
+        return known if isinstance(known, str) else None
+
+    def attribute(self, readings: Iterable[Instance]) -> List[Instance]:
+        """Readings with their service: one that failed keeps its instance's last known service."""
+        return [r if r.service is not None else replace(r, service=self.service_of(r.ip)) for r in readings]
+
+    def members(self, service: str) -> List[str]:
+        """The instances known to belong to service, by IP."""
+        return sorted((ip for ip, known in self.services.items() if known == service), key=ip_sort_key)
+
+    def known_services(self) -> List[str]:
+        """Every service some instance answered with."""
+        return sorted({known for known in self.services.values() if isinstance(known, str)})
+
+    def unknown_count(self) -> int:
+        """Instances whose service is not known: never answered, or answered without a valid one."""
+        return sum(1 for known in self.services.values() if not isinstance(known, str))
+
+    def not_read_count(self) -> int:
+        """Instances that never answered (later samples read them again)."""
+        return sum(1 for known in self.services.values() if known is NOT_READ)
+
+
+class RunningStats:
+    """Count, min, mean and max in constant memory."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = 0.0
+        self.minimum = float("inf")
+        self.maximum = float("-inf")
+
+    def add(self, value: float) -> None:
+        """Take one value into account."""
+        self.count += 1
+        self.total += value
+        self.minimum = min(self.minimum, value)
+        self.maximum = max(self.maximum, value)
+
+    @property
+    def mean(self) -> Optional[float]:
+        return self.total / self.count if self.count else None
+
+
+class SessionTrend:
+    """A whole session's values in at most `size` buckets: when full, neighbours merge."""
+
+    BUCKETS = 32  # characters of the session summary's sparklines
+
+    def __init__(self, size: int = BUCKETS):
+        self.size = size
+        self.per_bucket = 1
+        self.buckets = []  # type: List[List[float]]  # [total, values, slots]
+
+    def add(self, value: Optional[float]) -> None:
+        """One sample's value, None for a gap (unknown)."""
+        if not self.buckets or self.buckets[-1][2] >= self.per_bucket:
+            if len(self.buckets) >= self.size:
+                pairs = zip(self.buckets[0::2], self.buckets[1::2])
+                self.buckets = [[a[0] + b[0], a[1] + b[1], a[2] + b[2]] for a, b in pairs]
+                self.per_bucket *= 2
+            self.buckets.append([0.0, 0, 0])
+        bucket = self.buckets[-1]
+        bucket[2] += 1
+        if value is not None:
+            bucket[0] += value
+            bucket[1] += 1
+
+    def values(self) -> List[Optional[float]]:
+        """The mean of each bucket, None where it holds no value."""
+        return [total / count if count else None for total, count, _ in self.buckets]
+
+
+class Series:
+    """One value across a session: the last WINDOW samples for a live sparkline, running
+    min/avg/max and the session trend, all in constant memory. None is a gap."""
+
+    WINDOW = 20  # characters of the live sparklines
+
+    def __init__(self) -> None:
+        self.recent = deque(maxlen=self.WINDOW)  # type: Deque[Optional[float]]
+        self.stats = RunningStats()
+        self.trend = SessionTrend()
+
+    def add(self, value: Optional[float]) -> None:
+        """One sample's value."""
+        self.recent.append(value)
+        self.trend.add(value)
+        if value is not None:
+            self.stats.add(value)
+
+
+class InstanceTrack:
+    """A row of `track SERVICE`: one instance across the session."""
+
+    def __init__(self, ip: str):
+        self.key = ip
+        self.last = None  # type: Optional[Instance]
+        self.cpu = Series()
+        self.memory = Series()
+        self.samples = 0
+        self.unhealthy = 0
+        self.gone = False
+
+    def add(self, reading: Optional[Instance], thresholds: Thresholds) -> None:
+        """One sample: a reading, or None when CPX could not be reached (a gap)."""
+        readable = reading is not None and reading.error is None
+        self.cpu.add(reading.cpu if readable else None)
+        self.memory.add(reading.memory if readable else None)
+        if reading is not None:
+            self.last = reading
+            self.samples += 1
+            self.unhealthy += instance_status(reading, thresholds) == UNHEALTHY
+
+    def status(self, thresholds: Thresholds) -> str:
+        """Its status now: Gone, Unknown, or that of its last reading."""
+        if self.gone:
+            return GONE
+        return UNKNOWN if self.last is None else instance_status(self.last, thresholds)
+
+    def healthy_count(self, thresholds: Thresholds) -> int:
+        return int(self.status(thresholds) == HEALTHY)
+
+    def instance_count(self) -> int:
+        return 0 if self.gone else 1
+
+
+class ServiceTrack:
+    """A row of the whole-fleet view: one service (None: the "(unknown)" group) across the session."""
+
+    def __init__(self, service: Optional[str]):
+        self.key = service
+        self.last = None  # type: Optional[ServiceSummary]
+        self.healthy_share = Series()  # percent of its instances healthy: the sparkline
+        self.healthy = RunningStats()  # healthy instances: the summary's min/avg/max
+        self.cpu = Series()  # average cpu
+        self.memory = Series()  # average memory
+        self.samples = 0
+        self.flagged = 0  # samples with fewer than DEFAULT_MIN_HEALTHY healthy instances
+        self.gone = False
+
+    def add(self, summary: Optional[ServiceSummary], thresholds: Thresholds) -> None:
+        """One sample: the service's summary, or None when CPX could not be reached (a gap)."""
+        if summary is None:
+            for series in (self.healthy_share, self.cpu, self.memory):
+                series.add(None)
+            return
+        self.healthy_share.add(100.0 * summary.healthy / summary.instances)
+        self.cpu.add(summary.avg_cpu)
+        self.memory.add(summary.avg_memory)
+        self.healthy.add(summary.healthy)
+        self.last = summary
+        self.samples += 1
+        self.flagged += summary.healthy < DEFAULT_MIN_HEALTHY
+
+    def rank(self) -> Tuple:
+        """Worst first: services under the minimum of healthy instances, then by share healthy."""
+        if self.gone or self.last is None:
+            return (2, 0.0, service_sort_key(self.key))
+        last = self.last
+        return (int(last.healthy >= DEFAULT_MIN_HEALTHY), last.healthy / last.instances, service_sort_key(self.key))
+
+    def healthy_count(self, thresholds: Thresholds) -> int:
+        return 0 if self.gone or self.last is None else self.last.healthy
+
+    def instance_count(self) -> int:
+        return 0 if self.gone or self.last is None else self.last.instances
+
+
+@dataclass
+class Sample:
+    """One sample as read: its rows by key, in display order, or why CPX was unreachable."""
+
+    moment: str
+    values: Dict[Any, Any]
+    outage: Optional[str] = None
+    seconds: float = 0.0  # how long it took
+    note: Optional[str] = None  # what the view says above the table (a service not found yet)
+
+
+@dataclass
+class WorstMoment:
+    """The sample with the fewest healthy instances."""
+
+    healthy: int
+    instances: int
+    moment: str
+    sample: int
+
+
+class TrackState:
+    """Everything track knows of a session, in bounded memory: a row track per key (an
+    instance, or a service), counters, and the worst moment."""
+
+    def __init__(self, scope: Any, thresholds: Thresholds, interval: float):
+        self.scope = scope
+        self.thresholds = thresholds
+        self.interval = interval
+        self.rows = {}  # type: Dict[Any, Any]
+        self.samples = 0
+        self.skipped = 0  # slots that began while a sample was still running
+        self.late = 0  # samples that took longer than the interval
+        self.unreachable = 0
+        self.first_time = None  # type: Optional[str]
+        self.last_time = None  # type: Optional[str]
+        self.last_good_time = None  # type: Optional[str]
+        self.last = Sample("", {})  # the last sample taken
+        self.gone = []  # type: List[Any]  # keys that left in the last sample
+        self.worst = None  # type: Optional[WorstMoment]
+
+    @property
+    def outage(self) -> Optional[str]:
+        """Why the last sample could not reach CPX; None when it could."""
+        return self.last.outage
+
+    @property
+    def last_was_late(self) -> bool:
+        """The last sample took longer than the interval (the first, a read of the whole fleet, never counts)."""
+        return self.samples > 1 and self.last.seconds > self.interval
+
+    def tracks(self) -> List[Any]:
+        """Every row seen this session, in the scope's order."""
+        return self.scope.order(list(self.rows.values()))
+
+    def present(self) -> List[Any]:
+        """The rows still there."""
+        return [t for t in self.tracks() if not t.gone]
+
+    def record(self, sample: Sample) -> None:
+        """Take one sample."""
+        self.samples += 1
+        self.first_time = self.first_time or sample.moment
+        self.last_time = sample.moment
+        self.last = sample
+        self.late += self.last_was_late
+        self.gone = []
+        if sample.outage is not None:
+            self.unreachable += 1
+            for track in self.present():
+                track.add(None, self.thresholds)
+            return
+        self.last_good_time = sample.moment
+        self.gone = [key for key, track in self.rows.items() if not track.gone and key not in sample.values]
+        for key in self.gone:
+            self.rows[key].gone = True
+        for key, value in sample.values.items():
+            track = self.rows.get(key)
+            if track is None:
+                track = self.rows[key] = self.scope.new_track(key)
+            track.gone = False
+            track.add(value, self.thresholds)
+        self._note_worst()
+
+    def _note_worst(self) -> None:
+        present = self.present()
+        if not present:
+            return
+        healthy = sum(t.healthy_count(self.thresholds) for t in present)
+        if self.worst is None or healthy < self.worst.healthy:
+            self.worst = WorstMoment(healthy, sum(t.instance_count() for t in present), self.last_time or "",
+                                     self.samples)
+
+
+SPARK_BLOCKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
+SPARK_ASCII = "_.,-~=*#"
+
+
+def spark_blocks(stream: Any) -> str:
+    """Block characters when the stream's encoding can show them, else an ASCII ramp."""
+    try:
+        SPARK_BLOCKS.encode(getattr(stream, "encoding", None) or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return SPARK_ASCII
+    return SPARK_BLOCKS
+
+
+def sparkline(values: Iterable[Optional[float]], blocks: str) -> str:
+    """Percentages on a fixed 0-100 scale, one character each; a space where unknown."""
+    top = len(blocks) - 1
+    return "".join(" " if v is None else blocks[min(top, int(v * len(blocks) / 100.0))] for v in values)
+
+
+def _marked(cell: str, value: Optional[float], threshold: float) -> str:
+    """A value above its threshold gets a '!', so it shows without colour too."""
+    return cell + "!" if value is not None and value > threshold else cell
+
+
+def _min_avg_max(stats: RunningStats, unit: str = "%") -> str:
+    if not stats.count:
+        return "-"
+
+    def short(value: float) -> str:
+        text = "%.1f" % value
+        return text[:-2] if text.endswith(".0") else text
+    return "%s/%s/%s%s" % (short(stats.minimum), short(stats.mean or 0.0), short(stats.maximum), unit)
+
+
+def _fit(tracks: List[Any], max_rows: Optional[int], worst_first: Any) -> Tuple[List[Any], int]:
+    """The rows that fit max_rows (one line kept to count the others): the worst first,
+    shown in their own order; and how many were left out."""
+    if max_rows is None or len(tracks) <= max_rows:
+        return tracks, 0
+    kept = {id(t) for t in sorted(tracks, key=worst_first)[:max(1, max_rows - 1)]}
+    shown = [t for t in tracks if id(t) in kept]
+    return shown, len(tracks) - len(shown)
+
+
+def _left_out(hidden: int, noun: str) -> str:
+    """The line under a table cut to fit the terminal, or nothing."""
+    if not hidden:
+        return ""
+    return "%s not shown (the worst are shown first; a taller terminal shows all)\n" % _plural(hidden, noun)
+
+
+def _values(records: Sequence[Any], name: str) -> List[Optional[float]]:
+    """One field of each record, None where there is no record."""
+    return [None if record is None else getattr(record, name) for record in records]
+
+
+class ServiceScope:
+    """`track SERVICE`: a row per instance of one service, found by name (exact, then any case)."""
+
+    FIELDS = ("time", "ip", "service", "status", "cpu", "memory")
+    COLUMNS = ("IP", "Status", "CPU", "CPU trend", "Memory", "Memory trend")
+    SUMMARY_COLUMNS = ("IP", "Samples", "CPU min/avg/max", "Memory min/avg/max", "Unhealthy", "CPU trend",
+                       "Memory trend")
+    _RANK = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2, GONE: 3}
+    new_track = InstanceTrack
+
+    def __init__(self, name: str, thresholds: Thresholds):
+        self.name = name
+        self.thresholds = thresholds
+        self.service = None  # type: Optional[str]  # the name as CPX spells it, once an instance said it
+
+    @property
+    def title(self) -> str:
+        return sanitize(self.service or self.name)
+
+    def to_read(self, membership: Membership, full: bool) -> List[str]:
+        """Its members, and the instances that never answered; the whole fleet when full."""
+        return membership.choose(self.service or self.name, full, eager=self.service is None)
+
+    def resolve(self, membership: Membership, first: bool) -> None:
+        """Learn which service the name means. Until an instance of it answers, the instances not
+        read are read again each sample; at the first sample, a name that matches nothing while
+        every instance was read is a usage error (a typo)."""
+        if self.service is not None:
+            return
+        try:
+            self.service = resolve_service(self.name, membership.known_services(), membership.unknown_count())
+        except ServiceUnreadable:
+            pass  # the note says so, every sample, until one answers
+        except UsageError:
+            if first:
+                raise
+
+    def not_found(self, membership: Membership) -> Optional[str]:
+        """Why the service is not shown yet, or None once it is."""
+        if self.service is not None:
+            return None
+        unknown = membership.unknown_count()
+        if not unknown:
+            return "no instance of %r in the fleet now" % sanitize(self.name)
+        return "no readable instance of %r; %s could not be read, it may be among them" % (
+            sanitize(self.name), _plural(unknown, "instance"))
+
+    def finish(self, membership: Membership) -> None:
+        """At the end: a service never found in the whole session is an error a script must see."""
+        if self.service is None:
+            resolve_service(self.name, membership.known_services(), membership.unknown_count())
+
+    def values(self, membership: Membership, readings: Sequence[Instance]) -> Dict[Any, Any]:
+        """The sample's rows: each member's reading, by IP."""
+        ours = [r for r in membership.attribute(readings) if self.service is not None and r.service == self.service]
+        return OrderedDict((r.ip, r) for r in sorted(ours, key=lambda r: ip_sort_key(r.ip)))
+
+    def note(self, membership: Membership) -> Optional[str]:
+        """A line above the table: the service not found yet, or instances not read yet."""
+        missing = self.not_found(membership)
+        if missing is not None:
+            return missing
+        waiting = membership.not_read_count()
+        return "%s not read yet: read again in later samples" % _plural(waiting, "instance") if waiting else None
+
+    def order(self, tracks: List[InstanceTrack]) -> List[InstanceTrack]:
+        return sorted(tracks, key=lambda t: ip_sort_key(t.key))
+
+    def subject(self, state: TrackState) -> str:
+        return "%s  %s" % (self.title, _plural(len(state.present()), "instance"))
+
+    def table(self, state: TrackState, blocks: str, color: bool, max_rows: Optional[int] = None) -> str:
+        """Every instance with its status, values and recent trend; when only max_rows fit,
+        the worst instances (then the lowest IPs) and a line counting the others."""
+        thresholds = state.thresholds
+        tracks, hidden = _fit(state.tracks(), max_rows, lambda t: self._RANK[t.status(thresholds)])
+        readable = [t.last if t.status(thresholds) in (HEALTHY, UNHEALTHY) else None for t in tracks]
+        cpu_values, memory_values = _values(readable, "cpu"), _values(readable, "memory")
+        cpus, memories = format_percents(cpu_values), format_percents(memory_values)
+        rows, styles = [], []
+        for index, track in enumerate(tracks):
+            status, style = self._status_cell(track, state)
+            rows.append([sanitize(track.key), status, _marked(cpus[index], cpu_values[index], thresholds.cpu),
+                         sparkline(track.cpu.recent, blocks),
+                         _marked(memories[index], memory_values[index], thresholds.memory),
+                         sparkline(track.memory.recent, blocks)])
+            styles.append(style)
+        table = render_table(self.COLUMNS, rows, (False, False, True, False, True, False), styles, color)
+        return table + _left_out(hidden, "more instance")
+
+    def _status_cell(self, track: InstanceTrack, state: TrackState) -> Tuple[str, str]:
+        if track.gone or track.last is None:
+            return (GONE if track.gone else UNKNOWN), "stale"
+        if state.outage is not None:
+            return status_label(track.last, state.thresholds) + " (stale)", "stale"
+        return status_label(track.last, state.thresholds), instance_status(track.last, state.thresholds)
+
+    def summary_table(self, state: TrackState, blocks: str) -> str:
+        """Per instance: samples, min/avg/max, samples unhealthy, the session's trend."""
+        rows = [[sanitize(t.key) + (" (gone)" if t.gone else ""), str(t.samples), _min_avg_max(t.cpu.stats),
+                 _min_avg_max(t.memory.stats), str(t.unhealthy), sparkline(t.cpu.trend.values(), blocks),
+                 sparkline(t.memory.trend.values(), blocks)] for t in state.tracks()]
+        return render_table(self.SUMMARY_COLUMNS, rows, (False, True, True, True, True, False, False))
+
+    def records(self, state: TrackState) -> List[Dict[str, Any]]:
+        """The last sample as json/csv records: its instances, then those gone."""
+        records = []
+        for reading in state.last.values.values():
+            record = instance_record(reading, state.thresholds)
+            del record["error"]
+            records.append(dict(time=state.last_time, **record))
+        for ip in state.gone:
+            records.append({"time": state.last_time, "ip": ip, "service": self.service, "status": GONE,
+                            "cpu": None, "memory": None})
+        return records
+
+
+class FleetScope:
+    """`track` with no SERVICE (or --all): the whole fleet, a row per service, worst first."""
+
+    FIELDS = ("time", "service", "instances", "healthy", "avg_cpu", "max_cpu", "avg_memory", "max_memory")
+    COLUMNS = ("Service", "Instances", "Healthy", "Healthy trend", "Avg CPU", "Max CPU", "CPU trend",
+               "Avg Memory", "Max Memory")
+    SUMMARY_COLUMNS = ("Service", "Samples", "Healthy min/avg/max", "Avg CPU min/avg/max",
+                       "Avg Memory min/avg/max", "Under %d healthy" % DEFAULT_MIN_HEALTHY, "Healthy trend",
+                       "CPU trend")
+    title = "fleet"
+    new_track = ServiceTrack
+
+    def __init__(self, thresholds: Thresholds):
+        self.thresholds = thresholds
+
+    def to_read(self, membership: Membership, full: bool) -> List[str]:
+        """The whole fleet, every sample."""
+        return membership.choose(None, True)
+
+    def resolve(self, membership: Membership, first: bool) -> None:
+        """Nothing to find: every service is shown."""
+
+    def not_found(self, membership: Membership) -> Optional[str]:
+        return None
+
+    def finish(self, membership: Membership) -> None:
+        """Nothing to check."""
+
+    def values(self, membership: Membership, readings: Sequence[Instance]) -> Dict[Any, Any]:
+        """The sample's rows: a summary per service, the "(unknown)" group included."""
+        summaries = summarize_services(membership.attribute(readings), self.thresholds)
+        return OrderedDict((s.service, s) for s in summaries)
+
+    def note(self, membership: Membership) -> Optional[str]:
+        return None
+
+    def order(self, tracks: List[ServiceTrack]) -> List[ServiceTrack]:
+        return sorted(tracks, key=ServiceTrack.rank)
+
+    def subject(self, state: TrackState) -> str:
+        present = state.present()
+        return "fleet  %s in %s" % (_plural(sum(t.instance_count() for t in present), "instance"),
+                                    _plural(sum(1 for t in present if t.key is not None), "service"))
+
+    def table(self, state: TrackState, blocks: str, color: bool, max_rows: Optional[int] = None) -> str:
+        """Every service: instances, healthy, average and highest cpu and memory, and trends,
+        worst first; when only max_rows fit, the worst and a line counting the others."""
+        tracks, hidden = _fit(state.tracks(), max_rows, ServiceTrack.rank)
+        lasts = [None if t.gone else t.last for t in tracks]
+        max_cpu, max_memory = _values(lasts, "max_cpu"), _values(lasts, "max_memory")
+        columns = [format_percents(_values(lasts, name)) for name in ("avg_cpu", "avg_memory")]
+        columns += [format_percents(max_cpu), format_percents(max_memory)]
+        rows, styles = [], []
+        for index, track in enumerate(tracks):
+            avg_cpu, avg_memory, top_cpu, top_memory = (column[index] for column in columns)
+            rows.append([service_label(track.key) + (" (gone)" if track.gone else ""),
+                         *self._count_cells(lasts[index]), sparkline(track.healthy_share.recent, blocks), avg_cpu,
+                         _marked(top_cpu, max_cpu[index], self.thresholds.cpu), sparkline(track.cpu.recent, blocks),
+                         avg_memory, _marked(top_memory, max_memory[index], self.thresholds.memory)])
+            styles.append(self._style(track, lasts[index], state))
+        table = render_table(self.COLUMNS, rows, (False, True, True, False, True, True, False, True, True),
+                             styles, color)
+        return table + _left_out(hidden, "more service")
+
+    @staticmethod
+    def _count_cells(last: Optional[ServiceSummary]) -> List[str]:
+        """Instances and healthy ones; a '!' under the minimum of healthy instances."""
+        if last is None:
+            return ["-", "-"]
+        return [str(last.instances), "%d%s" % (last.healthy, "!" if last.healthy < DEFAULT_MIN_HEALTHY else "")]
+
+    @staticmethod
+    def _style(track: ServiceTrack, last: Optional[ServiceSummary], state: TrackState) -> Optional[str]:
+        if last is None or state.outage is not None:
+            return "stale"
+        if last.healthy < DEFAULT_MIN_HEALTHY:
+            return UNHEALTHY
+        return UNKNOWN if track.key is None else None
+
+    def summary_table(self, state: TrackState, blocks: str) -> str:
+        """Per service: samples, healthy and average min/avg/max, samples flagged, the session's trend."""
+        rows = [[service_label(t.key) + (" (gone)" if t.gone else ""), str(t.samples),
+                 _min_avg_max(t.healthy, ""), _min_avg_max(t.cpu.stats), _min_avg_max(t.memory.stats),
+                 str(t.flagged), sparkline(t.healthy_share.trend.values(), blocks),
+                 sparkline(t.cpu.trend.values(), blocks)] for t in state.tracks()]
+        return render_table(self.SUMMARY_COLUMNS, rows, (False, True, True, True, True, True, False, False))
+
+    def records(self, state: TrackState) -> List[Dict[str, Any]]:
+        """The last sample as json/csv records: a service each, then those gone (0 instances)."""
+        records = []
+        for summary in state.last.values.values():
+            records.append({"time": state.last_time, "service": summary.service, "instances": summary.instances,
+                            "healthy": summary.healthy, "avg_cpu": _json_number(summary.avg_cpu),
+                            "max_cpu": _json_number(summary.max_cpu), "avg_memory": _json_number(summary.avg_memory),
+                            "max_memory": _json_number(summary.max_memory)})
+        for service in state.gone:
+            records.append(dict({name: None for name in self.FIELDS}, time=state.last_time, service=service,
+                                instances=0, healthy=0))
+        return records
+
+
 def _wall_clock() -> str:
     from datetime import datetime
 
     return datetime.now().astimezone().isoformat(timespec="milliseconds")
 
 
-def poll_service(client: CpxClient, service: str, fleet: Dict[str, Optional[str]], deadline: float,
-                 full: bool) -> Tuple[List[Instance], List[str], Optional[str]]:
-    """One track sample: the service's readings, the IPs gone since the last one, and why CPX
-    was unreachable (None when it was not). fleet (ip -> service) is kept up to date.
-
-    Only the service's instances are read, plus IPs new in /servers; all of them when full."""
+def poll(client: CpxClient, membership: Membership, scope: Any, full: bool, seconds: float,
+         first: bool = False) -> Sample:
+    """One sample: /servers, then what the scope reads (the whole fleet when full), each within
+    `seconds`. CPX is unreachable when /servers failed and no instance answered; on the first
+    sample, an unreadable /servers is CpxUnavailable instead."""
+    moment, started = _wall_clock(), time.monotonic()
+    listing_error = None
     try:
-        listed = client.list_servers(deadline).ips  # type: Optional[List[str]]
-        listing_error = None
+        if first:
+            membership.forget(list_fleet(client, client.options, started + seconds))
+        else:
+            membership.forget(client.list_servers(started + seconds).ips)
     except CpxUnavailable as error:
-        listed, listing_error = None, str(error)
-    tracked = [ip for ip, name in fleet.items() if name == service]
-    gone = []  # type: List[str]
-    to_read = tracked
-    if listed is not None:
-        still = set(listed)
-        gone = [ip for ip in tracked if ip not in still]
-        for ip in [ip for ip in fleet if ip not in still]:
-            del fleet[ip]
-        new = [ip for ip in listed if ip not in fleet]
-        to_read = listed if full else [ip for ip in tracked if ip in still] + new
-    readings = client.read_instances(to_read, deadline)
-    for reading in readings:
-        if reading.service is not None or reading.ip not in fleet:
-            fleet[reading.ip] = reading.service
-    gone += [ip for ip in tracked if fleet.get(ip, service) != service]  # it now says another service
-    ours = [r if r.service is not None else replace(r, service=service)
-            for r in readings if fleet.get(r.ip) == service]
-    if listing_error is not None and not any(r.error is None for r in ours):
-        return [], [], listing_error
-    return sort_instances(ours, "ip", client.options.thresholds), gone, None
+        if first:
+            raise
+        listing_error = str(error)
+    readings = client.read_instances(scope.to_read(membership, full), time.monotonic() + seconds)
+    membership.learn(readings)
+    if listing_error is not None and not any(r.error is None for r in readings):
+        return Sample(moment, {}, listing_error, time.monotonic() - started)
+    scope.resolve(membership, first)
+    return Sample(moment, scope.values(membership, readings), None, time.monotonic() - started,
+                  scope.note(membership))
+
+
+def first_sample(client: CpxClient, membership: Membership, scope: Any, settings: TrackSettings) -> Sample:
+    """The first sample, a read of the whole fleet, as of its end: the schedule starts there,
+    so that a long first read costs no skipped slot."""
+    sample = poll(client, membership, scope, True, settings.full_read_deadline, first=True)
+    missing = scope.not_found(membership)
+    if missing:
+        warn(client.options, "%s; reading them again every sample" % missing)
+    sample.moment = _wall_clock()
+    return sample
+
+
+class Schedule:
+    """Sample k starts at start + k x interval; a slot that began while the previous
+    sample was still running is skipped and counted, never made up in a burst."""
+
+    def __init__(self, interval: float, start: float, rediscover: float = float("inf")):
+        self.interval = interval
+        self.start = start
+        self.slot = 0
+        self.rediscover = rediscover
+        self.last_full_read = start
+
+    def next_wait(self, now: float) -> Tuple[float, int]:
+        """Seconds until the next slot, and how many slots were missed to reach it."""
+        next_slot = self.slot + 1
+        missed = 0
+        if now > self.start + next_slot * self.interval:
+            latest = int((now - self.start) // self.interval)  # the slot that began last
+            missed = latest - self.slot
+            next_slot = latest + 1
+        self.slot = next_slot
+        return max(0.0, self.start + next_slot * self.interval - now), missed
+
+    def full_read_due(self, now: float) -> bool:
+        """Whether the sample starting now re-reads the whole fleet (every `rediscover` seconds)."""
+        if now - self.last_full_read < self.rediscover:
+            return False
+        self.last_full_read = now
+        return True
+
+
+def render_track_header(state: TrackState) -> str:
+    """One line: what is watched, the time, the sample number, the interval (and how long the
+    sample took when that was longer), skipped slots."""
+    line = "%s  %s  sample %d  " % (state.scope.subject(state), state.last_time, state.samples)
+    if state.last_was_late:
+        line += "interval %gs, sample took %.1fs" % (state.interval, state.last.seconds)
+    else:
+        line += "every %gs" % state.interval
+    if state.skipped:
+        line += "  %s skipped" % _plural(state.skipped, "slot")
+    return line
+
+
+def render_outage(state: TrackState) -> str:
+    """Why the last sample could not reach CPX, and how old the values shown are."""
+    since = " (values from %s)" % state.last_good_time if state.last_good_time else ""
+    return "CPX unreachable at %s: %s; keeping the last known values%s" % (state.last_time, state.outage, since)
+
+
+def render_track_summary(state: TrackState, blocks: str) -> str:
+    """The end-of-session summary, like ping's: per row, then the worst moment."""
+    lines = ["--- %s: %s from %s to %s, %d over the interval, %s skipped, %d unreachable ---" % (
+        state.scope.title, _plural(state.samples, "sample"), state.first_time, state.last_time, state.late,
+        _plural(state.skipped, "slot"), state.unreachable)]
+    lines.append(state.scope.summary_table(state, blocks).rstrip("\n"))
+    if state.worst is not None:
+        worst = state.worst
+        lines.append("worst moment: %d of %d instances healthy at %s (sample %d)" % (
+            worst.healthy, worst.instances, worst.moment, worst.sample))
+    return "\n".join(lines) + "\n"
+
+
+def render_track_records(state: TrackState, options: Options) -> str:
+    """The last sample as JSON Lines, or csv rows (the header with the first sample)."""
+    records = state.scope.records(state)
+    if options.output == "json":
+        return "".join(json.dumps(record) + "\n" for record in records)
+    return render_csv(state.scope.FIELDS, records, state.samples == 1 and options.headers)
+
+
+class Keyboard:
+    """`q` stops the live view, as in top: stdin without line buffering or echo while the view
+    owns the screen. Only when stdin is a terminal and this process is in its foreground:
+    a background job changing the terminal's modes would be stopped by SIGTTOU."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.saved = None  # type: Any  # the terminal's modes, to give back
+
+    def open(self) -> None:
+        """Take keys one at a time, when stdin is our terminal."""
+        try:
+            import termios
+            import tty
+        except ImportError:  # not a Unix: Ctrl+C only
+            return
+        try:
+            descriptor = self.stream.fileno()
+            if not os.isatty(descriptor) or os.tcgetpgrp(descriptor) != os.getpgrp():
+                return
+            saved = termios.tcgetattr(descriptor)
+            tty.setcbreak(descriptor, termios.TCSANOW)
+            self.saved = saved
+        except (OSError, ValueError, AttributeError, termios.error):
+            self.saved = None
+
+    @property
+    def active(self) -> bool:
+        return self.saved is not None
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep for seconds; True as soon as q is pressed."""
+        import select
+
+        end = time.monotonic() + seconds
+        descriptor = self.stream.fileno()
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            if not select.select([descriptor], [], [], left)[0]:
+                continue
+            keys = os.read(descriptor, 64)
+            if not keys:  # end of input: nothing more to read, sleep the rest
+                time.sleep(max(0.0, end - time.monotonic()))
+                return False
+            if b"q" in keys.lower():
+                return True
+
+    def close(self) -> None:
+        """Give the terminal its modes back."""
+        if self.saved is None:
+            return
+        import termios
+
+        try:
+            termios.tcsetattr(self.stream.fileno(), termios.TCSADRAIN, self.saved)
+        except (OSError, ValueError, termios.error):
+            pass
+        self.saved = None
 
 
 class TrackView:
@@ -1832,46 +2353,63 @@ class TrackView:
     ENTER = "\x1b[?1049h\x1b[?25l\x1b[?7l"
     LEAVE = "\x1b[?7h\x1b[?25h\x1b[?1049l"  # all that back: the screen the user had
 
-    def __init__(self, options: Options, interval: float):
+    def __init__(self, options: Options, settings: TrackSettings):
         self.options = options
-        self.interval = interval
+        self.settings = settings
         if options.output != "table":
             self.mode = options.output
         else:
             self.mode = "screen" if options.interactive else "log"
         self.blocks = spark_blocks(sys.stdout)
+        self.keyboard = Keyboard(sys.stdin)
         self.entered = False
 
     def open(self) -> None:
-        """Take over the screen when redrawing in place."""
+        """Take over the screen (and the keyboard) when redrawing in place."""
         if self.mode == "screen":
             emit(self.ENTER)
             self.entered = True
+            self.keyboard.open()
 
-    def show(self, state: TrackState, readings: Sequence[Instance], gone: Sequence[str]) -> None:
+    def wait(self, seconds: float) -> bool:
+        """Wait for the next sample; True when the user pressed q."""
+        if self.keyboard.active:
+            return self.keyboard.wait(seconds)
+        time.sleep(seconds)
+        return False
+
+    def footer(self, state: TrackState) -> str:
+        """The screen's last line: an outage, else how the view ends."""
+        if state.outage is not None:
+            return paint(render_outage(state), UNHEALTHY, self.options.color)
+        if self.settings.count is not None:
+            return "stops after %s" % _plural(self.settings.count, "sample")
+        return "%s to stop" % ("q or Ctrl+C" if self.keyboard.active else "Ctrl+C")
+
+    def show(self, state: TrackState) -> None:
         """Show one sample."""
         if self.mode in ("json", "csv"):
             if state.outage is not None:
                 warn(self.options, render_outage(state))
             else:
-                emit(render_track_records(state.last_time, readings, gone, state.service, self.options,
-                                          header=state.samples == 1))
+                emit(render_track_records(state, self.options))
             return
-        status = render_outage(state) if state.outage is not None else ""
+        note = [paint(state.last.note, UNKNOWN, self.options.color)] if state.last.note else []
         if self.mode == "log":
-            table = render_track_table(state, self.blocks, self.options.color)
-            emit("%s\n%s%s\n" % (render_track_header(state, self.interval), table, status + "\n" if status else ""))
+            table = state.scope.table(state, self.blocks, self.options.color)
+            outage = [render_outage(state)] if state.outage is not None else []
+            emit("\n".join([render_track_header(state)] + note + [table.rstrip("\n")] + outage) + "\n\n")
             return
-        footer = paint(status, UNHEALTHY, self.options.color) if status else "Ctrl+C to stop"
-        # Header, blank, two table heading lines, blank, footer: 6 lines around the rows.
-        rows_that_fit = max(1, shutil.get_terminal_size((80, 24)).lines - 6)
-        table = render_track_table(state, self.blocks, self.options.color, rows_that_fit)
-        lines = [render_track_header(state, self.interval), ""] + table.splitlines() + ["", footer]
+        # Header, (note,) blank, two table heading lines, blank, footer: 6 or 7 lines around the rows.
+        rows_that_fit = max(1, shutil.get_terminal_size((80, 24)).lines - 6 - len(note))
+        table = state.scope.table(state, self.blocks, self.options.color, rows_that_fit)
+        lines = [render_track_header(state)] + note + [""] + table.splitlines() + ["", self.footer(state)]
         # No newline after the last line: on the bottom row it would scroll the screen.
         emit("\x1b[H" + "\x1b[K\n".join(lines) + "\x1b[K\x1b[J")
 
     def close(self, state: TrackState) -> None:
-        """Give the screen back, then print the session summary (stderr for json/csv)."""
+        """Give the screen and keyboard back, then print the session summary (stderr for json/csv)."""
+        self.keyboard.close()
         if self.entered:
             emit(self.LEAVE)
             self.entered = False
@@ -1884,50 +2422,43 @@ class TrackView:
             emit(summary)
 
 
-def cmd_track(client: CpxClient, options: Options, args: argparse.Namespace) -> int:
-    """Sample one service on a fixed schedule until Ctrl+C or --count samples, then summarize."""
+def cmd_track(client: CpxClient, options: Options, settings: TrackSettings) -> int:
+    """Sample one service, or the whole fleet, on a fixed schedule until q, Ctrl+C or
+    --count samples, then summarize."""
     if options.output == "prometheus" or options.write:
         raise UsageError("track streams: -o prometheus and --write are for services, status and unhealthy")
-    # A sample must not outlive its slot by default: the schedule matters more
-    # than one slow instance, which shows as Unknown (deadline) for that sample.
-    # A full read of the fleet (the first, and each rediscovery) is another
-    # matter: it gets a whole command's deadline, or it would lose instances.
-    sample_deadline = args.deadline if args.deadline is not None else max(args.interval, 1.0)
-    full_read_deadline = max(DEFAULT_DEADLINE, sample_deadline)
-    moment, started = _wall_clock(), time.monotonic()
-    instances = take_snapshot(client, replace(options, deadline=full_read_deadline)).instances
-    service = resolve_service(args.service, _known_services(instances))
-    fleet = {i.ip: i.service for i in instances}  # type: Dict[str, Optional[str]]
-    readings = sort_instances([i for i in instances if i.service == service], "ip", options.thresholds)
-    gone, outage = [], None  # type: List[str], Optional[str]
-    state = TrackState(service, options.thresholds)
-    view = TrackView(options, args.interval)
-    schedule = Schedule(args.interval, started)
-    last_full_read = time.monotonic()
+    scope = FleetScope(options.thresholds) if settings.service is None else ServiceScope(
+        settings.service, options.thresholds)
+    membership = Membership()
+    sample = first_sample(client, membership, scope, settings)
+    state = TrackState(scope, options.thresholds, settings.interval)
+    view = TrackView(options, settings)
+    schedule = Schedule(settings.interval, time.monotonic(), settings.rediscover)
     code = EXIT_OK
     try:
         view.open()
         while True:
-            state.record(moment, readings, gone, outage)
-            view.show(state, readings, gone)
-            if args.count is not None and state.samples >= args.count:
+            state.record(sample)
+            view.show(state)
+            if settings.count is not None and state.samples >= settings.count:
                 break
             wait, missed = schedule.next_wait(time.monotonic())
             state.skipped += missed
-            time.sleep(wait)
-            moment = _wall_clock()
-            full = time.monotonic() - last_full_read >= args.rediscover
-            if full:
-                last_full_read = time.monotonic()
-            deadline = time.monotonic() + (full_read_deadline if full else sample_deadline)
-            readings, gone, outage = poll_service(client, service, fleet, deadline, full)
+            if view.wait(wait):
+                break  # q
+            full = schedule.full_read_due(time.monotonic())
+            sample = poll(client, membership, scope, full,
+                          settings.full_read_deadline if full else settings.sample_deadline)
     except KeyboardInterrupt:
         pass  # Ctrl+C is how a live view is stopped: a normal end
     except Terminated:
         code = EXIT_TERMINATED
     finally:
         view.close(state)
+    if code == EXIT_OK:
+        scope.finish(membership)
     return code
+
 
 # ---------------------------------------------------------------------------
 # The simulator: a CPX-compatible server on loopback
@@ -2196,8 +2727,9 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                        help="per-request timeout, for its whole life: connect, headers, body "
                             "(default %g)" % DEFAULT_TIMEOUT)
     group.add_argument("--deadline", type=_positive_float, default=default(None), metavar="SECONDS",
-                       help="time limit for a whole command (default %g); for track, per sample "
-                            "(default: the interval, at least 1 s; a full read of the fleet gets %g s)"
+                       help="time limit for a whole command (default %g); for track, for a sample's "
+                            "/servers and again for its reads (default: the interval, at least 1 s; a full "
+                            "read of the fleet gets %g s)"
                        % (DEFAULT_DEADLINE, DEFAULT_DEADLINE))
     group.add_argument("--retries", type=_int_in(0, 10), default=default(DEFAULT_RETRIES), metavar="N",
                        help="retries of a failed request: connection errors, timeouts, "
@@ -2237,6 +2769,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "  cpx_devops.py status UserService\n"
                             "  cpx_devops.py unhealthy || page-oncall\n"
                             "  cpx_devops.py track UserService -n 1\n"
+                            "  cpx_devops.py track                 (the whole fleet)\n"
                             "  cpx_devops.py simulate --port 8080\n\n"
                             + ENVIRONMENT_HELP + "\n" + EXIT_STATUS_HELP,
                      formatter_class=formatter, allow_abbrev=False)
@@ -2269,9 +2802,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="flag services with fewer healthy instances than this (default %d)"
                                 % DEFAULT_MIN_HEALTHY)
 
-    track = add("track", "a live view of one service until Ctrl+C",
-                "  cpx_devops.py track UserService\n  cpx_devops.py track UserService -n 0.5 -c 20 -o json\n")
-    track.add_argument("service", metavar="SERVICE", help="the service to watch")
+    track = add("track", "a live view of one service, or of the whole fleet, until q or Ctrl+C",
+                "  cpx_devops.py track UserService\n  cpx_devops.py track UserService -n 0.5 -c 20 -o json\n"
+                "  cpx_devops.py track          (the whole fleet, a row per service)\n")
+    watched = track.add_mutually_exclusive_group()
+    watched.add_argument("service", nargs="?", metavar="SERVICE",
+                         help="the service to watch, a row per instance (default: the whole fleet)")
+    watched.add_argument("--all", action="store_true",
+                         help="the whole fleet, a row per service, worst first (the default without SERVICE)")
     track.add_argument("-n", "--interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
                        help="time between sample starts, %g or more (default %g)" % (MIN_INTERVAL, DEFAULT_INTERVAL))
     track.add_argument("-c", "--count", type=_int_in(1, 10 ** 9), metavar="N", help="stop after N samples")
@@ -2327,7 +2865,13 @@ def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Opti
                    headers=not args.no_headers, write=args.write)
 
 
-COMMANDS = {"services": cmd_services, "status": cmd_status, "unhealthy": cmd_unhealthy, "track": cmd_track}
+COMMANDS = {"services": cmd_services, "status": cmd_status, "unhealthy": cmd_unhealthy}
+
+
+def track_settings(args: argparse.Namespace) -> TrackSettings:
+    """track's settings record, from parsed arguments."""
+    return TrackSettings(service=args.service, interval=args.interval, count=args.count,
+                         rediscover=args.rediscover, deadline=args.deadline)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -2340,10 +2884,13 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "simulate":
         return cmd_simulate(args)
     options = options_from_args(args, dict(os.environ))
+    settings = track_settings(args) if args.command == "track" else None
     if options.write:
         check_writable(options.write)
     client = CpxClient(options)
     try:
+        if settings is not None:
+            return cmd_track(client, options, settings)
         return COMMANDS[args.command](client, options, args)
     finally:
         client.close()
@@ -2358,7 +2905,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("%s: error: %s" % (PROG, error), file=sys.stderr)
         return EXIT_USAGE
     except CpxUnavailable as error:
-        print("%s: error: CPX unavailable: %s" % (PROG, error), file=sys.stderr)
+        print("%s: error: %s%s" % (PROG, error.prefix, error), file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
