@@ -1731,6 +1731,7 @@ class InstanceTrack:
 
     def __init__(self, ip: str):
         self.key = ip
+        self.order = ip_sort_key(ip)  # parsed once: rows are sorted several times a sample
         self.last = None  # type: Optional[Instance]
         self.cpu = Series()
         self.memory = Series()
@@ -1838,11 +1839,15 @@ class TrackState:
         self.late = 0  # samples that took longer than the interval
         self.unreachable = 0
         self.first_time = None  # type: Optional[str]
-        self.last_time = None  # type: Optional[str]
         self.last_good_time = None  # type: Optional[str]
         self.last = Sample("", {})  # the last sample taken
         self.gone = []  # type: List[Any]  # keys that left in the last sample
         self.worst = None  # type: Optional[WorstMoment]
+
+    @property
+    def last_time(self) -> str:
+        """When the last sample was taken."""
+        return self.last.moment
 
     @property
     def outage(self) -> Optional[str]:
@@ -1866,7 +1871,6 @@ class TrackState:
         """Take one sample."""
         self.samples += 1
         self.first_time = self.first_time or sample.moment
-        self.last_time = sample.moment
         self.last = sample
         self.late += self.last_was_late
         self.gone = []
@@ -1893,7 +1897,7 @@ class TrackState:
             return
         healthy = sum(t.healthy_count(self.thresholds) for t in present)
         if self.worst is None or healthy < self.worst.healthy:
-            self.worst = WorstMoment(healthy, sum(t.instance_count() for t in present), self.last_time or "",
+            self.worst = WorstMoment(healthy, sum(t.instance_count() for t in present), self.last_time,
                                      self.samples)
 
 
@@ -1960,7 +1964,6 @@ class ServiceScope:
     COLUMNS = ("IP", "Status", "CPU", "CPU trend", "Memory", "Memory trend")
     SUMMARY_COLUMNS = ("IP", "Samples", "CPU min/avg/max", "Memory min/avg/max", "Unhealthy", "CPU trend",
                        "Memory trend")
-    _RANK = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2, GONE: 3}
     new_track = InstanceTrack
 
     def __init__(self, name: str, thresholds: Thresholds):
@@ -2019,7 +2022,7 @@ class ServiceScope:
         return "%s not read yet: read again in later samples" % _plural(waiting, "instance") if waiting else None
 
     def order(self, tracks: List[InstanceTrack]) -> List[InstanceTrack]:
-        return sorted(tracks, key=lambda t: ip_sort_key(t.key))
+        return sorted(tracks, key=lambda t: t.order)
 
     def subject(self, state: TrackState) -> str:
         return "%s  %s" % (self.title, _plural(len(state.present()), "instance"))
@@ -2028,7 +2031,8 @@ class ServiceScope:
         """Every instance with its status, values and recent trend; when only max_rows fit,
         the worst instances (then the lowest IPs) and a line counting the others."""
         thresholds = state.thresholds
-        tracks, hidden = _fit(state.tracks(), max_rows, lambda t: self._RANK[t.status(thresholds)])
+        tracks, hidden = _fit(state.tracks(), max_rows,
+                              lambda t: _STATUS_RANK.get(t.status(thresholds), len(_STATUS_RANK)))  # Gone last
         readable = [t.last if t.status(thresholds) in (HEALTHY, UNHEALTHY) else None for t in tracks]
         cpu_values, memory_values = _values(readable, "cpu"), _values(readable, "memory")
         cpus, memories = format_percents(cpu_values), format_percents(memory_values)
