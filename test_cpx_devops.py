@@ -1201,7 +1201,9 @@ class ClientTest(ServerTestCase):
                 sick["10.0.2.%d" % where] = Reply("boom", status=500)
                 sick_span, instances = span(sick)
                 self.assertEqual(sum(1 for i in instances if i.error is None), 199)
-                self.assertLess(sick_span, 2 * clean_span + 0.1)
+                # A limit that collapses to 1 spans 4 s here; one that never grows past
+                # its first 5, as a loaded machine's noise can make it, 0.8 s (seen in CI).
+                self.assertLess(sick_span, 2 * clean_span + 1.0)
 
     def test_timeout_bounds_a_request_however_the_server_trickles(self):
         for answer in (trickle_headers, endless_continue, trickle):
