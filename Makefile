@@ -37,7 +37,7 @@ test: check-python ## the whole suite (PYTHON=python3.7 for another Python)
 	@$(PY) test_cpx_devops.py
 
 bench: check-python ## the performance table of the README (about 15 minutes; asserts nothing)
-	@$(PY) test_cpx_devops.py bench
+	@$(PY) bench_cpx_devops.py bench
 
 install: ## install as an executable cpx-devops in PREFIX/bin (PREFIX=~/.local by default)
 	install -d "$(DESTDIR)$(BINDIR)"

@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Developer tools of cpx_devops, kept out of the tool and its tests. Standard library only.
+
+  python3 bench_cpx_devops.py bench [--quick] [--only TEXT]   the README's performance table
+                                                             (make bench; asserts nothing)
+  python3 bench_cpx_devops.py readme                         rewrite the README's example outputs
+                                                             from a seeded simulator
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import cpx_devops as cpx
+from test_cpx_devops import CLI, HERE, README_SEED, cli_env, finish, run_readme_command, start_simulator_process
+
+# ---------------------------------------------------------------------------
+# Benchmark (make bench): prints, asserts nothing
+# ---------------------------------------------------------------------------
+
+class BenchShape:
+    """One row of the benchmark: a simulated fleet, the command run against it, and how often."""
+
+    def __init__(self, label, size, latency_ms=20, simulator=(), command=("services", "-o", "json"),
+                 sickness=cpx.Sickness(), repeats=5, fixed=(128, 64, 32, 5, 1)):
+        self.label, self.size, self.latency_ms = label, size, latency_ms
+        self.sickness = sickness
+        self.simulator = list(simulator) + ["--fail-fraction", str(sickness.fail_fraction),
+                                            "--hang-fraction", str(sickness.hang_fraction),
+                                            "--slow-fraction", str(sickness.slow_fraction),
+                                            "--slow-ms", str(sickness.slow_ms)]
+        self.command, self.repeats, self.fixed = list(command), repeats, fixed
+        # Which instances are sick: the simulator picks them from the seed, and so can we.
+        self.sick = cpx.SimulatedFleet(size, BENCH_SEED, sickness).sick
+
+    def lower_bound(self, workers):
+        """Seconds a run with this many fixed workers takes at least: waves of requests, and
+        of hanging ones (each holds a worker for --timeout x (retries + 1))."""
+        hanging = sum(1 for kind in self.sick.values() if kind == cpx.HANG)
+        hang_seconds = cpx.DEFAULT_TIMEOUT * (cpx.DEFAULT_RETRIES + 1)
+        return -(-self.size // workers) * self.latency_ms / 1000.0 + -(-hanging // workers) * hang_seconds
+
+    def healthy_lost(self, output):
+        """Rows of instances that are not sick but came out Unknown (json, or JSON Lines for track);
+        for the whole-fleet track, instances in the (unknown) group beyond the sick ones, per sample."""
+        text = output.strip()
+        records = json.loads(text) if text.startswith("[") else [json.loads(l) for l in text.splitlines() if l]
+        if records and "ip" not in records[0]:
+            sick = len(self.sick)
+            return sum(max(0, r["instances"] - sick) for r in records if r["service"] is None)
+        return sum(1 for r in records if r["status"] == cpx.UNKNOWN and r["ip"] not in self.sick)
+
+
+BENCH_SEED = 1
+SICK_FLEET = 150
+BENCH_SHAPES = [
+    BenchShape("reference: 1 thread, HTTP/1.0, backlog 5", 150, 0, ["--single-threaded"]),
+    BenchShape("concurrent, 20 ms per request", 150),
+    BenchShape("concurrent, 20 ms per request", 1000),
+    BenchShape("concurrent, 20 ms per request", 10000, repeats=3),
+    BenchShape("20 ms, one instance answers HTTP 500 at once", SICK_FLEET,
+               sickness=cpx.Sickness(fail_fraction=1.0 / SICK_FLEET)),
+    BenchShape("20 ms, 10 instances hang", SICK_FLEET, sickness=cpx.Sickness(hang_fraction=10.0 / SICK_FLEET),
+               repeats=3),
+    BenchShape("20 ms, half the fleet answers in 700 ms", SICK_FLEET,
+               sickness=cpx.Sickness(slow_fraction=0.5, slow_ms=700)),
+    BenchShape("reference, one instance answers HTTP 500 at once", SICK_FLEET, 0, ["--single-threaded"],
+               sickness=cpx.Sickness(fail_fraction=1.0 / SICK_FLEET)),
+    BenchShape("track -n 1 -c 10 --rediscover 3, one HTTP 500", 3000,
+               command=("track", cpx.SIMULATED_SERVICES[0], "-n", "1", "-c", "10", "--rediscover", "3",
+                        "-o", "json"),
+               sickness=cpx.Sickness(fail_fraction=1.0 / 3000), repeats=3, fixed=(128, 64, 32)),
+    BenchShape("track -n 1 -c 5, 10 instances hang", 1000,
+               command=("track", cpx.SIMULATED_SERVICES[0], "-n", "1", "-c", "5", "-o", "json"),
+               sickness=cpx.Sickness(hang_fraction=10.0 / 1000), repeats=3, fixed=(128, 64, 32)),
+    BenchShape("track (whole fleet) -n 1 -c 10, one HTTP 500", 1000,
+               command=("track", "-n", "1", "-c", "10", "-o", "json"),
+               sickness=cpx.Sickness(fail_fraction=1.0 / 1000), repeats=3, fixed=(128, 64, 32)),
+]
+
+
+def measure(args):
+    """Wall time and stdout of one run of the CLI."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, CLI] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=cli_env())
+    elapsed = time.monotonic() - started
+    if result.returncode not in (0, 1, 2):
+        raise RuntimeError("run failed (%s): %s" % (result.returncode, result.stderr[-300:]))
+    return elapsed, result.stdout.decode("utf-8", "replace")
+
+
+# A fresh, small interpreter starts the run to measure: Linux counts the RSS a
+# child had when it forked towards its peak, so forked from this process (which
+# holds earlier runs' output) every run would look as big as the benchmark.
+_SPAWN_AND_MEASURE = ("import os, subprocess, sys\n"
+                      "child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                      "_, _, usage = os.wait4(child.pid, 0)\n"
+                      "print(usage.ru_utime + usage.ru_stime, usage.ru_maxrss)\n")
+
+
+def measure_usage(args):
+    """CPU seconds and peak RSS (MB) of one run of the CLI, output discarded."""
+    result = subprocess.run([sys.executable, "-c", _SPAWN_AND_MEASURE, sys.executable, CLI] + args,
+                            stdout=subprocess.PIPE, universal_newlines=True, env=cli_env(), check=True)
+    cpu_seconds, peak_kb = result.stdout.split()
+    return float(cpu_seconds), int(peak_kb) / 1024.0
+
+
+def median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def bench_shape(shape):
+    """Default and fixed worker counts on one shape, interleaved; a table row."""
+    simulator, url = start_simulator_process(shape.size, shape.latency_ms, shape.simulator, seed=BENCH_SEED)
+    try:
+        configs = [("default", [])] + [(w, ["--concurrency", "fixed", "--workers", str(w)]) for w in shape.fixed]
+        times = {name: [] for name, _ in configs}
+        lost = {name: [] for name, _ in configs}
+        skipped = {}
+        for _ in range(shape.repeats):
+            for name, options in configs:
+                if name in skipped:
+                    continue
+                measured = [min(v) for v in times.values() if v]
+                bound = shape.lower_bound(name) if name != "default" else 0
+                if not times[name] and measured and bound > 3 * min(measured):
+                    skipped[name] = bound  # it cannot be the best: not worth minutes
+                    continue
+                elapsed, out = measure(["--url", url] + shape.command + options)
+                times[name].append(elapsed)
+                lost[name].append(shape.healthy_lost(out))
+        cpu, memory = measure_usage(["--url", url] + shape.command)
+    finally:
+        finish(simulator)
+    fixed = {name: median(v) for name, v in times.items() if name != "default" and v}
+    best = min(fixed, key=fixed.get)
+    default = median(times["default"])
+    detail = " ".join("%s:%.2f" % (w, fixed[w]) for w in shape.fixed if w in fixed)
+    detail += "".join(" %s:skip(>=%.1f)" % (w, b) for w, b in skipped.items())
+    return (shape.label, str(shape.size), "%.2f" % default, "%.2f (%d)" % (fixed[best], best),
+            "%.2f" % (default / fixed[best]), "%d" % max(lost["default"]), "%d" % max(lost[best]),
+            "%.3f" % (cpu / shape.size * 1000), "%.1f" % memory, detail)
+
+
+def bench(quick=False, only=None):
+    """Print the benchmark table of the README (only: the shapes whose label contains it)."""
+    import platform
+    cpu_model = "?"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu_model = next(l.split(":", 1)[1].strip() for l in info if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print("machine: %s, %d cores, Python %s" % (cpu_model, os.cpu_count(), platform.python_version()))
+    startup = [measure(["--help"])[0] for _ in range(7)]
+    usage = [measure(["--bogus"])[0] for _ in range(7)]
+    print("startup: --help median %.0f ms, usage error median %.0f ms" % (median(startup) * 1000,
+                                                                        median(usage) * 1000))
+    header = ("shape", "instances", "default s", "best fixed s (workers)", "ratio", "lost", "lost fixed",
+              "CPU ms/inst", "peak MB", "fixed medians")
+    rows = []
+    for shape in BENCH_SHAPES:
+        if quick and (shape.size > 1000 or shape.command[0] == "track"):
+            continue
+        if only and only not in shape.label:
+            continue
+        rows.append(bench_shape(shape))
+        print("  measured %s x %d" % (shape.label, shape.size), file=sys.stderr, flush=True)
+    print(cpx.render_table(header, rows, (False, True, True, True, True, True, True, True, True, False)), end="")
+    print("medians of 5 runs (3 for 10,000 instances, hanging instances and track); ratio = default / best "
+          "fixed; lost: healthy instances that came out Unknown (the most in one run; for track, rows over "
+          "all samples), with the default and with the best fixed count; CPU and peak MB: one run with the "
+          "default; skip: a lower bound (waves of requests and of hanging ones) over 3x the best, so not run")
+
+
+# ---------------------------------------------------------------------------
+# The README's examples, rewritten (the README test then checks them)
+# ---------------------------------------------------------------------------
+
+def update_readme():
+    """Rewrite the output under each README example with what it prints now (after a change
+    to the output; the README test then checks it)."""
+    path = os.path.join(HERE, "README.md")
+    with open(path, encoding="utf-8") as readme:
+        lines = readme.read().splitlines()
+    simulator, url = start_simulator_process(150, 0, [], seed=README_SEED)
+    out, inside, skipping = [], False, False
+    try:
+        for line in lines:
+            if line.startswith("```"):
+                inside, skipping = not inside, False
+            elif inside and line.startswith("$ "):
+                skipping = False
+                if line.startswith("$ python3 cpx_devops.py") and " simulate" not in line:
+                    out.append(line)
+                    out.extend(run_readme_command(line[2:], url))
+                    skipping = True
+                    continue
+            elif skipping:
+                continue
+            out.append(line)
+    finally:
+        finish(simulator)
+    with open(path, "w", encoding="utf-8") as readme:
+        readme.write("\n".join(out) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["bench"]:
+        bench(quick="--quick" in sys.argv, only=sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None)
+    elif sys.argv[1:2] == ["readme"]:
+        update_readme()
+    else:
+        sys.exit(__doc__)
