@@ -9,7 +9,6 @@
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,9 +24,9 @@ class BenchShape:
     """One row of the benchmark: a simulated fleet, the command run against it, and how often."""
 
     def __init__(self, label, size, latency_ms=20, simulator=(), command=("services", "-o", "json"),
-                 sickness=cpx.Sickness(), repeats=5, fixed=(128, 64, 32, 5, 1)):
+                 sickness=None, repeats=5, fixed=(128, 64, 32, 5, 1)):
         self.label, self.size, self.latency_ms = label, size, latency_ms
-        self.sickness = sickness
+        sickness = self.sickness = sickness or cpx.Sickness()
         self.simulator = list(simulator) + ["--fail-fraction", str(sickness.fail_fraction),
                                             "--hang-fraction", str(sickness.hang_fraction),
                                             "--slow-fraction", str(sickness.slow_fraction),
@@ -47,7 +46,7 @@ class BenchShape:
         """Rows of instances that are not sick but came out Unknown (json, or JSON Lines for track);
         for the whole-fleet track, instances in the (unknown) group beyond the sick ones, per sample."""
         text = output.strip()
-        records = json.loads(text) if text.startswith("[") else [json.loads(l) for l in text.splitlines() if l]
+        records = json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines() if line]
         if records and "ip" not in records[0]:
             sick = len(self.sick)
             return sum(max(0, r["instances"] - sick) for r in records if r["service"] is None)
@@ -155,7 +154,7 @@ def bench(quick=False, only=None):
     cpu_model = "?"
     try:
         with open("/proc/cpuinfo") as info:
-            cpu_model = next(l.split(":", 1)[1].strip() for l in info if l.startswith("model name"))
+            cpu_model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     print("machine: %s, %d cores, Python %s" % (cpu_model, os.cpu_count(), platform.python_version()))
@@ -214,7 +213,8 @@ def update_readme():
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
-        bench(quick="--quick" in sys.argv, only=sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None)
+        only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+        bench(quick="--quick" in sys.argv, only=only)
     elif sys.argv[1:2] == ["readme"]:
         update_readme()
     else:

@@ -20,15 +20,6 @@ Health rule: an instance is Unhealthy when its cpu or its memory is strictly
 above its threshold (90% each by default), Unknown when it could not be read
 or its data is invalid, Healthy otherwise.
 
-Exit status:
-  0    success (for `unhealthy`: no service flagged)
-  1    `unhealthy` flagged at least one service
-  2    usage error (bad option, unknown service, URL not http/https)
-  3    CPX unavailable (server list unreadable, no instance readable, or no readable
-       instance of the service asked for while some could not be read)
-  130  interrupted by Ctrl+C (`track` exits 0: Ctrl+C is how it stops)
-  141  stdout closed early (e.g. `| head -1`)
-  143  terminated by SIGTERM
 """
 
 import argparse
@@ -49,7 +40,8 @@ import time
 import unicodedata
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+from typing import Any, Deque, Dict, Iterable, List, NoReturn, Optional, Sequence, Set, Tuple
 
 __version__ = "1.0.0"
 
@@ -62,6 +54,39 @@ EXIT_UNAVAILABLE = 3
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 EXIT_TERMINATED = 143
+
+# The exit-status contract, written once: the module docstring, --help and the
+# README's table are made from (or checked against) it.
+EXIT_STATUSES = (
+    (EXIT_OK, "success; for `unhealthy`, no service flagged"),
+    (EXIT_FLAGGED, "`unhealthy` flagged at least one service"),
+    (EXIT_USAGE, "usage error: bad option, unknown service name, a URL that is not http/https, "
+                 "a `--write` FILE that cannot be written"),
+    (EXIT_UNAVAILABLE, "CPX unavailable: the server list could not be read or is not a list, it lists "
+                       "no instance, or no instance at all could be read; or no readable instance has "
+                       "the service asked for while some instances could not be read (it may be among "
+                       "them; `track`: none answered in the whole session)"),
+    (EXIT_INTERRUPTED, "interrupted by Ctrl+C (`track` exits 0: Ctrl+C is how it stops)"),
+    (EXIT_BROKEN_PIPE, "stdout closed early, as for any Unix tool killed by SIGPIPE (under `| head`, "
+                       "0 when the pipe took the whole output before it closed)"),
+    (EXIT_TERMINATED, "terminated by SIGTERM"),
+)
+
+
+def exit_status_text(indent: int = 2, width: int = 79) -> str:
+    """The exit statuses as plain text, one wrapped entry per status."""
+    import textwrap
+
+    lines = []
+    for code, meaning in EXIT_STATUSES:
+        lead = " " * indent + "%-5d" % code
+        lines += textwrap.wrap(meaning.replace("`", ""), width, initial_indent=lead,
+                               subsequent_indent=" " * len(lead))
+    return "\n".join(lines) + "\n"
+
+
+if __doc__:  # None under python -OO
+    __doc__ += "\nExit status:\n" + exit_status_text()
 
 DEFAULT_URL = "http://localhost:8080"
 DEFAULT_TIMEOUT = 5.0
@@ -99,17 +124,7 @@ environment:
   TERM=dumb  never colour the output
 """ % DEFAULT_URL
 
-EXIT_STATUS_HELP = """\
-exit status:
-  0    success (for unhealthy: no service flagged)
-  1    unhealthy flagged at least one service
-  2    usage error (bad option, unknown service, URL not http/https)
-  3    CPX unavailable (server list unreadable, no instance readable, or none of
-       the service asked for while some could not be read)
-  130  interrupted by Ctrl+C (track exits 0)
-  141  stdout closed early
-  143  terminated by SIGTERM
-"""
+EXIT_STATUS_HELP = "exit status:\n" + exit_status_text()
 
 
 class CpxUnavailable(Exception):
@@ -176,6 +191,17 @@ class Instance:
     memory: Optional[float] = None
     error: Optional[str] = None
     answered: bool = field(default=False, compare=False)  # it sent JSON (valid or not), not a failure
+
+    def usage(self) -> Optional[Tuple[float, float]]:
+        """(cpu, memory) when the instance could be read and its data is valid, else None."""
+        if self.error is not None or self.cpu is None or self.memory is None:
+            return None
+        return self.cpu, self.memory
+
+    @property
+    def readable(self) -> bool:
+        """Whether it could be read with valid data: the one test of Unknown."""
+        return self.usage() is not None
 
 
 @dataclass
@@ -312,9 +338,11 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
 
 def instance_status(instance: Instance, thresholds: Thresholds) -> str:
     """Healthy, Unhealthy (cpu or memory strictly above its threshold) or Unknown."""
-    if instance.error is not None or instance.cpu is None or instance.memory is None:
+    usage = instance.usage()
+    if usage is None:
         return UNKNOWN
-    if instance.cpu > thresholds.cpu or instance.memory > thresholds.memory:
+    cpu, memory = usage
+    if cpu > thresholds.cpu or memory > thresholds.memory:
         return UNHEALTHY
     return HEALTHY
 
@@ -332,21 +360,22 @@ def service_sort_key(service: Optional[str]) -> Tuple[int, str, str]:
 
 def summarize_services(instances: Iterable[Instance], thresholds: Thresholds) -> List[ServiceSummary]:
     """One summary per service, by name; averages over the instances that could be read."""
-    groups = {}  # type: Dict[Optional[str], List[Instance]]
+    groups: Dict[Optional[str], List[Instance]] = {}
     for instance in instances:
         groups.setdefault(instance.service, []).append(instance)
     summaries = []
     for service in sorted(groups, key=service_sort_key):
         members = groups[service]
-        readable = [m for m in members if instance_status(m, thresholds) != UNKNOWN]
+        usages = [usage for usage in (m.usage() for m in members) if usage is not None]
+        cpus, memories = [cpu for cpu, _ in usages], [memory for _, memory in usages]
         summaries.append(ServiceSummary(
             service=service,
             instances=len(members),
             healthy=sum(1 for m in members if instance_status(m, thresholds) == HEALTHY),
-            avg_cpu=_mean([m.cpu for m in readable]),
-            avg_memory=_mean([m.memory for m in readable]),
-            max_cpu=max((m.cpu for m in readable), default=None),
-            max_memory=max((m.memory for m in readable), default=None),
+            avg_cpu=_mean(cpus),
+            avg_memory=_mean(memories),
+            max_cpu=max(cpus, default=None),
+            max_memory=max(memories, default=None),
         ))
     return summaries
 
@@ -417,12 +446,12 @@ def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str
 
 def summarize_failures(instances: Sequence[Instance]) -> Optional[str]:
     """One line grouping unreadable instances by reason, or None when all were read."""
-    failed = [i for i in instances if i.error is not None]
+    failed = [i for i in instances if not i.readable]
     if not failed:
         return None
-    by_reason = {}  # type: Dict[str, List[str]]
+    by_reason: Dict[str, List[str]] = {}
     for instance in failed:
-        by_reason.setdefault(instance.error, []).append(instance.ip)
+        by_reason.setdefault(instance.error or "no value", []).append(instance.ip)
     parts = []
     for reason, ips in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
         ips = sorted(ips, key=ip_sort_key)
@@ -460,7 +489,7 @@ def normalize_url(text: str) -> str:
 
     try:
         parts = urlsplit(text.strip())
-        parts.port  # raises ValueError on a port that is not a number in range
+        _ = parts.port  # raises ValueError on a port that is not a number in range
     except ValueError:
         raise UsageError("invalid URL %r" % sanitize(text))
     if parts.scheme not in ("http", "https"):
@@ -478,9 +507,9 @@ class RequestGuard:
     def __init__(self, give_up_at: float):
         self.give_up_at = give_up_at
         self.lock = threading.Lock()
-        self.sock = None  # type: Optional[socket.socket]
+        self.sock: Optional[socket.socket] = None
         self.fired = False
-        self.connect_seconds = None  # type: Optional[float]  # None: never connected
+        self.connect_seconds: Optional[float] = None  # None: never connected
 
     def connected(self, sock: Optional[socket.socket], seconds: float) -> None:
         """The request's connection is open (after `seconds`); cut it at once if time is up."""
@@ -518,9 +547,9 @@ class Watchdog:
 
     def __init__(self) -> None:
         self.condition = threading.Condition()
-        self.armed = set()  # type: Set[RequestGuard]
+        self.armed: Set[RequestGuard] = set()
         self.wake_at = float("inf")
-        self.thread = None  # type: Optional[threading.Thread]
+        self.thread: Optional[threading.Thread] = None
         self.closing = False
         self.local = threading.local()  # the guard of the request this thread is making
 
@@ -636,7 +665,8 @@ def _read_capped(response, cap: int) -> bytes:
     length = response.headers.get("Content-Length")
     if length and length.strip().isdigit() and int(length) > cap:
         raise FetchError("answer over %s" % _size(cap))
-    chunks, total = [], 0
+    chunks: List[bytes] = []
+    total = 0
     while True:
         chunk = response.read1(65536)
         if not chunk:
@@ -700,8 +730,8 @@ class ConcurrencyLimit:
         self.lock = threading.Lock()
         self.limit = limit
         self.peak = limit
-        self.running = OrderedDict()  # type: OrderedDict[int, float]  # ticket -> start; these count
-        self.stuck = set()  # type: Set[int]  # still running, no longer counted
+        self.running: OrderedDict[int, float] = OrderedDict()  # ticket -> start; these count
+        self.stuck: Set[int] = set()  # still running, no longer counted
         self.congested = False  # while the server queues, stuck requests count again
         self.tickets = 0
 
@@ -827,13 +857,13 @@ class AdaptiveLimit(ConcurrencyLimit):
         self.recovery = 0  # the limit before a 429, to regain once they stop
         self.cut_guard = 0  # outcomes still to come from requests sent before the last cut
         self.best_connect = float("inf")
-        self.base = None  # type: Optional[float]  # this batch's latency with nothing queued
-        self.last_base = None  # type: Optional[float]  # the batch before's
-        self.fastest = None  # type: Optional[float]  # this batch's fastest answer
-        self.burst_at = None  # type: Optional[float]  # when this batch's burst was sent
-        self.burst = {}  # type: Dict[int, Optional[float]]  # its tickets -> latency (inf: failed or stuck)
+        self.base: Optional[float] = None  # this batch's latency with nothing queued
+        self.last_base: Optional[float] = None  # the batch before's
+        self.fastest: Optional[float] = None  # this batch's fastest answer
+        self.burst_at: Optional[float] = None  # when this batch's burst was sent
+        self.burst: Dict[int, Optional[float]] = {}  # its tickets -> latency (inf: failed or stuck)
         self.burst_left = 0
-        self.round = []  # type: List[float]  # latencies of this round's answers
+        self.round: List[float] = []  # latencies of this round's answers
 
     @property
     def capacity(self) -> int:
@@ -888,7 +918,7 @@ class AdaptiveLimit(ConcurrencyLimit):
             return  # not of the burst, or already told
         self.burst[ticket] = latency
         self.burst_left -= 1
-        answered = sorted(l for l in self.burst.values() if l is not None and l != float("inf"))
+        answered = sorted(seconds for seconds in self.burst.values() if seconds is not None and seconds != float("inf"))
         if self.burst_left > 0 or len(answered) < 2:
             return  # with fewer than two answers, the next round sets the base
         self.base = answered[len(answered) // 2]
@@ -1001,6 +1031,7 @@ class CpxClient:
     def _get_once(self, url: str, cap: int, deadline: float) -> Tuple[bytes, Optional[float]]:
         """One attempt: the body and the seconds it took to connect; FetchError if it failed.
         --timeout bounds the attempt's whole life (connect, headers, body), as the deadline does."""
+        import http.client
         import urllib.error
         import urllib.request
 
@@ -1031,7 +1062,10 @@ class CpxClient:
                              pushback=ConcurrencyLimit.REFUSED if status == 429 else None)
         except FetchError:
             raise
-        except Exception as error:  # URLError, OSError, http.client.HTTPException and kin
+        except (OSError, http.client.HTTPException, UnicodeError) as error:
+            # The network's and HTTP's failures only (URLError and socket.timeout are
+            # OSErrors; UnicodeError: a host IDNA cannot encode): a programming error
+            # must surface, not become an instance's "Unknown (...)".
             failure = _describe_network_error(error)
             if guard.fired or failure.reason == "timeout":
                 # Out of time; before a connection was even made: a listen queue that
@@ -1112,12 +1146,12 @@ class CpxClient:
         """All the given instances, concurrently within the limit; late ones are Unknown (deadline)."""
         import queue
 
-        results = {}  # type: Dict[str, Instance]
+        results: Dict[str, Instance] = {}
         waiting = list(reversed(ips))
         # Finished futures arrive on a queue: one wake-up per answer, where
         # concurrent.futures.wait() would lock every future in flight each time.
-        finished = queue.SimpleQueue()  # type: Any
-        in_flight = {}  # type: Dict[Any, Tuple[str, int]]  # future -> (ip, limiter ticket)
+        finished: Any = queue.SimpleQueue()
+        in_flight: Dict[Any, Tuple[str, int]] = {}  # future -> (ip, limiter ticket)
         limiter = self.limiter
         limiter.begin_batch()
         while waiting or in_flight:
@@ -1286,54 +1320,6 @@ def fleet_footer(instances: Sequence[Instance], thresholds: Thresholds) -> str:
     return text + "\n"
 
 
-def render_instances(instances: Sequence[Instance], options: Options) -> str:
-    """The services command's output in the chosen format."""
-    thresholds = options.thresholds
-    if options.output == "json":
-        return render_json([instance_record(i, thresholds) for i in instances])
-    if options.output == "csv":
-        return render_csv(INSTANCE_FIELDS, [instance_record(i, thresholds) for i in instances], options.headers)
-    rows = []
-    cpus = format_percents([i.cpu for i in instances])
-    memories = format_percents([i.memory for i in instances])
-    for index, instance in enumerate(instances):
-        rows.append([sanitize(instance.ip), service_label(instance.service), status_label(instance, thresholds),
-                     cpus[index], memories[index]])
-    statuses = [instance_status(i, thresholds) for i in instances]
-    table = render_table(("IP", "Service", "Status", "CPU", "Memory"), rows, (False, False, False, True, True),
-                         statuses, options.color, options.headers)
-    return table + fleet_footer(instances, thresholds) if options.headers else table
-
-
-def render_summaries(summaries: Sequence[ServiceSummary], options: Options, footer: str = "") -> str:
-    """The status command's output in the chosen format; footer goes under a table."""
-    if options.output == "json":
-        return render_json([summary_record(s) for s in summaries])
-    if options.output == "csv":
-        return render_csv(SUMMARY_FIELDS, [summary_record(s) for s in summaries], options.headers)
-    cpus = format_percents([s.avg_cpu for s in summaries])
-    memories = format_percents([s.avg_memory for s in summaries])
-    rows = [[service_label(s.service), str(s.instances), str(s.healthy), cpus[k], memories[k]]
-            for k, s in enumerate(summaries)]
-    table = render_table(("Service", "Instances", "Healthy", "Avg CPU", "Avg Memory"), rows,
-                         (False, True, True, True, True), headers=options.headers)
-    return table + footer if options.headers else table
-
-
-def render_flagged(flagged: Sequence[ServiceSummary], min_healthy: int, options: Options) -> str:
-    """The unhealthy command's output in the chosen format."""
-    if options.output == "json":
-        return render_json([flagged_record(s) for s in flagged])
-    if options.output == "csv":
-        return render_csv(FLAGGED_FIELDS, [flagged_record(s) for s in flagged], options.headers)
-    if not flagged:
-        return "No service has fewer than %d healthy instances.\n" % min_healthy
-    rows = [[service_label(s.service), str(s.healthy), str(s.instances)] for s in flagged]
-    colors = [UNHEALTHY] * len(rows)
-    return render_table(("Service", "Healthy", "Instances"), rows, (False, True, True), colors, options.color,
-                        options.headers)
-
-
 def prometheus_label(value: Optional[str]) -> str:
     """A label value for the exposition format: sanitised, then \\, \" and newline escaped."""
     text = sanitize(value) if value is not None else ""
@@ -1359,17 +1345,18 @@ PROMETHEUS_FAMILIES = (
 
 def render_prometheus(snapshot: Snapshot, thresholds: Thresholds, per_instance: bool = True) -> str:
     """The text exposition format: HELP and TYPE per family, escaped labels, no timestamps."""
-    samples = {name: [] for name, _ in PROMETHEUS_FAMILIES}  # type: Dict[str, List[str]]
+    samples: Dict[str, List[str]] = {name: [] for name, _ in PROMETHEUS_FAMILIES}
     instances = sort_instances(snapshot.instances, "service", thresholds)
     if per_instance:
         for instance in instances:
             labels = '{ip="%s",service="%s"}' % (prometheus_label(instance.ip), prometheus_label(instance.service))
             status = instance_status(instance, thresholds)
-            if status != UNKNOWN:
-                samples["cpx_instance_cpu_ratio"].append(labels + " " + _prometheus_number(instance.cpu / 100.0))
-                samples["cpx_instance_memory_ratio"].append(labels + " " + _prometheus_number(instance.memory / 100.0))
+            usage = instance.usage()
+            if usage is not None:
+                samples["cpx_instance_cpu_ratio"].append(labels + " " + _prometheus_number(usage[0] / 100.0))
+                samples["cpx_instance_memory_ratio"].append(labels + " " + _prometheus_number(usage[1] / 100.0))
             samples["cpx_instance_healthy"].append(labels + " %d" % (status == HEALTHY))
-            samples["cpx_instance_up"].append(labels + " %d" % (status != UNKNOWN))
+            samples["cpx_instance_up"].append(labels + " %d" % instance.readable)
     for summary in summarize_services(instances, thresholds):
         if summary.service is None:
             continue  # unreadable instances count in cpx_scrape_errors and cpx_instance_up
@@ -1377,7 +1364,7 @@ def render_prometheus(snapshot: Snapshot, thresholds: Thresholds, per_instance: 
         samples["cpx_service_instances"].append(labels + " %d" % summary.instances)
         samples["cpx_service_healthy_instances"].append(labels + " %d" % summary.healthy)
     samples["cpx_scrape_duration_seconds"].append(" " + _prometheus_number(snapshot.seconds))
-    samples["cpx_scrape_errors"].append(" %d" % sum(1 for i in instances if instance_status(i, thresholds) == UNKNOWN))
+    samples["cpx_scrape_errors"].append(" %d" % sum(1 for i in instances if not i.readable))
     lines = []
     for name, help_text in PROMETHEUS_FAMILIES:
         if not samples[name]:
@@ -1385,6 +1372,80 @@ def render_prometheus(snapshot: Snapshot, thresholds: Thresholds, per_instance: 
         lines += ["# HELP %s %s" % (name, help_text), "# TYPE %s gauge" % name]
         lines += [name + sample for sample in samples[name]]
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Report:
+    """A snapshot command's result, ready for every format: the one place where a result
+    becomes table, json, csv or Prometheus (commands never ask which format is wanted)."""
+
+    titles: Sequence[str]  # the table's columns
+    right: Sequence[bool]  # which of them are right-aligned
+    rows: List[List[str]]
+    fields: Sequence[str]  # the json/csv fields
+    records: List[Dict[str, Any]]
+    snapshot: Snapshot  # for Prometheus
+    thresholds: Thresholds
+    per_instance: bool = True  # Prometheus: instance families too, or per service only
+    statuses: Optional[List[str]] = None  # a colour per row
+    footer: str = ""  # under a table with headers
+    empty: Optional[str] = None  # a table with no row says this instead
+
+    def render(self, options: Options) -> str:
+        """The report in options.output's format."""
+        return _REPORT_FORMATS[options.output](self, options)
+
+    def as_table(self, options: Options) -> str:
+        if not self.rows and self.empty is not None:
+            return self.empty
+        table = render_table(self.titles, self.rows, self.right, self.statuses, options.color, options.headers)
+        return table + self.footer if options.headers else table
+
+    def as_json(self, options: Options) -> str:
+        return render_json(self.records)
+
+    def as_csv(self, options: Options) -> str:
+        return render_csv(self.fields, self.records, options.headers)
+
+    def as_prometheus(self, options: Options) -> str:
+        return render_prometheus(self.snapshot, self.thresholds, self.per_instance)
+
+
+_REPORT_FORMATS = {"table": Report.as_table, "json": Report.as_json, "csv": Report.as_csv,
+                   "prometheus": Report.as_prometheus}
+
+
+def instances_report(instances: Sequence[Instance], snapshot: Snapshot, thresholds: Thresholds) -> Report:
+    """services: a row per instance, in the order given."""
+    cpus = format_percents([i.cpu for i in instances])
+    memories = format_percents([i.memory for i in instances])
+    rows = [[sanitize(instance.ip), service_label(instance.service), status_label(instance, thresholds),
+             cpus[index], memories[index]] for index, instance in enumerate(instances)]
+    return Report(("IP", "Service", "Status", "CPU", "Memory"), (False, False, False, True, True), rows,
+                  INSTANCE_FIELDS, [instance_record(i, thresholds) for i in instances], snapshot, thresholds,
+                  statuses=[instance_status(i, thresholds) for i in instances],
+                  footer=fleet_footer(instances, thresholds))
+
+
+def summaries_report(summaries: Sequence[ServiceSummary], snapshot: Snapshot, thresholds: Thresholds) -> Report:
+    """status: a row per service, and the fleet's footer."""
+    cpus = format_percents([s.avg_cpu for s in summaries])
+    memories = format_percents([s.avg_memory for s in summaries])
+    rows = [[service_label(s.service), str(s.instances), str(s.healthy), cpus[k], memories[k]]
+            for k, s in enumerate(summaries)]
+    return Report(("Service", "Instances", "Healthy", "Avg CPU", "Avg Memory"), (False, True, True, True, True),
+                  rows, SUMMARY_FIELDS, [summary_record(s) for s in summaries], snapshot, thresholds,
+                  per_instance=False, footer=fleet_footer(snapshot.instances, thresholds))
+
+
+def flagged_report(flagged: Sequence[ServiceSummary], min_healthy: int, snapshot: Snapshot,
+                   thresholds: Thresholds) -> Report:
+    """unhealthy: a row per flagged service, worst first; a sentence when there is none."""
+    rows = [[service_label(s.service), str(s.healthy), str(s.instances)] for s in flagged]
+    return Report(("Service", "Healthy", "Instances"), (False, True, True), rows, FLAGGED_FIELDS,
+                  [flagged_record(s) for s in flagged], snapshot, thresholds, per_instance=False,
+                  statuses=[UNHEALTHY] * len(rows),
+                  empty="No service has fewer than %d healthy instances.\n" % min_healthy)
 
 
 # ---------------------------------------------------------------------------
@@ -1482,7 +1543,7 @@ def take_snapshot(client: CpxClient, options: Options) -> Snapshot:
               % (PROG, len(instances), time.monotonic() - started, client.limiter.peak, options.workers,
                  client.retried), file=sys.stderr, flush=True)
     failures = summarize_failures(instances)
-    if failures and all(i.error is not None for i in instances):
+    if failures and not any(i.readable for i in instances):
         raise CpxUnavailable("%s: %s" % (options.url, failures))
     if failures:
         warn(options, failures)
@@ -1502,36 +1563,37 @@ def _only_service(snapshot: Snapshot, name: Optional[str]) -> Snapshot:
     return Snapshot([i for i in snapshot.instances if i.service == wanted], snapshot.seconds)
 
 
-def cmd_services(client: CpxClient, options: Options, args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class SnapshotSettings:
+    """What a snapshot command was asked, beyond the options: which service, which order,
+    how many healthy instances a service needs."""
+
+    service: Optional[str] = None
+    sort: str = "service"
+    min_healthy: int = DEFAULT_MIN_HEALTHY
+
+
+def cmd_services(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
     """Every instance: IP, service, status, cpu, memory."""
-    snapshot = _only_service(take_snapshot(client, options), args.service)
-    if options.output == "prometheus":
-        deliver(render_prometheus(snapshot, options.thresholds), options)
-    else:
-        deliver(render_instances(sort_instances(snapshot.instances, args.sort, options.thresholds), options), options)
+    snapshot = _only_service(take_snapshot(client, options), settings.service)
+    instances = sort_instances(snapshot.instances, settings.sort, options.thresholds)
+    deliver(instances_report(instances, snapshot, options.thresholds).render(options), options)
     return EXIT_OK
 
 
-def cmd_status(client: CpxClient, options: Options, args: argparse.Namespace) -> int:
+def cmd_status(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
     """Per-service instance counts, healthy counts and averages."""
-    snapshot = _only_service(take_snapshot(client, options), args.service)
-    if options.output == "prometheus":
-        deliver(render_prometheus(snapshot, options.thresholds, per_instance=False), options)
-        return EXIT_OK
+    snapshot = _only_service(take_snapshot(client, options), settings.service)
     summaries = summarize_services(snapshot.instances, options.thresholds)
-    footer = fleet_footer(snapshot.instances, options.thresholds)
-    deliver(render_summaries(summaries, options, footer), options)
+    deliver(summaries_report(summaries, snapshot, options.thresholds).render(options), options)
     return EXIT_OK
 
 
-def cmd_unhealthy(client: CpxClient, options: Options, args: argparse.Namespace) -> int:
+def cmd_unhealthy(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
     """Services with fewer than --min-healthy healthy instances; exit 1 when any."""
     snapshot = take_snapshot(client, options)
-    flagged = flag_services(summarize_services(snapshot.instances, options.thresholds), args.min_healthy)
-    if options.output == "prometheus":
-        deliver(render_prometheus(snapshot, options.thresholds, per_instance=False), options)
-    else:
-        deliver(render_flagged(flagged, args.min_healthy, options), options)
+    flagged = flag_services(summarize_services(snapshot.instances, options.thresholds), settings.min_healthy)
+    deliver(flagged_report(flagged, settings.min_healthy, snapshot, options.thresholds).render(options), options)
     return EXIT_FLAGGED if flagged else EXIT_OK
 
 
@@ -1590,9 +1652,9 @@ class Membership:
     RETRY_CAP = 32
 
     def __init__(self) -> None:
-        self.services = OrderedDict()  # type: Dict[str, Any]  # ip -> name, None or NOT_READ
+        self.services: Dict[str, Any] = OrderedDict()  # ip -> name, None or NOT_READ
         self.samples = 0  # choices made: one per sample
-        self.retry = {}  # type: Dict[str, Tuple[int, int]]  # never answered: (failed reads, sample due)
+        self.retry: Dict[str, Tuple[int, int]] = {}  # never answered: (failed reads, sample due)
 
     def forget(self, listed: Sequence[str]) -> List[str]:
         """Follow /servers: instances it no longer lists are forgotten (and returned); new ones are NOT_READ."""
@@ -1678,6 +1740,23 @@ class RunningStats:
         return self.total / self.count if self.count else None
 
 
+@dataclass
+class TrendBucket:
+    """Consecutive samples of a session trend: the sum and count of their values, and how
+    many samples (slots) it holds, gaps included."""
+
+    total: float = 0.0
+    values: int = 0
+    slots: int = 0
+
+    def merged(self, other: "TrendBucket") -> "TrendBucket":
+        """This bucket and the next one as one."""
+        return TrendBucket(self.total + other.total, self.values + other.values, self.slots + other.slots)
+
+    def mean(self) -> Optional[float]:
+        return self.total / self.values if self.values else None
+
+
 class SessionTrend:
     """A whole session's values in at most `size` buckets: when full, neighbours merge."""
 
@@ -1686,25 +1765,25 @@ class SessionTrend:
     def __init__(self, size: int = BUCKETS):
         self.size = size
         self.per_bucket = 1
-        self.buckets = []  # type: List[List[float]]  # [total, values, slots]
+        self.buckets: List[TrendBucket] = []
 
     def add(self, value: Optional[float]) -> None:
         """One sample's value, None for a gap (unknown)."""
-        if not self.buckets or self.buckets[-1][2] >= self.per_bucket:
+        if not self.buckets or self.buckets[-1].slots >= self.per_bucket:
             if len(self.buckets) >= self.size:
                 pairs = zip(self.buckets[0::2], self.buckets[1::2])
-                self.buckets = [[a[0] + b[0], a[1] + b[1], a[2] + b[2]] for a, b in pairs]
+                self.buckets = [first.merged(second) for first, second in pairs]
                 self.per_bucket *= 2
-            self.buckets.append([0.0, 0, 0])
+            self.buckets.append(TrendBucket())
         bucket = self.buckets[-1]
-        bucket[2] += 1
+        bucket.slots += 1
         if value is not None:
-            bucket[0] += value
-            bucket[1] += 1
+            bucket.total += value
+            bucket.values += 1
 
     def values(self) -> List[Optional[float]]:
         """The mean of each bucket, None where it holds no value."""
-        return [total / count if count else None for total, count, _ in self.buckets]
+        return [bucket.mean() for bucket in self.buckets]
 
 
 class Series:
@@ -1714,7 +1793,7 @@ class Series:
     WINDOW = 20  # characters of the live sparklines
 
     def __init__(self) -> None:
-        self.recent = deque(maxlen=self.WINDOW)  # type: Deque[Optional[float]]
+        self.recent: Deque[Optional[float]] = deque(maxlen=self.WINDOW)
         self.stats = RunningStats()
         self.trend = SessionTrend()
 
@@ -1732,7 +1811,7 @@ class InstanceTrack:
     def __init__(self, ip: str):
         self.key = ip
         self.order = ip_sort_key(ip)  # parsed once: rows are sorted several times a sample
-        self.last = None  # type: Optional[Instance]
+        self.last: Optional[Instance] = None
         self.cpu = Series()
         self.memory = Series()
         self.samples = 0
@@ -1741,9 +1820,9 @@ class InstanceTrack:
 
     def add(self, reading: Optional[Instance], thresholds: Thresholds) -> None:
         """One sample: a reading, or None when CPX could not be reached (a gap)."""
-        readable = reading is not None and reading.error is None
-        self.cpu.add(reading.cpu if readable else None)
-        self.memory.add(reading.memory if readable else None)
+        usage = reading.usage() if reading is not None else None
+        self.cpu.add(usage[0] if usage is not None else None)
+        self.memory.add(usage[1] if usage is not None else None)
         if reading is not None:
             self.last = reading
             self.samples += 1
@@ -1767,7 +1846,7 @@ class ServiceTrack:
 
     def __init__(self, service: Optional[str]):
         self.key = service
-        self.last = None  # type: Optional[ServiceSummary]
+        self.last: Optional[ServiceSummary] = None
         self.healthy_share = Series()  # percent of its instances healthy: the sparkline
         self.healthy = RunningStats()  # healthy instances: the summary's min/avg/max
         self.cpu = Series()  # average cpu
@@ -1833,16 +1912,16 @@ class TrackState:
         self.scope = scope
         self.thresholds = thresholds
         self.interval = interval
-        self.rows = {}  # type: Dict[Any, Any]
+        self.rows: Dict[Any, Any] = {}
         self.samples = 0
         self.skipped = 0  # slots that began while a sample was still running
         self.late = 0  # samples that took longer than the interval
         self.unreachable = 0
-        self.first_time = None  # type: Optional[str]
-        self.last_good_time = None  # type: Optional[str]
+        self.first_time: Optional[str] = None
+        self.last_good_time: Optional[str] = None
         self.last = Sample("", {})  # the last sample taken
-        self.gone = []  # type: List[Any]  # keys that left in the last sample
-        self.worst = None  # type: Optional[WorstMoment]
+        self.gone: List[Any] = []  # keys that left in the last sample
+        self.worst: Optional[WorstMoment] = None
 
     @property
     def last_time(self) -> str:
@@ -1969,7 +2048,7 @@ class ServiceScope:
     def __init__(self, name: str, thresholds: Thresholds):
         self.name = name
         self.thresholds = thresholds
-        self.service = None  # type: Optional[str]  # the name as CPX spells it, once an instance said it
+        self.service: Optional[str] = None  # the name as CPX spells it, once an instance said it
 
     @property
     def title(self) -> str:
@@ -2199,7 +2278,7 @@ def poll(client: CpxClient, membership: Membership, scope: Any, full: bool, seco
         listing_error = str(error)
     readings = client.read_instances(scope.to_read(membership, full), time.monotonic() + seconds)
     membership.learn(readings)
-    if listing_error is not None and not any(r.error is None for r in readings):
+    if listing_error is not None and not any(r.readable for r in readings):
         return Sample(moment, {}, listing_error, time.monotonic() - started)
     scope.resolve(membership, first)
     return Sample(moment, scope.values(membership, readings), None, time.monotonic() - started,
@@ -2294,7 +2373,7 @@ class Keyboard:
 
     def __init__(self, stream: Any):
         self.stream = stream
-        self.saved = None  # type: Any  # the terminal's modes, to give back
+        self.saved: Any = None  # the terminal's modes, to give back
 
     def open(self) -> None:
         """Take keys one at a time, when stdin is our terminal."""
@@ -2502,6 +2581,19 @@ class Sickness:
 FAIL, HANG, SLOW = "fail", "hang", "slow"
 
 
+@dataclass
+class SimulatedInstance:
+    """One simulated instance: its service, where its random walk is, where it is pulled back
+    to, and its own generator's state."""
+
+    service: str
+    cpu: float
+    memory: float
+    base_cpu: float
+    base_memory: float
+    seed: int
+
+
 class SimulatedFleet:
     """Instances with a service each and a cpu/memory random walk, some of them sick; thread-safe.
 
@@ -2512,7 +2604,7 @@ class SimulatedFleet:
     def __init__(self, count: int, seed: Optional[int] = None, sickness: Sickness = Sickness()):
         rng = random.Random(seed)
         self.lock = threading.Lock()
-        self.state = {}  # type: Dict[str, List[Any]]
+        self.state: Dict[str, SimulatedInstance] = {}
         self.ips = ["10.58.%d.%d" % (1 + k // 254, 1 + k % 254) for k in range(count)]
         small = SIMULATED_SERVICES[-1]
         for index, ip in enumerate(self.ips):
@@ -2525,12 +2617,13 @@ class SimulatedFleet:
             hot = index == 0 or rng.random() < 0.04
             base_cpu = rng.uniform(93, 99) if hot else rng.uniform(5, 70)
             base_memory = rng.uniform(10, 80)
-            self.state[ip] = [service, base_cpu, base_memory, base_cpu, base_memory, rng.getrandbits(64)]
+            self.state[ip] = SimulatedInstance(service, base_cpu, base_memory, base_cpu, base_memory,
+                                               rng.getrandbits(64))
         # A generator of its own, so that a sick fleet shows the same values as a healthy one.
         order = list(self.ips)
         random.Random(None if seed is None else "sick-%d" % seed).shuffle(order)
         fail, hang, slow = sickness.counts(count)
-        self.sick = {}  # type: Dict[str, str]  # ip -> FAIL, HANG or SLOW
+        self.sick: Dict[str, str] = {}  # ip -> FAIL, HANG or SLOW
         for kind, how_many in ((FAIL, fail), (HANG, hang), (SLOW, slow)):
             for ip in order[:how_many]:
                 self.sick[ip] = kind
@@ -2542,112 +2635,146 @@ class SimulatedFleet:
             entry = self.state.get(ip)
             if entry is None:
                 return None
-            service, cpu, memory, base_cpu, base_memory, seed = entry
             noise = []
             for _ in range(4):
-                seed, uniform = _splitmix64(seed)
+                entry.seed, uniform = _splitmix64(entry.seed)
                 noise.append(uniform)
             # Two roughly normal steps (sums of two uniforms), pulled back towards the base.
-            cpu = min(100.0, max(0.0, cpu + (noise[0] + noise[1] - 1.0) * 10 + 0.2 * (base_cpu - cpu)))
-            memory = min(100.0, max(0.0, memory + (noise[2] + noise[3] - 1.0) * 5 + 0.1 * (base_memory - memory)))
-            entry[1], entry[2], entry[5] = cpu, memory, seed
-        return {"cpu": "%d%%" % round(cpu), "memory": "%d%%" % round(memory), "service": service}
+            entry.cpu = min(100.0, max(0.0, entry.cpu + (noise[0] + noise[1] - 1.0) * 10
+                                       + 0.2 * (entry.base_cpu - entry.cpu)))
+            entry.memory = min(100.0, max(0.0, entry.memory + (noise[2] + noise[3] - 1.0) * 5
+                                          + 0.1 * (entry.base_memory - entry.memory)))
+            cpu, memory = entry.cpu, entry.memory
+        return {"cpu": "%d%%" % round(cpu), "memory": "%d%%" % round(memory), "service": entry.service}
+
+
+@dataclass(frozen=True)
+class SimulatorSettings:
+    """What `simulate` serves, and where."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    servers: int = 150
+    latency_ms: float = 0.0
+    seed: Optional[int] = None
+    single_threaded: bool = False
+    sickness: Sickness = Sickness()
+
+
+class SimulatorHandler(BaseHTTPRequestHandler):
+    """The CPX API, answered from the server's simulated fleet."""
+
+    server_version = "cpx-simulator/" + __version__
+    server: "SimulatorServer"
+
+    def do_GET(self) -> None:
+        settings = self.server.settings
+        sick = self.server.fleet.sick.get(self.path[1:])
+        if sick == FAIL:
+            self._answer(500, b'{"error": "Internal Server Error"}')
+            return
+        if settings.latency_ms:
+            time.sleep(settings.latency_ms / 1000.0)
+        if sick == HANG:
+            self._hang()
+            return
+        if sick == SLOW:
+            time.sleep(settings.sickness.slow_ms / 1000.0)
+        if self.path == "/servers":
+            self._answer(200, self.server.server_list)
+            return
+        reading = self.server.fleet.read(self.path[1:])
+        if reading is None:
+            self._answer(400, b'{"error": "Invalid IP"}')
+        else:
+            self._answer(200, json.dumps(reading).encode())
+
+    def _hang(self) -> None:
+        """Answer nothing until the client gives up (or the simulator stops)."""
+        import select
+
+        self.close_connection = True
+        stopping = self.server.stopping
+        while not stopping.is_set():
+            if select.select([self.connection], [], [], 0.2)[0]:
+                try:
+                    if not self.connection.recv(1, socket.MSG_PEEK):
+                        return  # the client closed the connection
+                except OSError:
+                    return
+                stopping.wait(0.2)  # it sent more than its request: keep hanging
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a request log would drown the demo
+
+
+class SimulatorServer(ThreadingHTTPServer):
+    """A CPX-compatible server: a thread per request, a deep listen queue."""
+
+    request_queue_size = 1024
+    daemon_threads = True
+
+    def __init__(self, settings: SimulatorSettings):
+        self.settings = settings
+        self.fleet = SimulatedFleet(settings.servers, settings.seed, settings.sickness)
+        self.server_list = json.dumps(self.fleet.ips).encode()
+        self.stopping = threading.Event()  # set on close: hanging answers end
+        super().__init__((settings.host, settings.port), SimulatorHandler)
+
+    @property
+    def url(self) -> str:
+        host = self.settings.host
+        return "http://%s:%d" % (host if ":" not in host else "[%s]" % host, self.server_address[1])
+
+    def server_close(self) -> None:
+        self.stopping.set()
+        super().server_close()
+
+
+class SingleThreadedSimulatorServer(SimulatorServer):
+    """The reference server: one request at a time, a listen backlog of 5."""
+
+    request_queue_size = 5
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # socketserver's own, without the thread ThreadingMixIn would start.
+        HTTPServer.process_request(self, request, client_address)
 
 
 def start_simulator(host: str = "127.0.0.1", port: int = 0, servers: int = 150, latency_ms: float = 0.0,
-                    seed: Optional[int] = None, single_threaded: bool = False, sickness: Sickness = Sickness()):
+                    seed: Optional[int] = None, single_threaded: bool = False,
+                    sickness: Sickness = Sickness()) -> SimulatorServer:
     """Start a CPX-compatible server in a background thread; returns the server (see .url)."""
-    import select
-    from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
-
-    fleet = SimulatedFleet(servers, seed, sickness)
-    server_list = json.dumps(fleet.ips).encode()
-    stopping = threading.Event()
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "cpx-simulator/" + __version__
-
-        def do_GET(self) -> None:
-            sick = fleet.sick.get(self.path[1:])
-            if sick == FAIL:
-                self._answer(500, b'{"error": "Internal Server Error"}')
-                return
-            if latency_ms:
-                time.sleep(latency_ms / 1000.0)
-            if sick == HANG:
-                self._hang()
-                return
-            if sick == SLOW:
-                time.sleep(sickness.slow_ms / 1000.0)
-            if self.path == "/servers":
-                self._answer(200, server_list)
-                return
-            reading = fleet.read(self.path[1:])
-            if reading is None:
-                self._answer(400, b'{"error": "Invalid IP"}')
-            else:
-                self._answer(200, json.dumps(reading).encode())
-
-        def _hang(self) -> None:
-            """Answer nothing until the client gives up (or the simulator stops)."""
-            self.close_connection = True
-            while not stopping.is_set():
-                if select.select([self.connection], [], [], 0.2)[0]:
-                    try:
-                        if not self.connection.recv(1, socket.MSG_PEEK):
-                            return  # the client closed the connection
-                    except OSError:
-                        return
-                    stopping.wait(0.2)  # it sent more than its request: keep hanging
-
-        def _answer(self, status: int, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass  # a request log would drown the demo
-
-    class ThreadedServer(ThreadingHTTPServer):
-        request_queue_size = 1024
-
-        def server_close(self) -> None:
-            stopping.set()  # hanging answers end
-            super().server_close()
-
-    class SingleThreadedServer(HTTPServer):
-        """The reference server: one request at a time, a listen backlog of 5."""
-
-        def server_close(self) -> None:
-            stopping.set()
-            super().server_close()
-
-    server_class = SingleThreadedServer if single_threaded else ThreadedServer
-    server = server_class((host, port), Handler)
-    server.url = "http://%s:%d" % (host if ":" not in host else "[%s]" % host, server.server_address[1])
-    server.fleet = fleet
+    settings = SimulatorSettings(host, port, servers, latency_ms, seed, single_threaded, sickness)
+    server_class = SingleThreadedSimulatorServer if single_threaded else SimulatorServer
+    server = server_class(settings)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="simulator", daemon=True)
     thread.start()
     return server
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
+def cmd_simulate(settings: SimulatorSettings) -> int:
     """Serve a simulated fleet until Ctrl+C."""
-    sickness = Sickness(args.fail_fraction, args.hang_fraction, args.slow_fraction, args.slow_ms)
-    if sum(sickness.counts(args.servers)) > args.servers:
+    sickness = settings.sickness
+    if sum(sickness.counts(settings.servers)) > settings.servers:
         raise UsageError("--fail-fraction, --hang-fraction and --slow-fraction add up to more than the fleet")
     try:
-        server = start_simulator(args.host, args.port, args.servers, args.latency_ms, args.seed,
-                                 args.single_threaded, sickness)
+        server = start_simulator(settings.host, settings.port, settings.servers, settings.latency_ms,
+                                 settings.seed, settings.single_threaded, sickness)
     except OSError as error:
-        raise UsageError("cannot listen on %s port %d: %s" % (args.host, args.port, error.strerror or error))
-    fail, hang, slow = sickness.counts(args.servers)
+        raise UsageError("cannot listen on %s port %d: %s" % (settings.host, settings.port, error.strerror or error))
+    fail, hang, slow = sickness.counts(settings.servers)
     sick = ", ".join("%d %s" % (n, what) for n, what in ((fail, "answer HTTP 500"), (hang, "hang"),
-                                                          (slow, "answer %g ms late" % args.slow_ms)) if n)
+                                                          (slow, "answer %g ms late" % sickness.slow_ms)) if n)
     print("%s: simulating %d servers%s, listening on %s (Ctrl+C to stop)"
-          % (PROG, args.servers, " (%s)" % sick if sick else "", server.url), file=sys.stderr, flush=True)
+          % (PROG, settings.servers, " (%s)" % sick if sick else "", server.url), file=sys.stderr, flush=True)
     try:
         while True:
             time.sleep(3600)
@@ -2667,7 +2794,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit 2."""
 
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, "%s: error: %s (see '%s --help')\n" % (PROG, message, self.prog))
 
 
@@ -2872,6 +2999,18 @@ def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Opti
 COMMANDS = {"services": cmd_services, "status": cmd_status, "unhealthy": cmd_unhealthy}
 
 
+def simulator_settings(args: argparse.Namespace) -> SimulatorSettings:
+    """simulate's settings record, from parsed arguments."""
+    return SimulatorSettings(args.host, args.port, args.servers, args.latency_ms, args.seed, args.single_threaded,
+                             Sickness(args.fail_fraction, args.hang_fraction, args.slow_fraction, args.slow_ms))
+
+
+def snapshot_settings(args: argparse.Namespace) -> SnapshotSettings:
+    """A snapshot command's settings record, from parsed arguments."""
+    return SnapshotSettings(service=getattr(args, "service", None), sort=getattr(args, "sort", "service"),
+                            min_healthy=getattr(args, "min_healthy", DEFAULT_MIN_HEALTHY))
+
+
 def track_settings(args: argparse.Namespace) -> TrackSettings:
     """track's settings record, from parsed arguments."""
     return TrackSettings(service=args.service, interval=args.interval, count=args.count,
@@ -2886,7 +3025,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, build the options and run one command; exceptions are left to main()."""
     args = build_parser().parse_args(argv)
     if args.command == "simulate":
-        return cmd_simulate(args)
+        return cmd_simulate(simulator_settings(args))
     options = options_from_args(args, dict(os.environ))
     settings = track_settings(args) if args.command == "track" else None
     if options.write:
@@ -2895,7 +3034,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if settings is not None:
             return cmd_track(client, options, settings)
-        return COMMANDS[args.command](client, options, args)
+        return COMMANDS[args.command](client, options, snapshot_settings(args))
     finally:
         client.close()
 

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -430,7 +431,7 @@ class TrackStateTest(unittest.TestCase):
         for value in range(1000):
             trend.add(float(value % 100))
             self.assertLessEqual(len(trend.buckets), 8)
-        self.assertEqual(sum(b[2] for b in trend.buckets), 1000)
+        self.assertEqual(sum(b.slots for b in trend.buckets), 1000)
         trend = cpx.SessionTrend(size=4)
         for value in [10, 20, 30, 40, 50, 60, None, None]:
             trend.add(value)
@@ -455,7 +456,8 @@ class TrackStateTest(unittest.TestCase):
         self.assertLess(after_long_run - after_warm_up, 16 * 1024)
 
     def test_sparklines(self):
-        self.assertEqual(cpx.sparkline([0, 12.5, 50, 99, 100, None], cpx.SPARK_BLOCKS), "\u2581\u2582\u2585\u2588\u2588 ")
+        self.assertEqual(cpx.sparkline([0, 12.5, 50, 99, 100, None], cpx.SPARK_BLOCKS),
+                         "\u2581\u2582\u2585\u2588\u2588 ")
         self.assertEqual(cpx.sparkline([0, 100], cpx.SPARK_ASCII), "_#")
 
         class Ascii:
@@ -789,7 +791,9 @@ class RenderTest(unittest.TestCase):
 
     def test_json_and_csv_records(self):
         options = cpx.Options(output="json")
-        records = json.loads(cpx.render_instances(sample_instances()[:1], options))
+        instances = sample_instances()[:1]
+        report = cpx.instances_report(instances, cpx.Snapshot(instances, 0.1), THRESHOLDS)
+        records = json.loads(report.render(options))
         self.assertEqual(records, [{"ip": "10.0.0.10", "service": "UserService", "status": "Healthy",
                                     "cpu": 61, "memory": 4, "error": None}])
         text = cpx.render_csv(cpx.INSTANCE_FIELDS, [cpx.instance_record(cpx.Instance("1.1.1.1", "a\x1bb"),
@@ -874,7 +878,7 @@ def drive(limiter, requests, server=None, now=0.0):
     server = server or ModelServer()
     limiter.begin_batch()
     waiting = list(enumerate(requests))[::-1]
-    answers, events, answered_at, start = [], [], {}, now
+    events, answered_at, start = [], {}, now
     while waiting or events:
         for _ in range(min(len(waiting), limiter.room(now))):
             index, request = waiting.pop()
@@ -1650,7 +1654,8 @@ class CliOutputTest(ServerTestCase):
         self.assertEqual(len(lines), 5)
         self.assertNotIn("---", result.stdout)  # the summary goes to stderr, stdout stays csv
         self.assertIn("--- UserService: 2 samples", result.stderr)
-        self.assertRegex(lines[1], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d),10\.0\.0\.9,UserService,Healthy,3,43$")
+        self.assertRegex(lines[1], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}(Z|[+-]\d\d:\d\d),"
+                                   r"10\.0\.0\.9,UserService,Healthy,3,43$")
 
 
 def read_lines_live(stream, into):
@@ -1760,12 +1765,11 @@ class TrackTest(ServerTestCase):
         self.assertIn("worst moment:", err)
 
     def test_schedule_does_not_drift_with_slow_answers(self):
-        slow = lambda handler: (time.sleep(0.05), Reply(FIXED_FLEET["10.0.0.9"])(handler))
-        self.server.routes["/10.0.0.9"] = slow
+        self.server.routes["/10.0.0.9"] = Delayed(Reply(FIXED_FLEET["10.0.0.9"]), 0.05)
         result = self.cli("track", "UserService", "-n", "0.2", "-c", "15", "-o", "json")
         from datetime import datetime
-        times = sorted({datetime.strptime(json.loads(l)["time"][:23], "%Y-%m-%dT%H:%M:%S.%f")
-                        for l in result.stdout.splitlines()})
+        times = sorted({datetime.strptime(json.loads(line)["time"][:23], "%Y-%m-%dT%H:%M:%S.%f")
+                        for line in result.stdout.splitlines()})
         self.assertEqual(len(times), 15)
         span = (times[-1] - times[1]).total_seconds()
         # 13 intervals from sample 2 on: 2.6 s on schedule; drift of 50 ms a sample would add 0.65 s.
@@ -1827,9 +1831,9 @@ class TrackTest(ServerTestCase):
     def test_log_mode_marks_stale_values_during_an_outage(self):
         process, lines, _ = self.start_track("UserService", "-n", "0.2", lines_before=10)
         self.server.down()
-        self.assertTrue(wait_until(lambda: any("CPX unreachable at" in l for _, l in lines)))
+        self.assertTrue(wait_until(lambda: any("CPX unreachable at" in line for _, line in lines)))
         self.assertEqual(self.stop(process), 0)
-        text = "".join(l for _, l in lines)
+        text = "".join(line for _, line in lines)
         self.assertIn("| Healthy (stale) |", text)
 
     def test_terminal_mode_redraws_in_place_and_restores_the_screen(self):
@@ -2071,9 +2075,9 @@ class WriteTest(ServerTestCase):
         self.addCleanup(shutil.rmtree, elsewhere)
         self.server.fleet(FIXED_FLEET)
         log = os.path.join(self.directory, "strace.log")
-        result = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat,open,fsync,fdatasync,rename,renameat,renameat2",
-                                 "-o", log, sys.executable, CLI, "--url", self.server.url, "services",
-                                 "-o", "prometheus", "--write", self.target],
+        calls = "trace=openat,open,fsync,fdatasync,rename,renameat,renameat2"
+        result = subprocess.run(["strace", "-f", "-qq", "-e", calls, "-o", log, sys.executable, CLI,
+                                 "--url", self.server.url, "services", "-o", "prometheus", "--write", self.target],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                                 env=cli_env({"TMPDIR": elsewhere}), timeout=60, stdin=subprocess.DEVNULL)
         self.assertEqual((result.returncode, result.stderr), (0, ""))
@@ -2411,7 +2415,7 @@ class ConcurrencyControllerTest(unittest.TestCase):
         result = run_cli("--url", url, "services", "-o", "json", "-v")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(len(json.loads(result.stdout)), 600)
-        line = [l for l in result.stderr.splitlines() if "peak concurrency" in l][0]
+        line = [text for text in result.stderr.splitlines() if "peak concurrency" in text][0]
         self.assertIn("read 600 instances in", line)
         return int(line.split("peak concurrency ")[1].split()[0])
 
@@ -2473,8 +2477,8 @@ class CliMiscTest(unittest.TestCase):
         line = process.stderr.readline()
         self.assertIn("simulating 40 servers, listening on http://127.0.0.1:", line)
         url = line.split("listening on ")[1].split()[0]
-        import urllib.request
         import urllib.error
+        import urllib.request
         servers = json.loads(urllib.request.urlopen(url + "/servers", timeout=5).read())
         self.assertEqual(len(servers), 40)
         reading = json.loads(urllib.request.urlopen(url + "/" + servers[0], timeout=5).read())
@@ -2552,6 +2556,20 @@ def run_readme_command(command, url):
 
 
 class ReadmeTest(unittest.TestCase):
+    def test_the_exit_status_table_is_the_contract(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+            text = readme.read()
+        section = text.split("## Exit status\n", 1)[1].split("\n\n", 1)[0].strip()
+        rows = [line.strip("|").split("|", 1) for line in section.splitlines()[2:]]
+        table = [(int(code), meaning.strip().replace("\\|", "|")) for code, meaning in rows]
+        self.assertEqual(table, list(cpx.EXIT_STATUSES))
+        help_text = run_cli("--help").stdout
+        for code, meaning in cpx.EXIT_STATUSES:
+            with self.subTest(code=code):
+                first_words = " ".join(meaning.replace("`", "").split()[:4])
+                self.assertRegex(help_text, r"\n  %-5d%s" % (code, re.escape(first_words)))
+                self.assertRegex(cpx.__doc__, r"\n  %-5d%s" % (code, re.escape(first_words)))
+
     def test_every_example_prints_what_the_readme_shows(self):
         examples = readme_examples()
         self.assertGreaterEqual(len(examples), 10)
@@ -2599,7 +2617,7 @@ class _WarningsRecorded(unittest.TextTestResult):
         super().stopTest(test)
 
 
-_resource_warnings = []
+_resource_warnings: list = []  # warnings.WarningMessage of this test
 
 
 def _record_warning(message, category, filename, lineno, file=None, line=None):
