@@ -2429,30 +2429,16 @@ class Keyboard:
 
 
 class TrackView:
-    """Where track's samples go: a screen redrawn in place, an appended log, JSON Lines or csv."""
-
-    # Alternate screen, cursor hidden, and no auto-wrap, so that a line wider than
-    # the terminal is clipped rather than wrapped: the frame never scrolls.
-    ENTER = "\x1b[?1049h\x1b[?25l\x1b[?7l"
-    LEAVE = "\x1b[?7h\x1b[?25h\x1b[?1049l"  # all that back: the screen the user had
+    """Where track's samples go; one small class per kind: LogView (an appended log),
+    ScreenView (a screen redrawn in place) and RecordsView (JSON Lines or csv)."""
 
     def __init__(self, options: Options, settings: TrackSettings):
         self.options = options
         self.settings = settings
-        if options.output != "table":
-            self.mode = options.output
-        else:
-            self.mode = "screen" if options.interactive else "log"
-        self.blocks = spark_blocks(sys.stdout)
         self.keyboard = Keyboard(sys.stdin)
-        self.entered = False
 
     def open(self) -> None:
-        """Take over the screen (and the keyboard) when redrawing in place."""
-        if self.mode == "screen":
-            emit(self.ENTER)
-            self.entered = True
-            self.keyboard.open()
+        """Get ready for the first sample."""
 
     def wait(self, seconds: float) -> bool:
         """Wait for the next sample; True when the user pressed q."""
@@ -2460,6 +2446,50 @@ class TrackView:
             return self.keyboard.wait(seconds)
         time.sleep(seconds)
         return False
+
+    def show(self, state: TrackState) -> None:
+        """Show one sample."""
+        raise NotImplementedError
+
+    def note(self, state: TrackState) -> List[str]:
+        """The sample's note (instances not read yet, say), painted, as 0 or 1 line."""
+        return [paint(state.last.note, UNKNOWN, self.options.color)] if state.last.note else []
+
+    def close(self, state: TrackState) -> None:
+        """Print the session summary."""
+        emit(render_track_summary(state, spark_blocks(sys.stdout)))
+
+
+class LogView(TrackView):
+    """Each sample appended as a block: the header, the table, an outage line."""
+
+    def __init__(self, options: Options, settings: TrackSettings):
+        super().__init__(options, settings)
+        self.blocks = spark_blocks(sys.stdout)
+
+    def show(self, state: TrackState) -> None:
+        table = state.scope.table(state, self.blocks, self.options.color)
+        outage = [render_outage(state)] if state.outage is not None else []
+        emit("\n".join([render_track_header(state)] + self.note(state) + [table.rstrip("\n")] + outage) + "\n\n")
+
+
+class ScreenView(LogView):
+    """The terminal's alternate screen, redrawn in place; q quits."""
+
+    # Alternate screen, cursor hidden, and no auto-wrap, so that a line wider than
+    # the terminal is clipped rather than wrapped: the frame never scrolls.
+    ENTER = "\x1b[?1049h\x1b[?25l\x1b[?7l"
+    LEAVE = "\x1b[?7h\x1b[?25h\x1b[?1049l"  # all that back: the screen the user had
+
+    def __init__(self, options: Options, settings: TrackSettings):
+        super().__init__(options, settings)
+        self.entered = False
+
+    def open(self) -> None:
+        """Take over the screen and the keyboard."""
+        emit(self.ENTER)
+        self.entered = True
+        self.keyboard.open()
 
     def footer(self, state: TrackState) -> str:
         """The screen's last line: an outage, else how the view ends."""
@@ -2470,19 +2500,7 @@ class TrackView:
         return "%s to stop" % ("q or Ctrl+C" if self.keyboard.active else "Ctrl+C")
 
     def show(self, state: TrackState) -> None:
-        """Show one sample."""
-        if self.mode in ("json", "csv"):
-            if state.outage is not None:
-                warn(self.options, render_outage(state))
-            else:
-                emit(render_track_records(state, self.options))
-            return
-        note = [paint(state.last.note, UNKNOWN, self.options.color)] if state.last.note else []
-        if self.mode == "log":
-            table = state.scope.table(state, self.blocks, self.options.color)
-            outage = [render_outage(state)] if state.outage is not None else []
-            emit("\n".join([render_track_header(state)] + note + [table.rstrip("\n")] + outage) + "\n\n")
-            return
+        note = self.note(state)
         # Header, (note,) blank, two table heading lines, blank, footer: 6 or 7 lines around the rows.
         rows_that_fit = max(1, shutil.get_terminal_size((80, 24)).lines - 6 - len(note))
         table = state.scope.table(state, self.blocks, self.options.color, rows_that_fit)
@@ -2491,18 +2509,35 @@ class TrackView:
         emit("\x1b[H" + "\x1b[K\n".join(lines) + "\x1b[K\x1b[J")
 
     def close(self, state: TrackState) -> None:
-        """Give the screen and keyboard back, then print the session summary (stderr for json/csv)."""
+        """Give the screen and keyboard back (whatever ended the view), then the summary."""
         self.keyboard.close()
         if self.entered:
             emit(self.LEAVE)
             self.entered = False
-        summary = render_track_summary(state, spark_blocks(sys.stdout if self.mode in ("screen", "log")
-                                                           else sys.stderr))
-        if self.mode in ("json", "csv"):
-            sys.stderr.write(summary)
-            sys.stderr.flush()
+        super().close(state)
+
+
+class RecordsView(TrackView):
+    """JSON Lines or csv on stdout, a record per instance (or service) and sample; outages
+    and the summary on stderr, so that stdout stays machine-readable."""
+
+    def show(self, state: TrackState) -> None:
+        if state.outage is not None:
+            warn(self.options, render_outage(state))
         else:
-            emit(summary)
+            emit(render_track_records(state, self.options))
+
+    def close(self, state: TrackState) -> None:
+        sys.stderr.write(render_track_summary(state, spark_blocks(sys.stderr)))
+        sys.stderr.flush()
+
+
+def track_view(options: Options, settings: TrackSettings) -> TrackView:
+    """The view for the output asked for: records for json and csv; for a table, the screen
+    on an interactive terminal, else a log."""
+    if options.output in ("json", "csv"):
+        return RecordsView(options, settings)
+    return ScreenView(options, settings) if options.interactive else LogView(options, settings)
 
 
 def cmd_track(client: CpxClient, options: Options, settings: TrackSettings) -> int:
@@ -2515,7 +2550,7 @@ def cmd_track(client: CpxClient, options: Options, settings: TrackSettings) -> i
     membership = Membership()
     sample = first_sample(client, membership, scope, settings)
     state = TrackState(scope, options.thresholds, settings.interval)
-    view = TrackView(options, settings)
+    view = track_view(options, settings)
     schedule = Schedule(settings.interval, time.monotonic(), settings.rediscover)
     code = EXIT_OK
     try:
@@ -3031,12 +3066,20 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if options.write:
         check_writable(options.write)
     client = CpxClient(options)
+    interrupted = False
     try:
         if settings is not None:
             return cmd_track(client, options, settings)
         return COMMANDS[args.command](client, options, snapshot_settings(args))
+    except (KeyboardInterrupt, Terminated):
+        # Left open: the process ends at once (os._exit), and an interrupt that lands
+        # inside one of the pool's `with lock:` blocks can leave that lock held
+        # (bpo-29988), on which close() would wait for ever (seen: Ctrl+C ignored).
+        interrupted = True
+        raise
     finally:
-        client.close()
+        if not interrupted:
+            client.close()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

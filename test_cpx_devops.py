@@ -775,12 +775,26 @@ class RenderTest(unittest.TestCase):
 
     def test_sanitize_strips_control_and_escape_characters(self):
         self.assertEqual(cpx.sanitize("a\x1b[2Jb\x07c\nd\x9be\u202ef"), "a?[2Jb?c?d?e?f")
+        # Zero-width (space, joiners, marks), bidi embeddings, overrides and isolates, the BOM.
+        for char in "\u200b\u200c\u200d\u200e\u200f\u202a\u202e\u2060\u2066\u2067\u2068\u2069\ufeff":
+            with self.subTest(char="U+%04X" % ord(char)):
+                self.assertEqual(cpx.sanitize("a" + char + "b"), "a?b")
         self.assertEqual(cpx.sanitize("Zürich サービス"), "Zürich サービス")
 
     def test_wide_names_stay_aligned(self):
         rows = [["サービス", "1"], ["e\u0301t\u00e9", "2"], ["plain", "3"]]
         lines = cpx.render_table(("Service", "N"), rows, (False, True)).splitlines()
-        self.assertEqual(len({cpx.display_width(line) for line in lines}), 1, lines)
+        # Written out by hand: サービス takes 8 columns, e + combining acute + t + é takes 3.
+        self.assertEqual(lines, ["| Service  | N |",
+                                 "|----------+---|",
+                                 "| サービス | 1 |",
+                                 "| e\u0301té      | 2 |",
+                                 "| plain    | 3 |"])
+
+    def test_display_width_counts_columns(self):
+        for text, width in (("abc", 3), ("サービス", 8), ("漢a", 3), ("e\u0301", 1), ("Ｆ", 2), ("", 0)):
+            with self.subTest(text=text):
+                self.assertEqual(cpx.display_width(text), width)
 
     def test_colour_only_when_asked(self):
         rows = [["a", "Unhealthy"]]
@@ -824,6 +838,17 @@ class ClientUnitTest(unittest.TestCase):
             self.assertGreater(len(set(delays)), 40)
         self.assertEqual(cpx.backoff_delay(0, 1.5), 1.5)
         self.assertEqual(cpx.backoff_delay(0, 3600.0), cpx.RETRY_AFTER_CAP)
+
+    def test_backoff_doubles_up_to_its_cap(self):
+        import random
+        rng = random.Random(2)
+        for attempt in range(7):
+            with self.subTest(attempt=attempt):
+                ceiling = min(cpx.BACKOFF_CAP, cpx.BACKOFF_BASE * 2 ** attempt)
+                delays = [cpx.backoff_delay(attempt, None, rng) for _ in range(400)]
+                # Full jitter over [0, ceiling): the largest of 400 draws is near the ceiling.
+                self.assertGreater(max(delays), 0.95 * ceiling)
+                self.assertLessEqual(max(delays), ceiling)
 
     def test_dns_failure_is_described(self):
         error = cpx._describe_network_error(socket.gaierror(-2, "Name or service not known"))
@@ -1161,6 +1186,13 @@ class ClientTest(ServerTestCase):
         self.assertEqual(result.error, "timeout")
         self.assertLess(time.monotonic() - started, 3)
 
+    def test_connection_refused_is_retried(self):
+        client = client_for("http://127.0.0.1:%d" % free_port(), retries=2)
+        self.addCleanup(client.close)
+        with self.assertRaisesRegex(cpx.CpxUnavailable, "connection refused"):
+            client.list_servers(self.deadline())
+        self.assertEqual(client.retried, 2)  # nothing listens: each attempt refused at once
+
     def test_deadline_marks_what_is_not_read(self):
         fleet = {"10.0.0.%d" % k: instance("A", "1%", "1%") for k in range(1, 5)}
         fleet["10.0.0.9"] = hang
@@ -1174,7 +1206,8 @@ class ClientTest(ServerTestCase):
         self.server.routes["/servers"] = Reply("", 302, {"Location": "/v2/servers"})
         self.server.routes["/v2/servers"] = Reply(["10.0.0.1"])
         self.assertEqual(self.client().list_servers(self.deadline()).ips, ["10.0.0.1"])
-        for location in ["http://127.0.0.2:%d/servers" % free_port(), "file:///etc/passwd",
+        for location in ["http://127.0.0.2:%d/servers" % free_port(), "http://127.0.0.1:%d/servers" % free_port(),
+                         "file:///etc/passwd",
                          "ftp://127.0.0.1/servers", self.server.url.replace("127.0.0.1", "localhost") + "/x"]:
             self.server.routes["/servers"] = Reply("", 301, {"Location": location})
             with self.assertRaises(cpx.CpxUnavailable) as caught:
@@ -1183,27 +1216,29 @@ class ClientTest(ServerTestCase):
         self.assertEqual(self.server.count("/etc/passwd"), 0)
 
     def test_hanging_instances_do_not_hold_back_the_healthy_ones(self):
-        fleet = {"10.0.1.%d" % k: hang if k % 15 == 3 else instance("A", "1%", "1%") for k in range(150)}
+        fleet = {"10.0.1.%d" % k: hang if k % 7 == 3 else instance("A", "1%", "1%") for k in range(70)}
         self.server.fleet(fleet)
-        timeout = 1.5
+        # A timeout that leaves a loaded machine time to ask for the 60 healthy instances before
+        # it fires: 0.2 s here alone, but with the suite's other workers beside it the limiter
+        # can read the client's own slowness as queueing and shrink, and then hanging requests
+        # beyond the stuck room (8 here) hold what is left until they time out (seen: 2.09 s).
+        timeout = 3.0
         for workers in (64, 8):  # 8: fewer workers than hanging instances
             with self.subTest(workers=workers):
                 self.server.log.clear()
                 started = time.monotonic()
-                # A timeout that leaves a loaded machine time to ask for 140 instances (1.1 s
-                # with 8 workers, seen with the suite's workers beside it) before it fires.
-                instances = self.client(timeout=timeout, retries=1, workers=workers).read_instances(
+                instances = self.client(timeout=timeout, retries=0, workers=workers).read_instances(
                     list(fleet), self.deadline())
                 elapsed = time.monotonic() - started
                 healthy = [i for i in instances if fleet[i.ip] is not hang]
-                self.assertEqual([i.error for i in healthy], [None] * 140)
+                self.assertEqual([i.error for i in healthy], [None] * 60)
                 self.assertEqual({i.error for i in instances if fleet[i.ip] is hang}, {"timeout"})
                 # Judged from the server's side: every healthy instance was asked for before the
                 # first hanging request gave up, and the hanging ones waited out their time together.
                 arrivals = {path: moment for moment, path in reversed(self.server.log)}
                 first = min(arrivals.values())
                 self.assertLess(max(arrivals["/" + i.ip] for i in healthy) - first, timeout)
-                self.assertLess(elapsed, 2 * timeout + cpx.BACKOFF_BASE + 1.0)
+                self.assertLess(elapsed, timeout + 1.5)
 
     def test_overload_is_pushback_for_the_limiter(self):
         self.server.routes["/10.0.0.1"] = Reply("slow down", 429)
@@ -1572,6 +1607,14 @@ class CliOutputTest(ServerTestCase):
         result = self.cli("services")
         self.assertEqual((result.returncode, result.stdout, result.stderr), (0, SERVICES_TABLE, ""))
 
+    def test_the_footer_counts_the_unknown(self):
+        fleet = dict(FIXED_FLEET)
+        fleet["10.0.0.77"] = Reply("boom", 500)
+        self.server.fleet(fleet)
+        result = self.cli("services", "-q")
+        self.assertTrue(result.stdout.endswith("\n6 instances, 3 services, 2 unhealthy, 1 unknown\n"), result.stdout)
+        self.assertTrue(self.cli("status", "-q").stdout.endswith("\n6 instances, 3 services, 2 unhealthy, 1 unknown\n"))
+
     def test_services_filter_and_sort(self):
         result = self.cli("services", "--service", "ticketservice", "--sort", "memory")
         self.assertEqual(result.stdout, "| IP       | Service       | Status    |   CPU | Memory |\n"
@@ -1751,6 +1794,11 @@ class TrackTest(ServerTestCase):
         result = self.cli("track", "TicketService", "-c", "1")
         self.assertIn("| 10.0.0.2 | Unhealthy | 93.0%! |", result.stdout)
         self.assertIn("| 10.0.0.3 | Unhealthy |  12.5% | \u2582         |   95%! |", result.stdout)
+        # Strictly above, as the health rule: a value at the threshold is no mark.
+        self.server.fleet({"10.0.8.1": instance("EdgeService", "90%", "90.5%")})
+        result = self.cli("track", "EdgeService", "-c", "1")
+        self.assertIn("| 10.0.8.1 | Unhealthy | 90% |", result.stdout)
+        self.assertIn("| 90.5%! |", result.stdout)
 
     def test_sigint_mid_run_exits_0_with_the_summary(self):
         process, lines, errors = self.start_track("UserService", "-n", "0.1", "-o", "json", lines_before=6)
@@ -1972,6 +2020,11 @@ class PrometheusTest(ServerTestCase):
                          0.95)
         self.assertEqual(series[("cpx_instance_healthy", (("ip", "10.0.0.3"), ("service", "TicketService")))], 0)
         self.assertEqual(series[("cpx_instance_up", (("ip", "10.0.0.77"), ("service", "")))], 0)
+        # An Unknown instance is not healthy; the unknown group is no service.
+        self.assertEqual(series[("cpx_instance_healthy", (("ip", "10.0.0.77"), ("service", "")))], 0)
+        self.assertEqual(series[("cpx_instance_healthy", (("ip", "10.0.0.4"), ("service", "AuthService")))], 1)
+        for family in ("cpx_service_instances", "cpx_service_healthy_instances"):
+            self.assertNotIn((family, (("service", ""),)), series)
         self.assertNotIn(("cpx_instance_cpu_ratio", (("ip", "10.0.0.77"), ("service", ""))), series)
         self.assertEqual(series[("cpx_service_instances", (("service", "TicketService"),))], 2)
         self.assertEqual(series[("cpx_service_healthy_instances", (("service", "TicketService"),))], 0)
@@ -2160,6 +2213,12 @@ class ConventionsTest(ServerTestCase):
         self.assertEqual(csv_lines[0], "10.0.0.4,AuthService,Healthy,10,20,")
         self.assertEqual(len(csv_lines), 6)
         self.assertEqual(len(self.cli("status", "--no-headers", "-q").stdout.splitlines()), 4)
+        for command, first in (("status", "AuthService,1,1,10,20"), ("unhealthy", "TicketService,0,2")):
+            with self.subTest(command=command):
+                lines = self.cli(command, "-o", "csv", "--no-headers", "-q").stdout.splitlines()
+                self.assertEqual(lines[0], first)
+                with_headers = self.cli(command, "-o", "csv", "-q").stdout.splitlines()
+                self.assertEqual(with_headers[1:], lines)
 
     def test_colour_only_on_a_terminal(self):
         code, text = run_in_pty(["--url", self.server.url, "services", "-q"], {"TERM": "xterm"})
@@ -2420,7 +2479,9 @@ class ConcurrencyControllerTest(unittest.TestCase):
         return int(line.split("peak concurrency ")[1].split()[0])
 
     def test_grows_against_a_concurrent_server(self):
-        self.assertGreaterEqual(self.peak("--latency-ms", "20"), 32)
+        # At 50 ms, a loaded client's own noise (1-12 ms, measured) leaves the evidence for
+        # growth clean; at 20 ms it did not with four CPU burners, and the limit rightly held.
+        self.assertGreaterEqual(self.peak("--latency-ms", "50"), 32)
 
     def test_stays_small_against_a_single_threaded_server(self):
         # 7 is what a listen backlog of 5 holds (one in service, six queued) without dropping a SYN.
