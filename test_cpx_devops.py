@@ -645,7 +645,7 @@ class ParseServerListTest(unittest.TestCase):
     def test_entries_that_are_not_addresses_are_rejected(self):
         hostile = ["../admin", "10.0.0.1/../../x", "http://elsewhere/", "10.0.0.1%2f..", "%31%30.0.0.1",
                    "010.0.0.1", "fe80::1%eth0", "10.0.0.1 ", "", 5, None, {"ip": "10.0.0.1"}, "1.2.3",
-                   "256.0.0.1", "::1/128"]
+                   "256.0.0.1", "::1/128", "1.2.3.04"]  # 1.2.3.04: read as 1.2.3.4 by 3.7
         parsed = cpx.parse_server_list(hostile + ["10.0.0.1"])
         self.assertEqual(parsed.ips, ["10.0.0.1"])
         self.assertEqual(parsed.rejected, hostile)
@@ -663,6 +663,9 @@ class HealthRuleTest(unittest.TestCase):
         self.assertEqual(status(cpx.Instance("a", "S", 90.5, 10.0), THRESHOLDS), cpx.UNHEALTHY)
         self.assertEqual(status(cpx.Instance("a", "S", 10.0, 91.0), THRESHOLDS), cpx.UNHEALTHY)
         self.assertEqual(status(cpx.Instance("a", "S", 50.0, 50.0), cpx.Thresholds(40, 90)), cpx.UNHEALTHY)
+        # Each value against its own threshold: memory 60 is under 95, though over cpu's 50.
+        self.assertEqual(status(cpx.Instance("a", "S", 40.0, 60.0), cpx.Thresholds(50, 95)), cpx.HEALTHY)
+        self.assertEqual(status(cpx.Instance("a", "S", 60.0, 40.0), cpx.Thresholds(95, 50)), cpx.HEALTHY)
         self.assertEqual(status(cpx.Instance("a", "S", error="timeout"), THRESHOLDS), cpx.UNKNOWN)
 
 
@@ -2660,9 +2663,18 @@ def _test_ids(names):
         else:
             tests.append(item)
     flatten(suite)
+    # Longest first, so that no worker starts a long test at the end: the classes known
+    # to take seconds (a hint for the schedule only), then those talking to servers.
+    def cost(test):
+        name = type(test).__name__
+        return (SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST),
+                not isinstance(test, ServerTestCase))
     # "Class.test_name", relative to this module, which the workers load by name.
-    return ["%s.%s" % (type(test).__name__, test._testMethodName)
-            for test in sorted(tests, key=lambda test: not isinstance(test, ServerTestCase))]
+    return ["%s.%s" % (type(test).__name__, test._testMethodName) for test in sorted(tests, key=cost)]
+
+
+SLOW_FIRST = ("SickFleetCliTest", "ReadmeTest", "TrackTest", "ClientTest", "TrackCornersTest", "CliFailureTest",
+              "ConcurrencyControllerTest", "CliSignalsAndPipesTest")
 
 
 class _WarningsRecorded(unittest.TextTestResult):
@@ -2692,6 +2704,7 @@ def _record_warning(message, category, filename, lineno, file=None, line=None):
 def _run_one(test_id):
     """Run one test in a worker: (test id, tests run, failures, errors, skipped, report text)."""
     stream = io.StringIO()
+    started = time.monotonic()
     suite = unittest.defaultTestLoader.loadTestsFromName(test_id, sys.modules[__name__])
     result = _WarningsRecorded(unittest.runner._WritelnDecorator(stream), True, 1)
     suite.run(result)
@@ -2699,7 +2712,7 @@ def _run_one(test_id):
                      for kind, pairs in (("FAIL", result.failures), ("ERROR", result.errors))
                      for test, text in pairs)
     return (test_id, result.testsRun, len(result.failures) + len(result.unexpectedSuccesses),
-            len(result.errors), len(result.skipped), stream.getvalue(), report)
+            len(result.errors), len(result.skipped), stream.getvalue(), report, time.monotonic() - started)
 
 
 def _start_worker():
@@ -2721,10 +2734,12 @@ def run_suite(names, jobs):
     ids = _test_ids(names)
     started = time.monotonic()
     run = failed = skipped = 0
-    reports = []
+    reports, durations = [], []
     # fork: each worker starts with this module imported, and nothing runs before it forks.
     with multiprocessing.get_context("fork").Pool(max(1, jobs), initializer=_start_worker) as pool:
-        for _, tests_run, failures, errors, skips, progress, report in pool.imap_unordered(_run_one, ids):
+        for test_id, tests_run, failures, errors, skips, progress, report, seconds in pool.imap_unordered(_run_one,
+                                                                                                         ids):
+            durations.append((seconds, test_id))
             run += tests_run
             failed += failures + errors
             skipped += skips
@@ -2733,6 +2748,8 @@ def run_suite(names, jobs):
             if report:
                 reports.append(report)
     sys.stderr.write("\n" + "".join(reports))
+    slowest = sorted(durations, reverse=True)[:5]
+    sys.stderr.write("slowest: %s\n" % ", ".join("%s %.1fs" % (name, seconds) for seconds, name in slowest))
     sys.stderr.write("-" * 70 + "\nRan %d tests in %.3fs (%d workers)\n\n%s\n"
                      % (run, time.monotonic() - started, jobs, "FAILED (failures=%d)" % failed if failed else "OK"))
     sys.stderr.flush()
