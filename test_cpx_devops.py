@@ -29,6 +29,11 @@ import cpx_devops as cpx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLI = os.path.join(HERE, "cpx_devops.py")
+# The tool in a process of its own: run as `python -m cpx_devops` from HERE, the same
+# __main__ as `python cpx_devops.py` (argv[0] is the file's path), from the compiled
+# module this process already cached: 50 ms less per process (a script is compiled
+# every time). The README and `make install` tests run it as users type it.
+TOOL = [sys.executable, "-m", "cpx_devops"]
 
 
 # ---------------------------------------------------------------------------
@@ -184,6 +189,13 @@ def instance(service, cpu, memory):
     return {"cpu": cpu, "memory": memory, "service": service}
 
 
+def alone(test):
+    """Run this test apart from the rest of the suite (beside other such tests only): it
+    measures the client's own speed, which the suite's other workers would take away."""
+    test.alone = True
+    return test
+
+
 def free_port():
     """A port on 127.0.0.1 where nothing listens."""
     with socket.socket() as probe:
@@ -208,14 +220,14 @@ def _default_sigint():
 def run_process(*args, env=None, timeout=60):
     """Run the CLI in a process of its own, as a user would; returns the CompletedProcess (text).
     Only for what needs a process: signals, pipes, terminals, the README examples."""
-    return subprocess.run([sys.executable, CLI] + [str(a) for a in args], stdout=subprocess.PIPE,
+    return subprocess.run(TOOL + [str(a) for a in args], cwd=HERE, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, env=cli_env(env),
                           timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=_default_sigint)
 
 
 def spawn_cli(*args, env=None, stdout=subprocess.PIPE):
     """Start the CLI in the background (for signals and pipes), with SIGINT at its default."""
-    return subprocess.Popen([sys.executable, CLI] + [str(a) for a in args], stdout=stdout,
+    return subprocess.Popen(TOOL + [str(a) for a in args], cwd=HERE, stdout=stdout,
                             stderr=subprocess.PIPE, universal_newlines=True, env=cli_env(env),
                             stdin=subprocess.DEVNULL, preexec_fn=_default_sigint)
 
@@ -289,9 +301,10 @@ def wait_until(predicate, timeout=10.0):
 
 def start_simulator_process(servers, latency_ms, extra, seed=1):
     """The simulator as its own process on a free port; returns the process and its URL."""
-    process = subprocess.Popen([sys.executable, CLI, "simulate", "--port", "0", "--servers", str(servers),
-                                "--latency-ms", str(latency_ms), "--seed", str(seed)] + extra,
-                               stderr=subprocess.PIPE, universal_newlines=True, env=cli_env())
+    process = subprocess.Popen(TOOL + ["simulate", "--port", "0", "--servers", str(servers),
+                                       "--latency-ms", str(latency_ms), "--seed", str(seed)] + extra,
+                               cwd=HERE, stderr=subprocess.PIPE, universal_newlines=True, env=cli_env(),
+                               preexec_fn=_default_sigint)
     line = process.stderr.readline()
     return process, line.split("listening on ")[1].split()[0]
 
@@ -1221,11 +1234,11 @@ class ClientTest(ServerTestCase):
     def check_hanging_instances_do_not_hold_back_the_healthy_ones(self, workers):
         fleet = {"10.0.1.%d" % k: hang if k % 7 == 3 else instance("A", "1%", "1%") for k in range(70)}
         self.server.fleet(fleet)
-        # A timeout that leaves a loaded machine time to ask for the 60 healthy instances before
-        # it fires: 0.2 s here alone, but with the suite's other workers beside it the limiter
-        # can read the client's own slowness as queueing and shrink, and then hanging requests
-        # beyond the stuck room (8 with 8 workers) hold what is left until they time out.
-        timeout = 3.0
+        # The limiter cannot tell a client starved of CPU from a server that queues: with the
+        # suite's other workers beside it, it shrank and counted the hanging requests again,
+        # and 33 of the 60 healthy instances waited out a timeout (seen on 3.12). So these
+        # tests run apart from the rest (@alone), where the 60 take about 0.2 s.
+        timeout = 1.0
         started = time.monotonic()
         instances = self.client(timeout=timeout, retries=0, workers=workers).read_instances(
             list(fleet), self.deadline())
@@ -1233,21 +1246,22 @@ class ClientTest(ServerTestCase):
         healthy = [i for i in instances if fleet[i.ip] is not hang]
         self.assertEqual([i.error for i in healthy], [None] * 60)
         self.assertEqual({i.error for i in instances if fleet[i.ip] is hang}, {"timeout"})
-        # Judged from the server's side: the healthy instances were asked for before the first
-        # hanging request gave up. A machine starved by the suite's other workers can leave a
-        # straggler or two behind (seen: one at 3.08 s on 3.13); hanging requests that hold
-        # their slots leave about half of them (5 slots, a hanging instance in every 7).
+        # Judged from the server's side: every healthy instance was asked for before the first
+        # hanging request gave up (hanging requests that hold their slots leave about half of
+        # them behind: 5 slots, a hanging instance in every 7).
         arrivals = {path: moment for moment, path in reversed(self.server.log)}
         first = min(arrivals.values())
         late = [i.ip for i in healthy if arrivals["/" + i.ip] - first >= timeout]
-        self.assertLessEqual(len(late), 6, late)
+        self.assertEqual(late, [])
         # ...and the hanging ones waited out their time side by side, not one after another
         # (one timeout alone; a second wave after a shrink under load, seen; never ten).
         self.assertLess(elapsed, 3 * timeout)
 
+    @alone
     def test_hanging_instances_do_not_hold_back_the_healthy_ones(self):
         self.check_hanging_instances_do_not_hold_back_the_healthy_ones(64)
 
+    @alone
     def test_hanging_instances_do_not_hold_back_the_healthy_ones_with_fewer_workers_than_them(self):
         self.check_hanging_instances_do_not_hold_back_the_healthy_ones(8)
 
@@ -1740,7 +1754,7 @@ def run_in_pty(args, env, rows=24, columns=100, keys=None):
     import termios
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
-    process = subprocess.Popen([sys.executable, CLI] + args, stdout=slave, stderr=subprocess.PIPE,
+    process = subprocess.Popen(TOOL + args, cwd=HERE, stdout=slave, stderr=subprocess.PIPE,
                                stdin=slave if keys else subprocess.DEVNULL, env=cli_env(env),
                                preexec_fn=_own_terminal if keys else None)
     os.close(slave)
@@ -2459,14 +2473,14 @@ class CliSignalsAndPipesTest(ServerTestCase):
             self.assertEqual((process.returncode, err), (141, ""), output)
 
     def test_head_1_ends_quietly(self):
-        # 320 instances with long names: over 80 KB in every format, more than a pipe holds.
+        # 260 instances with long names: over 68 KB in every format, more than a pipe holds.
         self.server.fleet({"10.0.%d.%d" % (k // 200, k % 200): instance("S%d" % k + "x" * 240, "5%", "5%")
-                           for k in range(320)})
+                           for k in range(260)})
         for output in cpx.OUTPUT_FORMATS:
-            script = '"$0" "$1" --url "$2" services -o "$3" | head -1; echo "status=${PIPESTATUS[0]}"'
-            result = subprocess.run(["bash", "-c", script, sys.executable, CLI, self.server.url, output],
+            script = '"$0" -m cpx_devops --url "$1" services -o "$2" | head -1; echo "status=${PIPESTATUS[0]}"'
+            result = subprocess.run(["bash", "-c", script, sys.executable, self.server.url, output], cwd=HERE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                                    env=cli_env(), timeout=60)
+                                    env=cli_env(), timeout=60, preexec_fn=_default_sigint)
             self.assertEqual(result.stderr, "", output)
             first, status = result.stdout.splitlines()
             self.assertTrue(first.startswith(("| IP", "[", "ip,service", "# HELP")), first)
@@ -2481,13 +2495,13 @@ class ConcurrencyControllerTest(unittest.TestCase):
     def peak(self, *simulator_options):
         # The simulator in a process of its own, as users (and make bench) run it:
         # in the test's process it would share a GIL with the test runner.
-        simulator, url = start_simulator_process(600, 0, list(simulator_options))
+        simulator, url = start_simulator_process(400, 0, list(simulator_options))
         self.addCleanup(finish, simulator)
         result = run_cli("--url", url, "services", "-o", "json", "-v")
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(len(json.loads(result.stdout)), 600)
+        self.assertEqual(len(json.loads(result.stdout)), 400)
         line = [text for text in result.stderr.splitlines() if "peak concurrency" in text][0]
-        self.assertIn("read 600 instances in", line)
+        self.assertIn("read 400 instances in", line)
         return int(line.split("peak concurrency ")[1].split()[0])
 
     def test_grows_against_a_concurrent_server(self):
@@ -2544,8 +2558,7 @@ class CliMiscTest(unittest.TestCase):
         self.assertFalse(os.path.exists(tool))
 
     def test_simulate_serves_the_cpx_api_until_interrupted(self):
-        process = subprocess.Popen([sys.executable, CLI, "simulate", "--port", "0", "--servers", "40",
-                                    "--seed", "3"], stderr=subprocess.PIPE, universal_newlines=True, env=cli_env())
+        process = spawn_cli("simulate", "--port", "0", "--servers", "40", "--seed", "3")
         self.addCleanup(finish, process)
         line = process.stderr.readline()
         self.assertIn("simulating 40 servers, listening on http://127.0.0.1:", line)
@@ -2678,8 +2691,12 @@ def _test_ids(names):
         name = type(test).__name__
         return (SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST),
                 not isinstance(test, ServerTestCase))
-    # "Class.test_name", relative to this module, which the workers load by name.
-    return ["%s.%s" % (type(test).__name__, test._testMethodName) for test in sorted(tests, key=cost)]
+    # "Class.test_name", relative to this module, which the workers load by name;
+    # the tests marked @alone apart, for after the others.
+    tests = sorted(tests, key=cost)
+    ids = ["%s.%s" % (type(test).__name__, test._testMethodName) for test in tests]
+    apart = [getattr(getattr(test, test._testMethodName), "alone", False) for test in tests]
+    return ([i for i, a in zip(ids, apart) if not a], [i for i, a in zip(ids, apart) if a])
 
 
 SLOW_FIRST = ("SickFleetCliTest", "ReadmeTest", "TrackTest", "ClientTest", "TrackCornersTest", "CliFailureTest",
@@ -2740,14 +2757,15 @@ def run_suite(names, jobs):
     import warnings
     global _show_warning
     _show_warning = warnings.showwarning
-    ids = _test_ids(names)
+    together, apart = _test_ids(names)
     started = time.monotonic()
     run = failed = skipped = 0
     reports, durations = [], []
     # fork: each worker starts with this module imported, and nothing runs before it forks.
     with multiprocessing.get_context("fork").Pool(max(1, jobs), initializer=_start_worker) as pool:
-        for test_id, tests_run, failures, errors, skips, progress, report, seconds in pool.imap_unordered(_run_one,
-                                                                                                         ids):
+        outcomes = list(pool.imap_unordered(_run_one, together)) if together else []
+        outcomes += list(pool.imap_unordered(_run_one, apart)) if apart else []
+        for test_id, tests_run, failures, errors, skips, progress, report, seconds in outcomes:
             durations.append((seconds, test_id))
             run += tests_run
             failed += failures + errors
