@@ -2358,14 +2358,6 @@ def render_track_summary(state: TrackState, blocks: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_track_records(state: TrackState, options: Options) -> str:
-    """The last sample as JSON Lines, or csv rows (the header with the first sample)."""
-    records = state.scope.records(state)
-    if options.output == "json":
-        return "".join(json.dumps(record) + "\n" for record in records)
-    return render_csv(state.scope.FIELDS, records, state.samples == 1 and options.headers)
-
-
 class Keyboard:
     """`q` stops the live view, as in top: stdin without line buffering or echo while the view
     owns the screen. Only when stdin is a terminal and this process is in its foreground:
@@ -2518,25 +2510,44 @@ class ScreenView(LogView):
 
 
 class RecordsView(TrackView):
-    """JSON Lines or csv on stdout, a record per instance (or service) and sample; outages
-    and the summary on stderr, so that stdout stays machine-readable."""
+    """Records on stdout, one per instance (or service) and sample; outages and the summary
+    on stderr, so that stdout stays machine-readable."""
 
     def show(self, state: TrackState) -> None:
         if state.outage is not None:
             warn(self.options, render_outage(state))
         else:
-            emit(render_track_records(state, self.options))
+            emit(self.render(state, state.scope.records(state)))
+
+    def render(self, state: TrackState, records: List[Dict[str, Any]]) -> str:
+        """The last sample's records as text."""
+        raise NotImplementedError
 
     def close(self, state: TrackState) -> None:
         sys.stderr.write(render_track_summary(state, spark_blocks(sys.stderr)))
         sys.stderr.flush()
 
 
+class JsonLinesView(RecordsView):
+    """-o json: JSON Lines, one object per line."""
+
+    def render(self, state: TrackState, records: List[Dict[str, Any]]) -> str:
+        return "".join(json.dumps(record) + "\n" for record in records)
+
+
+class CsvView(RecordsView):
+    """-o csv: rows, the header once, with the first sample."""
+
+    def render(self, state: TrackState, records: List[Dict[str, Any]]) -> str:
+        return render_csv(state.scope.FIELDS, records, state.samples == 1 and self.options.headers)
+
+
 def track_view(options: Options, settings: TrackSettings) -> TrackView:
     """The view for the output asked for: records for json and csv; for a table, the screen
     on an interactive terminal, else a log."""
-    if options.output in ("json", "csv"):
-        return RecordsView(options, settings)
+    records = {"json": JsonLinesView, "csv": CsvView}.get(options.output)
+    if records is not None:
+        return records(options, settings)
     return ScreenView(options, settings) if options.interactive else LogView(options, settings)
 
 

@@ -121,6 +121,19 @@ class Sequence_:
         answer(handler)
 
 
+class _ControlledHTTPServer(ThreadingHTTPServer):
+    """The HTTP side of a ControlledServer: a deep listen queue, a thread per request, and
+    the same port again after down() and up()."""
+
+    request_queue_size = 256
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, handler, controller):
+        self.controller = controller
+        super().__init__(address, handler)
+
+
 class ControlledServer:
     """A loopback HTTP server whose every answer the test decides, with a request log."""
 
@@ -151,10 +164,7 @@ class ControlledServer:
         self.url = "http://127.0.0.1:%d" % self.port
 
     def start(self, port):
-        server_class = type("Server", (ThreadingHTTPServer,), {"request_queue_size": 256, "daemon_threads": True,
-                                                               "allow_reuse_address": True})
-        self.server = server_class(("127.0.0.1", port), self.handler)
-        self.server.controller = self
+        self.server = _ControlledHTTPServer(("127.0.0.1", port), self.handler, self)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
@@ -616,13 +626,15 @@ class ParsePercentTest(unittest.TestCase):
     def test_accepts_percent_strings_and_bare_numbers(self):
         for value, expected in [("61%", 61.0), ("0%", 0.0), ("100%", 100.0), ("4.5%", 4.5), (" 7 % ", 7.0),
                                 ("61", 61.0), (61, 61.0), (61.5, 61.5), (".5", 0.5)]:
-            self.assertEqual(cpx.parse_percent(value), expected, value)
+            with self.subTest(case=(value, expected)):
+                self.assertEqual(cpx.parse_percent(value), expected, value)
 
     def test_rejects_what_is_not_a_percentage(self):
         for value in ["abc", "-5%", "250%", "", "%", None, True, [], {"v": 1}, "1e2", "nan", "inf",
                       float("nan"), float("inf"), 10 ** 400, -0.1, "61%%", "0x10"]:
-            with self.assertRaises(ValueError, msg=repr(value)):
-                cpx.parse_percent(value)
+            with self.subTest(case=value):
+                with self.assertRaises(ValueError, msg=repr(value)):
+                    cpx.parse_percent(value)
 
 
 class ParseInstanceTest(unittest.TestCase):
@@ -640,9 +652,10 @@ class ParseInstanceTest(unittest.TestCase):
                  (instance("A", "abc", "1%"), "invalid cpu"), (instance("A", "1%", "250%"), "invalid memory"),
                  (instance("A", None, "1%"), "invalid cpu"), (instance("A", {"v": 1}, "1%"), "invalid cpu")]
         for payload, reason in cases:
-            parsed = cpx.parse_instance("10.0.0.1", payload)
-            self.assertEqual(parsed.error, reason, payload)
-            self.assertEqual(cpx.instance_status(parsed, THRESHOLDS), cpx.UNKNOWN)
+            with self.subTest(case=(payload, reason)):
+                parsed = cpx.parse_instance("10.0.0.1", payload)
+                self.assertEqual(parsed.error, reason, payload)
+                self.assertEqual(cpx.instance_status(parsed, THRESHOLDS), cpx.UNKNOWN)
 
     def test_a_known_service_is_kept_when_values_are_bad(self):
         self.assertEqual(cpx.parse_instance("10.0.0.1", instance("A", "x", "1%")).service, "A")
@@ -665,8 +678,9 @@ class ParseServerListTest(unittest.TestCase):
 
     def test_not_a_list(self):
         for payload in [{"servers": []}, "10.0.0.1", None, 3]:
-            with self.assertRaises(ValueError):
-                cpx.parse_server_list(payload)
+            with self.subTest(case=payload):
+                with self.assertRaises(ValueError):
+                    cpx.parse_server_list(payload)
 
 
 class HealthRuleTest(unittest.TestCase):
@@ -837,8 +851,9 @@ class ClientUnitTest(unittest.TestCase):
         self.assertEqual(cpx.normalize_url("https://h/cpx/"), "https://h/cpx")
         for bad in ["file:///etc/passwd", "ftp://h/", "data:,x", "localhost:8080", "http://", "http://h:99999",
                     "http://h/?x=1", "gopher://h"]:
-            with self.assertRaises(cpx.UsageError, msg=bad):
-                cpx.normalize_url(bad)
+            with self.subTest(case=bad):
+                with self.assertRaises(cpx.UsageError, msg=bad):
+                    cpx.normalize_url(bad)
 
     def test_retry_after(self):
         self.assertEqual(cpx.parse_retry_after("3"), 3.0)
@@ -849,9 +864,10 @@ class ClientUnitTest(unittest.TestCase):
         import random
         rng = random.Random(1)
         for attempt in range(6):
-            delays = [cpx.backoff_delay(attempt, None, rng) for _ in range(50)]
-            self.assertTrue(all(0 <= d <= min(cpx.BACKOFF_CAP, cpx.BACKOFF_BASE * 2 ** attempt) for d in delays))
-            self.assertGreater(len(set(delays)), 40)
+            with self.subTest(case=attempt):
+                delays = [cpx.backoff_delay(attempt, None, rng) for _ in range(50)]
+                self.assertTrue(all(0 <= d <= min(cpx.BACKOFF_CAP, cpx.BACKOFF_BASE * 2 ** attempt) for d in delays))
+                self.assertGreater(len(set(delays)), 40)
         self.assertEqual(cpx.backoff_delay(0, 1.5), 1.5)
         self.assertEqual(cpx.backoff_delay(0, 3600.0), cpx.RETRY_AFTER_CAP)
 
@@ -1029,8 +1045,9 @@ class AdaptiveLimitTest(unittest.TestCase):
         drive(limiter, [0.020] * 200)  # a few rounds of health: back to full speed
         self.assertEqual(limiter.limit, 64)
         for sick in (FAIL, HANG):
-            drive(limiter, [sick] * 100 + [0.020] * 100)  # instances' own sickness: nothing lost
-            self.assertEqual(limiter.limit, 64, sick)
+            with self.subTest(case=sick):
+                drive(limiter, [sick] * 100 + [0.020] * 100)  # instances' own sickness: nothing lost
+                self.assertEqual(limiter.limit, 64, sick)
 
     def test_a_server_that_slows_down_for_good_is_learnt_again(self):
         limiter = cpx.AdaptiveLimit(ceiling=64)
@@ -1135,10 +1152,11 @@ class ClientTest(ServerTestCase):
                  (Reply({"servers": []}), "not a JSON list"), (Reply(b""), "not JSON"),
                  (Reply("[" * 100000), "not JSON")]
         for answer, reason in cases:
-            self.server.routes["/servers"] = answer
-            with self.assertRaises(cpx.CpxUnavailable) as caught:
-                self.client(retries=0).list_servers(self.deadline())
-            self.assertEqual(str(caught.exception), "GET %s/servers: %s" % (self.server.url, reason))
+            with self.subTest(case=(answer, reason)):
+                self.server.routes["/servers"] = answer
+                with self.assertRaises(cpx.CpxUnavailable) as caught:
+                    self.client(retries=0).list_servers(self.deadline())
+                self.assertEqual(str(caught.exception), "GET %s/servers: %s" % (self.server.url, reason))
 
     def test_connection_refused(self):
         client = client_for("http://127.0.0.1:%d" % free_port(), retries=0)
@@ -1158,11 +1176,12 @@ class ClientTest(ServerTestCase):
 
     def test_retries_count_and_which_statuses(self):
         for status, expected_requests in [(503, 3), (502, 3), (504, 3), (429, 3), (500, 1), (404, 1), (400, 1)]:
-            self.server.log.clear()
-            self.server.routes["/10.0.0.1"] = Reply("no", status=status)
-            result = self.client(retries=2).read_instance("10.0.0.1", self.deadline())
-            self.assertEqual(result.error, "HTTP %d" % status)
-            self.assertEqual(self.server.count("/10.0.0.1"), expected_requests, status)
+            with self.subTest(case=(status, expected_requests)):
+                self.server.log.clear()
+                self.server.routes["/10.0.0.1"] = Reply("no", status=status)
+                result = self.client(retries=2).read_instance("10.0.0.1", self.deadline())
+                self.assertEqual(result.error, "HTTP %d" % status)
+                self.assertEqual(self.server.count("/10.0.0.1"), expected_requests, status)
 
     def test_connection_drop_and_timeout_are_retried(self):
         self.server.routes["/10.0.0.1"] = close_without_answer
@@ -1225,10 +1244,11 @@ class ClientTest(ServerTestCase):
         for location in ["http://127.0.0.2:%d/servers" % free_port(), "http://127.0.0.1:%d/servers" % free_port(),
                          "file:///etc/passwd",
                          "ftp://127.0.0.1/servers", self.server.url.replace("127.0.0.1", "localhost") + "/x"]:
-            self.server.routes["/servers"] = Reply("", 301, {"Location": location})
-            with self.assertRaises(cpx.CpxUnavailable) as caught:
-                self.client().list_servers(self.deadline())
-            self.assertIn("redirected to %s, not followed" % location, str(caught.exception))
+            with self.subTest(case=location):
+                self.server.routes["/servers"] = Reply("", 301, {"Location": location})
+                with self.assertRaises(cpx.CpxUnavailable) as caught:
+                    self.client().list_servers(self.deadline())
+                self.assertIn("redirected to %s, not followed" % location, str(caught.exception))
         self.assertEqual(self.server.count("/etc/passwd"), 0)
 
     def check_hanging_instances_do_not_hold_back_the_healthy_ones(self, workers):
@@ -1412,8 +1432,9 @@ class SickFleetCliTest(ServerTestCase):
         self.assertEqual(len(samples), 8)
         for number, sample in enumerate(samples, 1):
             # The seven healthy instances are read in every sample, whatever the others do.
-            self.assertEqual({sample["10.0.3.%d" % k] for k in range(1, 8)}, {"Healthy"}, number)
-            self.assertEqual(sample["10.0.3.11"], "Healthy" if number == 1 else "Unknown", number)
+            with self.subTest(case=(number, sample)):
+                self.assertEqual({sample["10.0.3.%d" % k] for k in range(1, 8)}, {"Healthy"}, number)
+                self.assertEqual(sample["10.0.3.11"], "Healthy" if number == 1 else "Unknown", number)
         self.assertEqual([samples[n]["10.0.3.8"] for n in range(8)], ["Healthy"] + ["Unknown"] * 3 + ["Healthy"] * 4)
         self.assertNotIn("CPX unreachable", err)
 
@@ -1542,16 +1563,17 @@ class TrackCornersTest(ServerTestCase):
         fleet["10.0.0.77"] = Reply("boom", status=500)
         self.server.fleet(fleet)
         for args in ([], ["--all"]):
-            code, out, err = self.track(*(args + ["-n", "0.1", "-c", "2", "-o", "json"]))
-            self.assertEqual(code, 0, err)
-            records = [json.loads(line) for line in out.splitlines()]
-            self.assertEqual(len(records), 8)  # 4 rows, the (unknown) group included, 2 samples
-            # In each sample, services by name and the (unknown) group last, as status lists them.
-            self.assertEqual(records[3], {"time": records[0]["time"], "service": None, "instances": 1, "healthy": 0,
-                                          "avg_cpu": None, "max_cpu": None, "avg_memory": None, "max_memory": None})
-            self.assertIn({"time": records[0]["time"], "service": "TicketService", "instances": 2, "healthy": 0,
-                           "avg_cpu": 52.75, "max_cpu": 93, "avg_memory": 63, "max_memory": 95}, records)
-            self.assertIn("--- fleet: 2 samples", err)
+            with self.subTest(case=args):
+                code, out, err = self.track(*(args + ["-n", "0.1", "-c", "2", "-o", "json"]))
+                self.assertEqual(code, 0, err)
+                records = [json.loads(line) for line in out.splitlines()]
+                self.assertEqual(len(records), 8)  # 4 rows, the (unknown) group included, 2 samples
+                # In each sample, services by name and the (unknown) group last, as status lists them.
+                self.assertEqual(records[3], {"time": records[0]["time"], "service": None, "instances": 1, "healthy": 0,
+                                              "avg_cpu": None, "max_cpu": None, "avg_memory": None, "max_memory": None})
+                self.assertIn({"time": records[0]["time"], "service": "TicketService", "instances": 2, "healthy": 0,
+                               "avg_cpu": 52.75, "max_cpu": 93, "avg_memory": 63, "max_memory": 95}, records)
+                self.assertIn("--- fleet: 2 samples", err)
         self.assertEqual(self.server.count("/10.0.0.9"), 4)  # each sample reads the whole fleet
         code, out, err = self.track("-n", "0.1", "-c", "1")
         self.assertEqual(code, 0, err)
@@ -1699,12 +1721,13 @@ class CliOutputTest(ServerTestCase):
     def test_unknown_service_exits_2_with_suggestion(self):
         for args in (["status", "UserSrvice"], ["track", "UserSrvice", "-c", "1"],
                      ["services", "--service", "UserSrvice"]):
-            result = self.cli(*args)
-            self.assertEqual(result.returncode, 2, args)
-            self.assertEqual(result.stderr, "cpx_devops: error: unknown service 'UserSrvice'; did you mean "
-                                            "'UserService'? Known services: AuthService, TicketService, "
-                                            "UserService\n")
-            self.assertEqual(result.stdout, "")
+            with self.subTest(case=args):
+                result = self.cli(*args)
+                self.assertEqual(result.returncode, 2, args)
+                self.assertEqual(result.stderr, "cpx_devops: error: unknown service 'UserSrvice'; did you mean "
+                                                "'UserService'? Known services: AuthService, TicketService, "
+                                                "UserService\n")
+                self.assertEqual(result.stdout, "")
 
     def test_track_count_and_json_lines(self):
         result = self.cli("track", "UserService", "-n", "0.1", "-c", "3", "-o", "json")
@@ -1972,16 +1995,17 @@ class TrackTest(ServerTestCase):
 
     def test_terminal_without_colour_or_unicode(self):
         for extra in ({"NO_COLOR": "1"}, {"TERM": "dumb"}, {"PYTHONIOENCODING": "ascii"}):
-            env = {"TERM": "xterm", "PYTHONIOENCODING": "utf-8"}
-            env.update(extra)
-            _, text = run_in_pty(["--url", self.server.url, "track", "TicketService", "-c", "1"], env)
-            if "PYTHONIOENCODING" not in extra:
-                self.assertNotIn("\x1b[31m", text, extra)
-            if "TERM" in extra:
-                self.assertNotIn("\x1b", text)  # a dumb terminal gets the log, not a redrawn screen
-            if extra.get("PYTHONIOENCODING") == "ascii":
-                self.assertNotIn("\u2588", text)
-                self.assertIn("#", text)
+            with self.subTest(case=extra):
+                env = {"TERM": "xterm", "PYTHONIOENCODING": "utf-8"}
+                env.update(extra)
+                _, text = run_in_pty(["--url", self.server.url, "track", "TicketService", "-c", "1"], env)
+                if "PYTHONIOENCODING" not in extra:
+                    self.assertNotIn("\x1b[31m", text, extra)
+                if "TERM" in extra:
+                    self.assertNotIn("\x1b", text)  # a dumb terminal gets the log, not a redrawn screen
+                if extra.get("PYTHONIOENCODING") == "ascii":
+                    self.assertNotIn("\u2588", text)
+                    self.assertIn("#", text)
 
     def test_interval_below_minimum_is_a_usage_error(self):
         result = self.cli("track", "UserService", "-n", "0.05")
@@ -2051,7 +2075,8 @@ class PrometheusTest(ServerTestCase):
         self.assertEqual(series[("cpx_instance_healthy", (("ip", "10.0.0.77"), ("service", "")))], 0)
         self.assertEqual(series[("cpx_instance_healthy", (("ip", "10.0.0.4"), ("service", "AuthService")))], 1)
         for family in ("cpx_service_instances", "cpx_service_healthy_instances"):
-            self.assertNotIn((family, (("service", ""),)), series)
+            with self.subTest(case=family):
+                self.assertNotIn((family, (("service", ""),)), series)
         self.assertNotIn(("cpx_instance_cpu_ratio", (("ip", "10.0.0.77"), ("service", ""))), series)
         self.assertEqual(series[("cpx_service_instances", (("service", "TicketService"),))], 2)
         self.assertEqual(series[("cpx_service_healthy_instances", (("service", "TicketService"),))], 0)
@@ -2065,18 +2090,20 @@ class PrometheusTest(ServerTestCase):
 
     def test_status_and_unhealthy_exposition_are_per_service(self):
         for command, code in (("status", 0), ("unhealthy", 1)):
-            result = self.cli(command, "-o", "prometheus", "-q")
-            self.assertEqual(result.returncode, code, command)
-            names = {name for name, _ in parse_exposition(result.stdout)}
-            self.assertEqual(names, {"cpx_service_instances", "cpx_service_healthy_instances",
-                                     "cpx_scrape_duration_seconds", "cpx_scrape_errors"})
+            with self.subTest(case=(command, code)):
+                result = self.cli(command, "-o", "prometheus", "-q")
+                self.assertEqual(result.returncode, code, command)
+                names = {name for name, _ in parse_exposition(result.stdout)}
+                self.assertEqual(names, {"cpx_service_instances", "cpx_service_healthy_instances",
+                                         "cpx_scrape_duration_seconds", "cpx_scrape_errors"})
 
     @unittest.skipUnless(HAVE_PROMTOOL, "promtool is not installed (.ci/run installs it)")
     def test_promtool_finds_the_exposition_lint_clean(self):
         for command in ("services", "status"):
-            text = self.cli(command, "-o", "prometheus", "-q").stdout
-            checked = promtool("check", "metrics", stdin=text)
-            self.assertEqual((checked.returncode, checked.stdout), (0, ""), command)
+            with self.subTest(case=command):
+                text = self.cli(command, "-o", "prometheus", "-q").stdout
+                checked = promtool("check", "metrics", stdin=text)
+                self.assertEqual((checked.returncode, checked.stdout), (0, ""), command)
 
     @unittest.skipUnless(HAVE_PROMTOOL, "promtool is not installed (.ci/run installs it)")
     def test_promtool_accepts_the_rules_file(self):
@@ -2086,9 +2113,10 @@ class PrometheusTest(ServerTestCase):
 
     def test_track_refuses_prometheus_and_write(self):
         for extra in (["-o", "prometheus"], ["--write", "x.prom"]):
-            result = self.cli("track", "UserService", *extra)
-            self.assertEqual(result.returncode, 2)
-            self.assertIn("track streams", result.stderr)
+            with self.subTest(case=extra):
+                result = self.cli("track", "UserService", *extra)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn("track streams", result.stderr)
 
 
 class WriteTest(ServerTestCase):
@@ -2110,9 +2138,10 @@ class WriteTest(ServerTestCase):
         self.assertEqual(os.listdir(self.directory), ["cpx.prom"])  # no temporary file left behind
         self.assertEqual(os.stat(self.target).st_mode & 0o777, 0o644)  # under the usual umask 022
         for output in ("table", "json", "csv"):
-            self.cli("status", "-o", output, "--write", self.target)
-            with open(self.target) as written:
-                self.assertEqual(written.read(), self.cli("status", "-o", output).stdout)
+            with self.subTest(case=output):
+                self.cli("status", "-o", output, "--write", self.target)
+                with open(self.target) as written:
+                    self.assertEqual(written.read(), self.cli("status", "-o", output).stdout)
 
     def test_a_reader_never_sees_half_a_file(self):
         simulator = cpx.start_simulator(servers=200, seed=1)
@@ -2180,9 +2209,10 @@ class WriteTest(ServerTestCase):
     def test_unwritable_target_is_refused_before_any_request(self):
         self.server.fleet(FIXED_FLEET)
         for target in (os.path.join(self.directory, "missing", "cpx.prom"), self.directory):
-            result = self.cli("services", "--write", target)
-            self.assertEqual(result.returncode, 2, target)
-            self.assertRegex(result.stderr, r"^cpx_devops: error: cannot write ")
+            with self.subTest(case=target):
+                result = self.cli("services", "--write", target)
+                self.assertEqual(result.returncode, 2, target)
+                self.assertRegex(result.stderr, r"^cpx_devops: error: cannot write ")
         self.assertEqual(self.server.paths(), [])
 
 
@@ -2255,9 +2285,10 @@ class ConventionsTest(ServerTestCase):
         self.assertIn("\x1b[33mUnknown (HTTP 500)", text)
         for env, args in (({"TERM": "xterm", "NO_COLOR": "1"}, []), ({"TERM": "dumb"}, []),
                           ({"TERM": "xterm"}, ["--no-color"])):
-            _, plain = run_in_pty(["--url", self.server.url, "services", "-q"] + args, env)
-            self.assertNotIn("\x1b", plain, (env, args))
-            self.assertIn("Unhealthy", plain)
+            with self.subTest(case=(env, args)):
+                _, plain = run_in_pty(["--url", self.server.url, "services", "-q"] + args, env)
+                self.assertNotIn("\x1b", plain, (env, args))
+                self.assertIn("Unhealthy", plain)
         _, empty_no_color = run_in_pty(["--url", self.server.url, "services", "-q"], {"TERM": "xterm", "NO_COLOR": ""})
         self.assertIn("\x1b[31m", empty_no_color)  # NO_COLOR set but empty does not count
         self.assertNotIn("\x1b", self.cli("services", "-q").stdout)  # a pipe gets no colour
@@ -2280,17 +2311,20 @@ class CliFailureTest(ServerTestCase):
             (self.server.url, "HTTP 400: {\"error\": \"Invalid IP\"}"),
         ]
         for url, reason in cases:
-            result = run_cli("--url", url, "--retries", "0", "services")
-            self.assertEqual(result.returncode, 3, result.stderr)
-            self.assertEqual(result.stderr, "cpx_devops: error: CPX unavailable: GET %s/servers: %s\n" % (url, reason))
-            self.assertEqual(result.stdout, "")
+            with self.subTest(case=(url, reason)):
+                result = run_cli("--url", url, "--retries", "0", "services")
+                self.assertEqual(result.returncode, 3, result.stderr)
+                self.assertEqual(result.stderr,
+                                 "cpx_devops: error: CPX unavailable: GET %s/servers: %s\n" % (url, reason))
+                self.assertEqual(result.stdout, "")
         for body, reason in [("<html>", "not JSON"), ({"a": 1}, "not a JSON list"), ([], "no instance listed"),
                              (["../x"], "no instance listed")]:
-            self.server.routes["/servers"] = Reply(body)
-            result = self.cli("status", "-q")
-            self.assertEqual(result.returncode, 3)
-            self.assertEqual(result.stderr, "cpx_devops: error: CPX unavailable: GET %s/servers: %s\n"
-                             % (self.server.url, reason))
+            with self.subTest(case=(body, reason)):
+                self.server.routes["/servers"] = Reply(body)
+                result = self.cli("status", "-q")
+                self.assertEqual(result.returncode, 3)
+                self.assertEqual(result.stderr, "cpx_devops: error: CPX unavailable: GET %s/servers: %s\n"
+                                 % (self.server.url, reason))
 
     def test_exit_3_when_no_instance_can_be_read(self):
         self.server.fleet({"10.0.0.1": Reply("x", 500), "10.0.0.2": Reply("x", 500)})
@@ -2302,10 +2336,11 @@ class CliFailureTest(ServerTestCase):
     def test_url_scheme_refused_before_any_request(self):
         port = self.server.server.server_address[1]
         for url in ["file:///etc/passwd", "ftp://127.0.0.1:%d/" % port, "data:,[]", "127.0.0.1:%d" % port]:
-            result = run_cli("--url", url, "services")
-            self.assertEqual(result.returncode, 2, url)
-            self.assertEqual(len(result.stderr.splitlines()), 1)
-            self.assertIn("cpx_devops: error: URL must start with http:// or https://", result.stderr)
+            with self.subTest(case=url):
+                result = run_cli("--url", url, "services")
+                self.assertEqual(result.returncode, 2, url)
+                self.assertEqual(len(result.stderr.splitlines()), 1)
+                self.assertIn("cpx_devops: error: URL must start with http:// or https://", result.stderr)
         env_result = run_cli("services", env={"CPX_URL": "file:///etc/passwd"})
         self.assertEqual(env_result.returncode, 2)
         self.assertEqual(self.server.paths(), [])
@@ -2314,10 +2349,11 @@ class CliFailureTest(ServerTestCase):
         for args in (["services", "--sort", "colour"], ["bogus"], [], ["--timeout", "0", "status"],
                      ["--workers", "x", "status"], ["unhealthy", "--min-healthy", "0"], ["--outp", "json", "status"],
                      ["track", "A", "--all"], ["--cpu-threshold", "150", "status"]):
-            result = self.cli(*args)
-            self.assertEqual(result.returncode, 2, args)
-            self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
-            self.assertRegex(result.stderr, r"^cpx_devops: error: .* \(see 'cpx_devops.py( \w+)? --help'\)$")
+            with self.subTest(case=args):
+                result = self.cli(*args)
+                self.assertEqual(result.returncode, 2, args)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertRegex(result.stderr, r"^cpx_devops: error: .* \(see 'cpx_devops.py( \w+)? --help'\)$")
         self.assertEqual(self.server.paths(), [])
 
     def test_one_failed_instance_does_not_fail_the_command(self):
@@ -2444,9 +2480,10 @@ class CliSignalsAndPipesTest(ServerTestCase):
 
     def test_ctrl_c_during_a_fetch_exits_130_promptly(self):
         for command in ("services", "status", "unhealthy"):
-            code, elapsed, out, err = self.interrupt(signal.SIGINT, command)
-            self.assertEqual((code, out, err), (130, "", ""), command)
-            self.assertLess(elapsed, 1.5, command)
+            with self.subTest(case=command):
+                code, elapsed, out, err = self.interrupt(signal.SIGINT, command)
+                self.assertEqual((code, out, err), (130, "", ""), command)
+                self.assertLess(elapsed, 1.5, command)
 
     def test_sigterm_ends_quietly(self):
         code, elapsed, out, err = self.interrupt(signal.SIGTERM, "services")
@@ -2467,28 +2504,30 @@ class CliSignalsAndPipesTest(ServerTestCase):
     def test_closed_stdout_is_quiet_in_every_format(self):
         self.server.fleet(FIXED_FLEET)
         for output in cpx.OUTPUT_FORMATS:
-            read_end, write_end = os.pipe()
-            os.close(read_end)  # nobody will ever read: the first write fails
-            process = spawn_cli("--url", self.server.url, "services", "-o", output, stdout=write_end)
-            os.close(write_end)
-            _, err = process.communicate(timeout=20)
-            self.assertEqual((process.returncode, err), (141, ""), output)
+            with self.subTest(case=output):
+                read_end, write_end = os.pipe()
+                os.close(read_end)  # nobody will ever read: the first write fails
+                process = spawn_cli("--url", self.server.url, "services", "-o", output, stdout=write_end)
+                os.close(write_end)
+                _, err = process.communicate(timeout=20)
+                self.assertEqual((process.returncode, err), (141, ""), output)
 
     def test_head_1_ends_quietly(self):
         # 260 instances with long names: over 68 KB in every format, more than a pipe holds.
         self.server.fleet({"10.0.%d.%d" % (k // 200, k % 200): instance("S%d" % k + "x" * 240, "5%", "5%")
                            for k in range(260)})
         for output in cpx.OUTPUT_FORMATS:
-            script = '"$0" -m cpx_devops --url "$1" services -o "$2" | head -1; echo "status=${PIPESTATUS[0]}"'
-            result = subprocess.run(["bash", "-c", script, sys.executable, self.server.url, output], cwd=HERE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                                    env=cli_env(), timeout=60, preexec_fn=_default_sigint)
-            self.assertEqual(result.stderr, "", output)
-            first, status = result.stdout.splitlines()
-            self.assertTrue(first.startswith(("| IP", "[", "ip,service", "# HELP")), first)
-            # 141 when a write met the closed pipe; 0 when the kernel took the
-            # whole answer before head exited (CPython drops what a SIGPIPE cut short).
-            self.assertIn(status, ("status=141", "status=0"), output)
+            with self.subTest(case=output):
+                script = '"$0" -m cpx_devops --url "$1" services -o "$2" | head -1; echo "status=${PIPESTATUS[0]}"'
+                result = subprocess.run(["bash", "-c", script, sys.executable, self.server.url, output], cwd=HERE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                                        env=cli_env(), timeout=60, preexec_fn=_default_sigint)
+                self.assertEqual(result.stderr, "", output)
+                first, status = result.stdout.splitlines()
+                self.assertTrue(first.startswith(("| IP", "[", "ip,service", "# HELP")), first)
+                # 141 when a write met the closed pipe; 0 when the kernel took the
+                # whole answer before head exited (CPython drops what a SIGPIPE cut short).
+                self.assertIn(status, ("status=141", "status=0"), output)
 
 
 class ConcurrencyControllerTest(unittest.TestCase):
@@ -2529,21 +2568,24 @@ class CliMiscTest(unittest.TestCase):
         self.assertEqual((result.returncode, result.stdout.strip()), (0, "cpx_devops.py " + cpx.__version__))
         help_text = run_cli("--help").stdout
         for text in ("exit status:", "130", "CPX_URL", "NO_COLOR", "examples:", "services", "simulate"):
-            self.assertIn(text, help_text)
+            with self.subTest(case=text):
+                self.assertIn(text, help_text)
         for command in ("services", "status", "unhealthy", "track", "simulate"):
-            sub = run_cli(command, "--help")
-            self.assertEqual(sub.returncode, 0)
-            self.assertIn("examples:", sub.stdout)
-            if command != "simulate":
-                for text in ("CPX_URL", "NO_COLOR", "exit status:", "143", "--no-headers", "--write"):
-                    self.assertIn(text, sub.stdout, command)
+            with self.subTest(case=command):
+                sub = run_cli(command, "--help")
+                self.assertEqual(sub.returncode, 0)
+                self.assertIn("examples:", sub.stdout)
+                if command != "simulate":
+                    for text in ("CPX_URL", "NO_COLOR", "exit status:", "143", "--no-headers", "--write"):
+                        self.assertIn(text, sub.stdout, command)
 
     def test_options_cannot_be_abbreviated(self):
         for args in (["--outp", "json", "status"], ["services", "--serv", "A"], ["unhealthy", "--min", "3"],
                      ["status", "--dead", "3"]):
-            result = run_cli(*args)
-            self.assertEqual(result.returncode, 2, args)
-            self.assertRegex(result.stderr, r"^cpx_devops: error: .*(unrecognized arguments|invalid choice)")
+            with self.subTest(case=args):
+                result = run_cli(*args)
+                self.assertEqual(result.returncode, 2, args)
+                self.assertRegex(result.stderr, r"^cpx_devops: error: .*(unrecognized arguments|invalid choice)")
 
     def test_make_install_and_uninstall(self):
         import tempfile
@@ -2664,8 +2706,9 @@ class ReadmeTest(unittest.TestCase):
         simulator, url = start_simulator_process(150, 0, [], seed=README_SEED)
         self.addCleanup(finish, simulator)
         for command, expected in examples:
-            actual = run_readme_command(command, url)
-            self.assertEqual(normalize(actual), normalize(expected), "README example: $ " + command)
+            with self.subTest(case=(command, expected)):
+                actual = run_readme_command(command, url)
+                self.assertEqual(normalize(actual), normalize(expected), "README example: $ " + command)
 
 
 # ---------------------------------------------------------------------------
