@@ -1374,78 +1374,142 @@ def render_prometheus(snapshot: Snapshot, thresholds: Thresholds, per_instance: 
     return "\n".join(lines) + "\n"
 
 
-@dataclass
 class Report:
     """A snapshot command's result, ready for every format: the one place where a result
-    becomes table, json, csv or Prometheus (commands never ask which format is wanted)."""
+    becomes table, json, csv or Prometheus (commands never ask which format is wanted).
+    One small class per command; each format computes only what it shows."""
 
-    titles: Sequence[str]  # the table's columns
-    right: Sequence[bool]  # which of them are right-aligned
-    rows: List[List[str]]
-    fields: Sequence[str]  # the json/csv fields
-    records: List[Dict[str, Any]]
-    snapshot: Snapshot  # for Prometheus
-    thresholds: Thresholds
-    per_instance: bool = True  # Prometheus: instance families too, or per service only
-    statuses: Optional[List[str]] = None  # a colour per row
-    footer: str = ""  # under a table with headers
-    empty: Optional[str] = None  # a table with no row says this instead
+    TITLES: Sequence[str] = ()  # the table's columns
+    RIGHT: Sequence[bool] = ()  # which of them are right-aligned
+    FIELDS: Sequence[str] = ()  # the json/csv fields
+    PER_INSTANCE = False  # Prometheus: the instance families too, or per service only
+
+    def __init__(self, snapshot: Snapshot, thresholds: Thresholds):
+        self.snapshot = snapshot
+        self.thresholds = thresholds
+
+    def rows(self) -> List[List[str]]:
+        """The table's rows."""
+        raise NotImplementedError
+
+    def records(self) -> List[Dict[str, Any]]:
+        """The json/csv records."""
+        raise NotImplementedError
+
+    def statuses(self) -> Optional[List[str]]:
+        """A status per row, for its colour."""
+        return None
+
+    def footer(self) -> str:
+        """The line under a table with headers."""
+        return ""
+
+    def empty(self) -> Optional[str]:
+        """What a table with no row says instead, if anything."""
+        return None
 
     def render(self, options: Options) -> str:
         """The report in options.output's format."""
         return _REPORT_FORMATS[options.output](self, options)
 
     def as_table(self, options: Options) -> str:
-        if not self.rows and self.empty is not None:
-            return self.empty
-        table = render_table(self.titles, self.rows, self.right, self.statuses, options.color, options.headers)
-        return table + self.footer if options.headers else table
+        rows = self.rows()
+        empty = self.empty()
+        if not rows and empty is not None:
+            return empty
+        table = render_table(self.TITLES, rows, self.RIGHT, self.statuses(), options.color, options.headers)
+        return table + self.footer() if options.headers else table
 
     def as_json(self, options: Options) -> str:
-        return render_json(self.records)
+        return render_json(self.records())
 
     def as_csv(self, options: Options) -> str:
-        return render_csv(self.fields, self.records, options.headers)
+        return render_csv(self.FIELDS, self.records(), options.headers)
 
     def as_prometheus(self, options: Options) -> str:
-        return render_prometheus(self.snapshot, self.thresholds, self.per_instance)
+        return render_prometheus(self.snapshot, self.thresholds, self.PER_INSTANCE)
 
 
 _REPORT_FORMATS = {"table": Report.as_table, "json": Report.as_json, "csv": Report.as_csv,
                    "prometheus": Report.as_prometheus}
 
 
-def instances_report(instances: Sequence[Instance], snapshot: Snapshot, thresholds: Thresholds) -> Report:
-    """services: a row per instance, in the order given."""
-    cpus = format_percents([i.cpu for i in instances])
-    memories = format_percents([i.memory for i in instances])
-    rows = [[sanitize(instance.ip), service_label(instance.service), status_label(instance, thresholds),
-             cpus[index], memories[index]] for index, instance in enumerate(instances)]
-    return Report(("IP", "Service", "Status", "CPU", "Memory"), (False, False, False, True, True), rows,
-                  INSTANCE_FIELDS, [instance_record(i, thresholds) for i in instances], snapshot, thresholds,
-                  statuses=[instance_status(i, thresholds) for i in instances],
-                  footer=fleet_footer(instances, thresholds))
+class InstancesReport(Report):
+    """services: a row per instance, in the order given, and the fleet's footer."""
+
+    TITLES = ("IP", "Service", "Status", "CPU", "Memory")
+    RIGHT = (False, False, False, True, True)
+    FIELDS = INSTANCE_FIELDS
+    PER_INSTANCE = True
+
+    def __init__(self, instances: Sequence[Instance], snapshot: Snapshot, thresholds: Thresholds):
+        super().__init__(snapshot, thresholds)
+        self.instances = instances
+
+    def rows(self) -> List[List[str]]:
+        cpus = format_percents([i.cpu for i in self.instances])
+        memories = format_percents([i.memory for i in self.instances])
+        return [[sanitize(instance.ip), service_label(instance.service), status_label(instance, self.thresholds),
+                 cpus[index], memories[index]] for index, instance in enumerate(self.instances)]
+
+    def records(self) -> List[Dict[str, Any]]:
+        return [instance_record(i, self.thresholds) for i in self.instances]
+
+    def statuses(self) -> Optional[List[str]]:
+        return [instance_status(i, self.thresholds) for i in self.instances]
+
+    def footer(self) -> str:
+        return fleet_footer(self.instances, self.thresholds)
 
 
-def summaries_report(summaries: Sequence[ServiceSummary], snapshot: Snapshot, thresholds: Thresholds) -> Report:
+class SummariesReport(Report):
     """status: a row per service, and the fleet's footer."""
-    cpus = format_percents([s.avg_cpu for s in summaries])
-    memories = format_percents([s.avg_memory for s in summaries])
-    rows = [[service_label(s.service), str(s.instances), str(s.healthy), cpus[k], memories[k]]
-            for k, s in enumerate(summaries)]
-    return Report(("Service", "Instances", "Healthy", "Avg CPU", "Avg Memory"), (False, True, True, True, True),
-                  rows, SUMMARY_FIELDS, [summary_record(s) for s in summaries], snapshot, thresholds,
-                  per_instance=False, footer=fleet_footer(snapshot.instances, thresholds))
+
+    TITLES = ("Service", "Instances", "Healthy", "Avg CPU", "Avg Memory")
+    RIGHT = (False, True, True, True, True)
+    FIELDS = SUMMARY_FIELDS
+
+    def __init__(self, summaries: Sequence[ServiceSummary], snapshot: Snapshot, thresholds: Thresholds):
+        super().__init__(snapshot, thresholds)
+        self.summaries = summaries
+
+    def rows(self) -> List[List[str]]:
+        cpus = format_percents([s.avg_cpu for s in self.summaries])
+        memories = format_percents([s.avg_memory for s in self.summaries])
+        return [[service_label(s.service), str(s.instances), str(s.healthy), cpus[k], memories[k]]
+                for k, s in enumerate(self.summaries)]
+
+    def records(self) -> List[Dict[str, Any]]:
+        return [summary_record(s) for s in self.summaries]
+
+    def footer(self) -> str:
+        return fleet_footer(self.snapshot.instances, self.thresholds)
 
 
-def flagged_report(flagged: Sequence[ServiceSummary], min_healthy: int, snapshot: Snapshot,
-                   thresholds: Thresholds) -> Report:
+class FlaggedReport(Report):
     """unhealthy: a row per flagged service, worst first; a sentence when there is none."""
-    rows = [[service_label(s.service), str(s.healthy), str(s.instances)] for s in flagged]
-    return Report(("Service", "Healthy", "Instances"), (False, True, True), rows, FLAGGED_FIELDS,
-                  [flagged_record(s) for s in flagged], snapshot, thresholds, per_instance=False,
-                  statuses=[UNHEALTHY] * len(rows),
-                  empty="No service has fewer than %d healthy instances.\n" % min_healthy)
+
+    TITLES = ("Service", "Healthy", "Instances")
+    RIGHT = (False, True, True)
+    FIELDS = FLAGGED_FIELDS
+
+    def __init__(self, flagged: Sequence[ServiceSummary], min_healthy: int, snapshot: Snapshot,
+                 thresholds: Thresholds):
+        super().__init__(snapshot, thresholds)
+        self.flagged = flagged
+        self.min_healthy = min_healthy
+
+    def rows(self) -> List[List[str]]:
+        return [[service_label(s.service), str(s.healthy), str(s.instances)] for s in self.flagged]
+
+    def records(self) -> List[Dict[str, Any]]:
+        return [flagged_record(s) for s in self.flagged]
+
+    def statuses(self) -> Optional[List[str]]:
+        return [UNHEALTHY] * len(self.flagged)
+
+    def empty(self) -> Optional[str]:
+        return "No service has fewer than %d healthy instances.\n" % self.min_healthy
 
 
 # ---------------------------------------------------------------------------
@@ -1577,7 +1641,7 @@ def cmd_services(client: CpxClient, options: Options, settings: SnapshotSettings
     """Every instance: IP, service, status, cpu, memory."""
     snapshot = _only_service(take_snapshot(client, options), settings.service)
     instances = sort_instances(snapshot.instances, settings.sort, options.thresholds)
-    deliver(instances_report(instances, snapshot, options.thresholds).render(options), options)
+    deliver(InstancesReport(instances, snapshot, options.thresholds).render(options), options)
     return EXIT_OK
 
 
@@ -1585,7 +1649,7 @@ def cmd_status(client: CpxClient, options: Options, settings: SnapshotSettings) 
     """Per-service instance counts, healthy counts and averages."""
     snapshot = _only_service(take_snapshot(client, options), settings.service)
     summaries = summarize_services(snapshot.instances, options.thresholds)
-    deliver(summaries_report(summaries, snapshot, options.thresholds).render(options), options)
+    deliver(SummariesReport(summaries, snapshot, options.thresholds).render(options), options)
     return EXIT_OK
 
 
@@ -1593,7 +1657,7 @@ def cmd_unhealthy(client: CpxClient, options: Options, settings: SnapshotSetting
     """Services with fewer than --min-healthy healthy instances; exit 1 when any."""
     snapshot = take_snapshot(client, options)
     flagged = flag_services(summarize_services(snapshot.instances, options.thresholds), settings.min_healthy)
-    deliver(flagged_report(flagged, settings.min_healthy, snapshot, options.thresholds).render(options), options)
+    deliver(FlaggedReport(flagged, settings.min_healthy, snapshot, options.thresholds).render(options), options)
     return EXIT_FLAGGED if flagged else EXIT_OK
 
 

@@ -836,7 +836,7 @@ class RenderTest(unittest.TestCase):
     def test_json_and_csv_records(self):
         options = cpx.Options(output="json")
         instances = sample_instances()[:1]
-        report = cpx.instances_report(instances, cpx.Snapshot(instances, 0.1), THRESHOLDS)
+        report = cpx.InstancesReport(instances, cpx.Snapshot(instances, 0.1), THRESHOLDS)
         records = json.loads(report.render(options))
         self.assertEqual(records, [{"ip": "10.0.0.10", "service": "UserService", "status": "Healthy",
                                     "cpu": 61, "memory": 4, "error": None}])
