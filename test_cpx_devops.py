@@ -227,14 +227,6 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_process(*args, env=None, timeout=60):
-    """Run the CLI in a process of its own, as a user would; returns the CompletedProcess (text).
-    Only for what needs a process: signals, pipes, terminals, the README examples."""
-    return subprocess.run(TOOL + [str(a) for a in args], cwd=HERE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, env=cli_env(env),
-                          timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=_default_sigint)
-
-
 def spawn_cli(*args, env=None, stdout=subprocess.PIPE):
     """Start the CLI in the background (for signals and pipes), with SIGINT at its default."""
     return subprocess.Popen(TOOL + [str(a) for a in args], cwd=HERE, stdout=stdout,
