@@ -25,6 +25,7 @@ or its data is invalid, Healthy otherwise.
 import argparse
 import csv
 import difflib
+import functools
 import io
 import ipaddress
 import json
@@ -40,7 +41,6 @@ import time
 import unicodedata
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import Any, Deque, Dict, Iterable, List, NoReturn, Optional, Sequence, Set, Tuple
 
 __version__ = "1.0.0"
@@ -2771,103 +2771,116 @@ class SimulatorSettings:
     sickness: Sickness = Sickness()
 
 
-class SimulatorHandler(BaseHTTPRequestHandler):
-    """The CPX API, answered from the server's simulated fleet."""
+@functools.lru_cache(maxsize=None)
+def _simulator_classes() -> Tuple[Any, Any]:
+    """The simulator's server classes (threaded, single-threaded), made once on first use:
+    http.server costs about 24 ms to import, which --help, usage errors and every
+    command but `simulate` need not pay."""
+    from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 
-    server_version = "cpx-simulator/" + __version__
-    server: "SimulatorServer"
+    class SimulatorHandler(BaseHTTPRequestHandler):
+        """The CPX API, answered from the server's simulated fleet."""
 
-    def do_GET(self) -> None:
-        settings = self.server.settings
-        sick = self.server.fleet.sick.get(self.path[1:])
-        if sick == FAIL:
-            self._answer(500, b'{"error": "Internal Server Error"}')
-            return
-        if settings.latency_ms:
-            time.sleep(settings.latency_ms / 1000.0)
-        if sick == HANG:
-            self._hang()
-            return
-        if sick == SLOW:
-            time.sleep(settings.sickness.slow_ms / 1000.0)
-        if self.path == "/servers":
-            self._answer(200, self.server.server_list)
-            return
-        reading = self.server.fleet.read(self.path[1:])
-        if reading is None:
-            self._answer(400, b'{"error": "Invalid IP"}')
-        else:
-            self._answer(200, json.dumps(reading).encode())
+        server_version = "cpx-simulator/" + __version__
+        server: "SimulatorServer"
 
-    def _hang(self) -> None:
-        """Answer nothing until the client gives up (or the simulator stops)."""
-        import select
+        def do_GET(self) -> None:
+            settings = self.server.settings
+            sick = self.server.fleet.sick.get(self.path[1:])
+            if sick == FAIL:
+                self._answer(500, b'{"error": "Internal Server Error"}')
+                return
+            if settings.latency_ms:
+                time.sleep(settings.latency_ms / 1000.0)
+            if sick == HANG:
+                self._hang()
+                return
+            if sick == SLOW:
+                time.sleep(settings.sickness.slow_ms / 1000.0)
+            if self.path == "/servers":
+                self._answer(200, self.server.server_list)
+                return
+            reading = self.server.fleet.read(self.path[1:])
+            if reading is None:
+                self._answer(400, b'{"error": "Invalid IP"}')
+            else:
+                self._answer(200, json.dumps(reading).encode())
 
-        self.close_connection = True
-        stopping = self.server.stopping
-        while not stopping.is_set():
-            if select.select([self.connection], [], [], 0.2)[0]:
-                try:
-                    if not self.connection.recv(1, socket.MSG_PEEK):
-                        return  # the client closed the connection
-                except OSError:
-                    return
-                stopping.wait(0.2)  # it sent more than its request: keep hanging
+        def _hang(self) -> None:
+            """Answer nothing until the client gives up (or the simulator stops)."""
+            import select
 
-    def _answer(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+            self.close_connection = True
+            stopping = self.server.stopping
+            while not stopping.is_set():
+                if select.select([self.connection], [], [], 0.2)[0]:
+                    try:
+                        if not self.connection.recv(1, socket.MSG_PEEK):
+                            return  # the client closed the connection
+                    except OSError:
+                        return
+                    stopping.wait(0.2)  # it sent more than its request: keep hanging
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # a request log would drown the demo
+        def _answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
-
-class SimulatorServer(ThreadingHTTPServer):
-    """A CPX-compatible server: a thread per request, a deep listen queue."""
-
-    request_queue_size = 1024
-    daemon_threads = True
-
-    def __init__(self, settings: SimulatorSettings):
-        self.settings = settings
-        self.fleet = SimulatedFleet(settings.servers, settings.seed, settings.sickness)
-        self.server_list = json.dumps(self.fleet.ips).encode()
-        self.stopping = threading.Event()  # set on close: hanging answers end
-        super().__init__((settings.host, settings.port), SimulatorHandler)
-
-    @property
-    def url(self) -> str:
-        host = self.settings.host
-        return "http://%s:%d" % (host if ":" not in host else "[%s]" % host, self.server_address[1])
-
-    def server_close(self) -> None:
-        self.stopping.set()
-        super().server_close()
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # a request log would drown the demo
 
 
-class SingleThreadedSimulatorServer(SimulatorServer):
-    """The reference server: one request at a time, a listen backlog of 5."""
+    class SimulatorServer(ThreadingHTTPServer):
+        """A CPX-compatible server: a thread per request, a deep listen queue."""
 
-    request_queue_size = 5
+        request_queue_size = 1024
+        daemon_threads = True
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        # socketserver's own, without the thread ThreadingMixIn would start.
-        HTTPServer.process_request(self, request, client_address)
+        def __init__(self, settings: SimulatorSettings):
+            self.settings = settings
+            self.fleet = SimulatedFleet(settings.servers, settings.seed, settings.sickness)
+            self.server_list = json.dumps(self.fleet.ips).encode()
+            self.stopping = threading.Event()  # set on close: hanging answers end
+            super().__init__((settings.host, settings.port), SimulatorHandler)
+
+        @property
+        def url(self) -> str:
+            host = self.settings.host
+            return "http://%s:%d" % (host if ":" not in host else "[%s]" % host, self.server_address[1])
+
+        def server_close(self) -> None:
+            self.stopping.set()
+            super().server_close()
+
+
+    class SingleThreadedSimulatorServer(SimulatorServer):
+        """The reference server: one request at a time, a listen backlog of 5."""
+
+        request_queue_size = 5
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            # socketserver's own, without the thread ThreadingMixIn would start.
+            HTTPServer.process_request(self, request, client_address)
+
+    return SimulatorServer, SingleThreadedSimulatorServer
+
+
+def serve_simulator(settings: SimulatorSettings) -> Any:
+    """Start a CPX-compatible server in a background thread; returns the server (see .url)."""
+    threaded, single_threaded = _simulator_classes()
+    server = (single_threaded if settings.single_threaded else threaded)(settings)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="simulator", daemon=True)
+    thread.start()
+    return server
 
 
 def start_simulator(host: str = "127.0.0.1", port: int = 0, servers: int = 150, latency_ms: float = 0.0,
                     seed: Optional[int] = None, single_threaded: bool = False,
-                    sickness: Sickness = Sickness()) -> SimulatorServer:
-    """Start a CPX-compatible server in a background thread; returns the server (see .url)."""
-    settings = SimulatorSettings(host, port, servers, latency_ms, seed, single_threaded, sickness)
-    server_class = SingleThreadedSimulatorServer if single_threaded else SimulatorServer
-    server = server_class(settings)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="simulator", daemon=True)
-    thread.start()
-    return server
+                    sickness: Sickness = Sickness()) -> Any:
+    """serve_simulator() with the settings as keywords (tests, the benchmark)."""
+    return serve_simulator(SimulatorSettings(host, port, servers, latency_ms, seed, single_threaded, sickness))
 
 
 def cmd_simulate(settings: SimulatorSettings) -> int:
@@ -2876,8 +2889,7 @@ def cmd_simulate(settings: SimulatorSettings) -> int:
     if sum(sickness.counts(settings.servers)) > settings.servers:
         raise UsageError("--fail-fraction, --hang-fraction and --slow-fraction add up to more than the fleet")
     try:
-        server = start_simulator(settings.host, settings.port, settings.servers, settings.latency_ms,
-                                 settings.seed, settings.single_threaded, sickness)
+        server = serve_simulator(settings)
     except OSError as error:
         raise UsageError("cannot listen on %s port %d: %s" % (settings.host, settings.port, error.strerror or error))
     fail, hang, slow = sickness.counts(settings.servers)
