@@ -22,6 +22,28 @@ or its data is invalid, Healthy otherwise.
 
 """
 
+import os
+import signal
+import sys
+
+if sys.version_info < (3, 7):  # before any import 3.6 lacks (dataclasses): one line, not a traceback
+    sys.stderr.write("cpx_devops: error: Python 3.7 or newer is needed; this is Python %d.%d\n"
+                     % tuple(sys.version_info[:2]))
+    sys.exit(2)
+
+
+def _interrupted_at_start(signum, frame):  # type: ignore[no-untyped-def]
+    """Ctrl+C while the tool starts (its imports take about 30 ms): exit 130 at once, no traceback."""
+    os._exit(130)
+
+
+# Only when run as a program, and only when SIGINT has Python's usual handler: a tool
+# started with SIGINT ignored (a background job) keeps it ignored. main() puts the
+# usual handler back. Limit: the interpreter's own start, before this line, is not covered.
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _interrupted_at_start)
+
+# The imports come after that check and that handler (ruff: E402 is ignored for this).
 import argparse
 import csv
 import difflib
@@ -29,13 +51,11 @@ import functools
 import io
 import ipaddress
 import json
-import os
 import random
 import re
 import shutil
-import signal
 import socket
-import sys
+import stat
 import threading
 import time
 import unicodedata
@@ -51,6 +71,7 @@ EXIT_OK = 0
 EXIT_FLAGGED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_OUTPUT = 74  # EX_IOERR in sysexits.h
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 EXIT_TERMINATED = 143
@@ -60,12 +81,16 @@ EXIT_TERMINATED = 143
 EXIT_STATUSES = (
     (EXIT_OK, "success; for `unhealthy`, no service flagged"),
     (EXIT_FLAGGED, "`unhealthy` flagged at least one service"),
-    (EXIT_USAGE, "usage error: bad option, unknown service name, a URL that is not http/https, "
-                 "a `--write` FILE that cannot be written"),
+    (EXIT_USAGE, "usage error: a bad option or value, an unknown service name or command, a URL that "
+                 "cannot be requested (not http/https, a space, a bad host), a `--write` FILE that cannot be "
+                 "written (checked before any request: a directory, FIFO, device or socket, a missing or "
+                 "read-only directory); stdout closed (`>&-`) without `--write`; a Python older than 3.7"),
     (EXIT_UNAVAILABLE, "CPX unavailable: the server list could not be read or is not a list, it lists "
                        "no instance, or no instance at all could be read; or no readable instance has "
                        "the service asked for while some instances could not be read (it may be among "
                        "them; `track`: none answered in the whole session)"),
+    (EXIT_OUTPUT, "the output could not be written: stdout failed (a full disk, an I/O error), or the "
+                  "`--write` FILE failed after passing its up-front check"),
     (EXIT_INTERRUPTED, "interrupted by Ctrl+C (`track` exits 0: Ctrl+C is how it stops)"),
     (EXIT_BROKEN_PIPE, "stdout closed early, as for any Unix tool killed by SIGPIPE (under `| head`, "
                        "0 when the pipe took the whole output before it closed)"),
@@ -73,12 +98,19 @@ EXIT_STATUSES = (
 )
 
 
-def exit_status_text(indent: int = 2, width: int = 79) -> str:
-    """The exit statuses as plain text, one wrapped entry per status."""
+# simulate's own: it serves until stopped, and reads no CPX.
+SIMULATE_EXIT_STATUSES = (
+    (EXIT_USAGE, "usage error: a bad option or value, or an address it cannot listen on"),
+    (EXIT_INTERRUPTED, "stopped by Ctrl+C, its usual end"),
+) + tuple(entry for entry in EXIT_STATUSES if entry[0] == EXIT_TERMINATED)
+
+
+def exit_status_text(indent: int = 2, width: int = 79, statuses: Sequence[Tuple[int, str]] = EXIT_STATUSES) -> str:
+    """Exit statuses as plain text, one wrapped entry per status."""
     import textwrap
 
     lines = []
-    for code, meaning in EXIT_STATUSES:
+    for code, meaning in statuses:
         lead = " " * indent + "%-5d" % code
         lines += textwrap.wrap(meaning.replace("`", ""), width, initial_indent=lead,
                                subsequent_indent=" " * len(lead))
@@ -107,6 +139,9 @@ MAX_SERVICE_NAME = 256
 IPS_LISTED_PER_REASON = 5
 
 MIN_INTERVAL = 0.1
+# The longest duration an option takes: more is a typo, and past about 292 years
+# (threading.TIMEOUT_MAX) Python's waits overflow.
+MAX_SECONDS = 86400
 DEFAULT_REDISCOVER = 60.0
 GONE = "Gone"
 
@@ -126,6 +161,13 @@ environment:
 
 EXIT_STATUS_HELP = "exit status:\n" + exit_status_text()
 
+SIMULATE_HELP = """\
+environment:
+  none: simulate reads no environment variable (CPX_URL is the other commands')
+
+exit status:
+""" + exit_status_text(statuses=SIMULATE_EXIT_STATUSES)
+
 
 class CpxUnavailable(Exception):
     """CPX cannot be used at all: main() prints one line and exits 3."""
@@ -142,6 +184,10 @@ class ServiceUnreadable(CpxUnavailable):
 
 class UsageError(Exception):
     """The user asked for something that cannot be done: exit 2."""
+
+
+class OutputFailed(Exception):
+    """The output could not be written (stdout, or the --write file): exit 74."""
 
 
 class Terminated(BaseException):
@@ -179,6 +225,7 @@ class Options:
     interactive: bool = False
     headers: bool = True
     write: Optional[str] = None
+    authorization: Optional[str] = field(default=None, repr=False)  # from credentials in the URL
 
 
 @dataclass
@@ -236,6 +283,7 @@ class ServerList:
 
 _DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
 _IP_CHARACTERS = re.compile(r"[0-9A-Fa-f:.]{2,45}\Z")
+_ASCII_DIGITS = re.compile(r"[0-9]{1,30}\Z")
 
 
 def parse_percent(value: Any) -> float:
@@ -256,7 +304,7 @@ def parse_percent(value: Any) -> float:
     # Written so that NaN fails too; big ints are compared before any float().
     if not 0 <= number <= 100:
         raise ValueError("out of range")
-    return float(number)
+    return float(number) + 0.0  # -0.0 becomes 0.0: never shown as "-0%"
 
 
 def parse_instance(ip: str, payload: Any) -> Instance:
@@ -304,10 +352,14 @@ def parse_server_list(payload: Any) -> ServerList:
     for entry in payload:
         if not is_ip_address(entry):
             rejected.append(entry)
-        elif entry in seen:
+            continue
+        # Compared as addresses: '::1' and '0:0:0:0:0:0:0:1' are one instance, requested
+        # (and shown) as first listed, the spelling the server knows it by.
+        address = ipaddress.ip_address(entry)
+        if address in seen:
             duplicates += 1
         else:
-            seen.add(entry)
+            seen.add(address)
             ips.append(entry)
     return ServerList(ips, rejected, duplicates)
 
@@ -317,8 +369,10 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _ASCII_DIGITS.match(value):  # not str.isdigit(): it says yes to '²', which float() refuses
         return float(value)
+    if any(ord(char) > 127 for char in value):  # an HTTP date is ASCII
+        return None
     try:
         from email.utils import parsedate_to_datetime
 
@@ -328,7 +382,10 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
     if moment is None:
         return None
     current = time.time() if now is None else now
-    return max(0.0, moment.timestamp() - current)
+    try:
+        return max(0.0, moment.timestamp() - current)
+    except (OverflowError, OSError, ValueError):  # a date no clock can reach
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -436,11 +493,11 @@ def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str
             sanitize(name), unreadable, "instance" if unreadable == 1 else "instances")
         raise ServiceUnreadable(message + ("; did you mean %r?" % sanitize(close[0]) if close else ""))
     if close:
-        message += "; did you mean %r?" % sanitize(close[0])
+        message += " (did you mean %r?)" % sanitize(close[0])
     if known:
-        message += " Known services: " + ", ".join(sanitize(service) for service in known)
+        message += "; known services: " + ", ".join(sanitize(service) for service in known)
     else:
-        message += " (CPX lists no readable service)"
+        message += "; CPX lists no readable service"
     raise UsageError(message)
 
 
@@ -483,22 +540,65 @@ class FetchError(Exception):
         self.pushback = pushback
 
 
-def normalize_url(text: str) -> str:
-    """Check a CPX base URL (http or https with a host) and drop any trailing slash."""
-    from urllib.parse import urlsplit
+_URL_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
+
+def _redacted(url: str) -> str:
+    """A URL fit for a message: whatever comes before its last '@' (a user, a password, even
+    in a URL too broken to parse) shown as ***, after the scheme."""
+    if "@" not in url:
+        return url
+    before, _, after = url.rpartition("@")
+    scheme = re.match(r"[A-Za-z][A-Za-z0-9+.-]*:[/\\]*", before)
+    return (scheme.group() if scheme else "") + "***@" + after
+
+
+def parse_base_url(text: str, source: str = "--url") -> Tuple[str, Optional[str]]:
+    """A CPX base URL checked (http or https, a host, nothing that cannot be requested), without
+    its trailing slash and without credentials; and the Authorization header the credentials
+    make (Basic), or None. UsageError naming where the URL came from, never its password."""
+    from urllib.parse import unquote, urlsplit
+
+    text = text.strip()
+
+    def refuse(why: str) -> NoReturn:
+        raise UsageError("URL %r (from %s) %s" % (sanitize(_redacted(text)), source, why))
+
+    bad = _URL_SPACE_OR_CONTROL.search(text) or re.search(r"\\", text)
+    if not text:
+        refuse("is empty")
+    if bad:
+        refuse({" ": "contains a space", "\\": "contains a backslash"}.get(bad.group(), "contains a control character")
+               + " (percent-encode it)")
     try:
-        parts = urlsplit(text.strip())
-        _ = parts.port  # raises ValueError on a port that is not a number in range
+        parts = urlsplit(text)
+        port = parts.port  # ValueError on a port that is not a number in range
     except ValueError:
-        raise UsageError("invalid URL %r" % sanitize(text))
+        refuse("is not a valid URL (a port must be a number from 0 to 65535)")
     if parts.scheme not in ("http", "https"):
-        raise UsageError("URL must start with http:// or https://, not %r" % sanitize(text))
+        refuse("must start with http:// or https://")
     if not parts.hostname:
-        raise UsageError("URL %r has no host" % sanitize(text))
+        refuse("has no host")
     if parts.query or parts.fragment:
-        raise UsageError("URL %r must not have a query or fragment" % sanitize(text))
-    return "%s://%s%s" % (parts.scheme, parts.netloc, parts.path.rstrip("/"))
+        refuse("must not have a query or fragment")
+    if any(ord(char) > 126 for char in parts.path):
+        refuse("has a character that is not ASCII in its path (percent-encode it)")
+    host = parts.hostname
+    if ":" in host:
+        host = "[%s]" % host
+    else:
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            refuse("has a host name that cannot be looked up (a label empty or over 63 characters?)")
+    netloc = host if port is None else "%s:%d" % (host, port)
+    authorization = None
+    if parts.username is not None or parts.password is not None:
+        import base64
+
+        pair = "%s:%s" % (unquote(parts.username or ""), unquote(parts.password or ""))
+        authorization = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+    return "%s://%s%s" % (parts.scheme, netloc, parts.path.rstrip("/")), authorization
 
 
 class RequestGuard:
@@ -1022,6 +1122,8 @@ class CpxClient:
         # One more thread than requests may be in flight: /servers never waits for a free one.
         self.executor = ThreadPoolExecutor(max_workers=self.limiter.capacity + 1)
         self.headers = {"Accept": "application/json", "User-Agent": "cpx_devops/" + __version__}
+        if options.authorization is not None:
+            self.headers["Authorization"] = options.authorization
 
     def close(self) -> None:
         """Let go of the worker threads without waiting for requests still in flight."""
@@ -1058,7 +1160,7 @@ class CpxClient:
                 error.close()
             raise FetchError("HTTP %d" % status, retryable=status in RETRYABLE_HTTP_STATUSES,
                              retry_after=parse_retry_after(error.headers.get("Retry-After")),
-                             detail=" ".join(sanitize(detail).split())[:120],
+                             detail=sanitize(" ".join(detail.split()))[:120],
                              pushback=ConcurrencyLimit.REFUSED if status == 429 else None)
         except FetchError:
             raise
@@ -1186,24 +1288,54 @@ class CpxClient:
 # Renderers: table, json, csv, prometheus; sanitising of server text
 # ---------------------------------------------------------------------------
 
-# Control characters (C0, DEL, C1 including the 8-bit CSI), zero-width and
-# bidirectional controls: any of them could move the cursor, recolour the
-# terminal or reorder what an SRE reads.
-_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+# What a terminal must never be sent from a server: control characters (C0, DEL,
+# C1 with the 8-bit CSI), which move the cursor or recolour the screen; every format
+# character (category Cf: bidirectional controls that reorder what an SRE reads,
+# zero-width ones); every default-ignorable code point (invisible: 'Auth\u034fService'
+# would pass for AuthService); line and paragraph separators; lone surrogates, which
+# no encoding can write. Written out as ranges (Unicode 15.1's Cf, plus
+# DerivedCoreProperties' Default_Ignorable_Code_Point), so that every Python gives the
+# same answer; the tests check it against this Python's own unicodedata. Limit:
+# variation selectors are among them, so an emoji's U+FE0F shows as '?'.
+_UNSAFE_TEXT = re.compile(
+    "[\x00-\x1f\x7f-\x9f\xad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u115f-\u1160"
+    "\u17b4-\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\ud800-\udfff\ufe00-\ufe0f"
+    "\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
 
 COLORS = {UNHEALTHY: "31", UNKNOWN: "33", "stale": "2"}
 
 
 def sanitize(text: Any) -> str:
-    """Server text made safe for a terminal: each control character becomes '?'."""
+    """Server text made safe for a terminal: each unsafe character (above) becomes '?'."""
     return _UNSAFE_TEXT.sub("?", str(text))
 
 
+def escape_unsafe(text: str) -> str:
+    """Server text made safe but kept distinct: each unsafe character as a \\x, \\u or \\U
+    escape, and a backslash doubled, so two names never come out alike (Prometheus labels)."""
+    def escape(match: Any) -> str:
+        char = match.group()
+        if char == "\\":
+            return "\\\\"
+        code = ord(char)
+        return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code if code < 0x10000 else "\\U%08x" % code
+    return re.sub("\\\\|" + _UNSAFE_TEXT.pattern, escape, text)
+
+
+# Hangul vowels and final consonants (conjoining jamo) join the syllable before them.
+_ZERO_WIDTH_JAMO = re.compile("[\u1160-\u11ff\ud7b0-\ud7ff]")
+
+
 def display_width(text: str) -> int:
-    """Columns text takes on a terminal: wide characters count 2, combining marks 0."""
+    """Columns text takes on a terminal: wide characters count 2; combining marks, format
+    and unsafe characters, and conjoining jamo 0."""
+    if text.isascii() and text.isprintable():  # the usual case, at C speed
+        return len(text)
     width = 0
     for char in text:
-        if unicodedata.combining(char):
+        if unicodedata.category(char) in ("Mn", "Me", "Cf") or _UNSAFE_TEXT.match(char) \
+                or _ZERO_WIDTH_JAMO.match(char):
             continue
         width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
     return width
@@ -1240,32 +1372,59 @@ def render_table(titles: Sequence[str], rows: Sequence[Sequence[str]], right: Se
     return "".join(line + "\n" for line in lines)
 
 
-def format_percents(values: Sequence[Optional[float]]) -> List[str]:
-    """One precision for a whole column: whole numbers when all are, else one decimal."""
+def shown_percent(value: float, decimals: int, threshold: Optional[float] = None) -> str:
+    """value with this many decimals, or as many more as it takes (up to 3) for the text to
+    stay on the value's side of the threshold and of 100: an Unhealthy 90.004 never reads as
+    90.0 (at the threshold, so healthy), nor 99.999 as 100. Past 3 decimals, rounded
+    towards the value's side instead (90.0000001 reads 90.001)."""
+    def same_side(shown: float) -> bool:
+        return ((threshold is None or (shown > threshold) == (value > threshold))
+                and (shown >= 100) == (value >= 100))
+
+    for places in range(decimals, max(decimals, 3) + 1):
+        text = "%.*f" % (places, value)
+        if same_side(float(text)):
+            return text
+    import math
+
+    for rounded in (math.floor(value * 1000) / 1000, math.ceil(value * 1000) / 1000):
+        if same_side(rounded):
+            return "%.3f" % rounded
+    return text  # not reached: one of the two is on the value's side
+
+
+def format_percents(values: Sequence[Optional[float]], threshold: Optional[float] = None) -> List[str]:
+    """One precision for a whole column: whole numbers when all are, else one decimal (more
+    for a value that rounding would carry across the threshold, see shown_percent)."""
     known = [v for v in values if v is not None]
     decimals = 0 if all(float(v).is_integer() for v in known) else 1
-    return ["-" if v is None else "%.*f%%" % (decimals, v) for v in values]
+    return ["-" if v is None else shown_percent(v, decimals, threshold) + "%" for v in values]
 
 
-def _json_number(value: Optional[float]) -> Optional[float]:
+def _json_number(value: Optional[float], threshold: Optional[float] = None) -> Optional[float]:
+    """A percentage for json and csv: an int when whole, else at most 2 decimals (more where
+    they decide, as in tables)."""
     if value is None:
         return None
-    value = round(value, 2)
-    return int(value) if value.is_integer() else value
+    if float(value).is_integer():
+        return int(value)
+    return float(shown_percent(value, 2, threshold))
 
 
 def instance_record(instance: Instance, thresholds: Thresholds) -> Dict[str, Any]:
     """The json/csv fields of an instance."""
     return {"ip": instance.ip, "service": instance.service,
             "status": instance_status(instance, thresholds),
-            "cpu": _json_number(instance.cpu), "memory": _json_number(instance.memory),
+            "cpu": _json_number(instance.cpu, thresholds.cpu),
+            "memory": _json_number(instance.memory, thresholds.memory),
             "error": instance.error}
 
 
-def summary_record(summary: ServiceSummary) -> Dict[str, Any]:
+def summary_record(summary: ServiceSummary, thresholds: Thresholds) -> Dict[str, Any]:
     """The json/csv fields of a service summary."""
     return {"service": summary.service, "instances": summary.instances, "healthy": summary.healthy,
-            "avg_cpu": _json_number(summary.avg_cpu), "avg_memory": _json_number(summary.avg_memory)}
+            "avg_cpu": _json_number(summary.avg_cpu, thresholds.cpu),
+            "avg_memory": _json_number(summary.avg_memory, thresholds.memory)}
 
 
 def flagged_record(summary: ServiceSummary) -> Dict[str, Any]:
@@ -1278,14 +1437,25 @@ def render_json(records: Sequence[Dict[str, Any]]) -> str:
     return json.dumps(list(records), indent=2) + "\n"
 
 
+def csv_cell(value: Any) -> str:
+    """One csv cell: None empty, text sanitised, and text that a spreadsheet would run as a
+    formula (starting with = + - or @) prefixed with ' (OWASP's rule against CSV injection)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        return str(value)
+    text = sanitize(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+
 def render_csv(fieldnames: Sequence[str], records: Sequence[Dict[str, Any]], header: bool = True) -> str:
-    """A header then one row per record; text from the server is sanitised, None is empty."""
+    """A header then one row per record (cells as csv_cell makes them)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     if header:
         writer.writerow(fieldnames)
     for record in records:
-        writer.writerow(["" if record[name] is None else sanitize(record[name]) for name in fieldnames])
+        writer.writerow([csv_cell(record[name]) for name in fieldnames])
     return buffer.getvalue()
 
 
@@ -1305,8 +1475,9 @@ SUMMARY_FIELDS = ("service", "instances", "healthy", "avg_cpu", "avg_memory")
 FLAGGED_FIELDS = ("service", "healthy", "instances")
 
 
-def _plural(count: int, noun: str) -> str:
-    return "%d %s%s" % (count, noun, "" if count == 1 else "s")
+def _plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
+    """'1 instance', '2 instances': the count and the noun that agrees with it."""
+    return "%d %s" % (count, noun if count == 1 else nouns or noun + "s")
 
 
 def fleet_footer(instances: Sequence[Instance], thresholds: Thresholds) -> str:
@@ -1321,13 +1492,16 @@ def fleet_footer(instances: Sequence[Instance], thresholds: Thresholds) -> str:
 
 
 def prometheus_label(value: Optional[str]) -> str:
-    """A label value for the exposition format: sanitised, then \\, \" and newline escaped."""
-    text = sanitize(value) if value is not None else ""
+    """A label value for the exposition format: unsafe characters escaped, not replaced, so
+    that two services never share a series; then \\, \" and newline escaped as the format asks."""
+    text = escape_unsafe(value) if value is not None else ""
     return text.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
-def _prometheus_number(value: float) -> str:
-    value = round(value, 6)
+def _prometheus_number(value: float, places: Optional[int] = 6) -> str:
+    """A sample value: an int when whole, else the float, rounded to places unless None."""
+    if places is not None:
+        value = round(value, places)
     return str(int(value)) if value.is_integer() else repr(value)
 
 
@@ -1353,8 +1527,8 @@ def render_prometheus(snapshot: Snapshot, thresholds: Thresholds, per_instance: 
             status = instance_status(instance, thresholds)
             usage = instance.usage()
             if usage is not None:
-                samples["cpx_instance_cpu_ratio"].append(labels + " " + _prometheus_number(usage[0] / 100.0))
-                samples["cpx_instance_memory_ratio"].append(labels + " " + _prometheus_number(usage[1] / 100.0))
+                samples["cpx_instance_cpu_ratio"].append(labels + " " + _prometheus_number(usage[0] / 100.0, None))
+                samples["cpx_instance_memory_ratio"].append(labels + " " + _prometheus_number(usage[1] / 100.0, None))
             samples["cpx_instance_healthy"].append(labels + " %d" % (status == HEALTHY))
             samples["cpx_instance_up"].append(labels + " %d" % instance.readable)
     for summary in summarize_services(instances, thresholds):
@@ -1447,8 +1621,8 @@ class InstancesReport(Report):
         self.instances = instances
 
     def rows(self) -> List[List[str]]:
-        cpus = format_percents([i.cpu for i in self.instances])
-        memories = format_percents([i.memory for i in self.instances])
+        cpus = format_percents([i.cpu for i in self.instances], self.thresholds.cpu)
+        memories = format_percents([i.memory for i in self.instances], self.thresholds.memory)
         return [[sanitize(instance.ip), service_label(instance.service), status_label(instance, self.thresholds),
                  cpus[index], memories[index]] for index, instance in enumerate(self.instances)]
 
@@ -1474,13 +1648,13 @@ class SummariesReport(Report):
         self.summaries = summaries
 
     def rows(self) -> List[List[str]]:
-        cpus = format_percents([s.avg_cpu for s in self.summaries])
-        memories = format_percents([s.avg_memory for s in self.summaries])
+        cpus = format_percents([s.avg_cpu for s in self.summaries], self.thresholds.cpu)
+        memories = format_percents([s.avg_memory for s in self.summaries], self.thresholds.memory)
         return [[service_label(s.service), str(s.instances), str(s.healthy), cpus[k], memories[k]]
                 for k, s in enumerate(self.summaries)]
 
     def records(self) -> List[Dict[str, Any]]:
-        return [summary_record(s) for s in self.summaries]
+        return [summary_record(s, self.thresholds) for s in self.summaries]
 
     def footer(self) -> str:
         return fleet_footer(self.snapshot.instances, self.thresholds)
@@ -1509,7 +1683,7 @@ class FlaggedReport(Report):
         return [UNHEALTHY] * len(self.flagged)
 
     def empty(self) -> Optional[str]:
-        return "No service has fewer than %d healthy instances.\n" % self.min_healthy
+        return "Every service has at least %s.\n" % _plural(self.min_healthy, "healthy instance")
 
 
 # ---------------------------------------------------------------------------
@@ -1517,60 +1691,151 @@ class FlaggedReport(Report):
 # ---------------------------------------------------------------------------
 
 
+def say(message: str) -> None:
+    """One line on stderr. Nothing when stderr is closed or failing: there is nowhere else
+    to say it, and the exit status still tells."""
+    stream = sys.stderr
+    if stream is None:  # started with 2>&-
+        return
+    try:
+        stream.write(message + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
 def warn(options: Options, message: str) -> None:
     """A warning on stderr, one line, unless --quiet."""
     if not options.quiet:
-        print("%s: warning: %s" % (PROG, message), file=sys.stderr, flush=True)
+        say("%s: warning: %s" % (PROG, message))
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    """Every byte to the descriptor: partial writes continued, and a non-blocking one that
+    is full waited on (Python's own stream drops the rest there when unbuffered)."""
+    import select
+
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(descriptor, view)
+        except BlockingIOError:
+            select.select([], [descriptor], [])
+            continue
+        view = view[written:]
 
 
 def emit(text: str) -> None:
-    """Data to stdout, flushed so that pipes see it now."""
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    """Data to stdout, all of it, now. At the descriptor when there is one, encoded for the
+    stream with '?' for what its encoding lacks; BrokenPipeError when the reader has gone,
+    OutputFailed when stdout fails otherwise (a full disk, say)."""
+    stream = sys.stdout
+    if stream is None:
+        raise OutputFailed("stdout is closed")
+    try:
+        descriptor: Optional[int] = stream.fileno()
+    except (OSError, ValueError):  # an in-memory stream: a test's, or a program's that embeds this one
+        descriptor = None
+    try:
+        if descriptor is None:
+            stream.write(text)
+            stream.flush()
+        else:
+            stream.flush()  # whatever went through the stream before
+            _write_all(descriptor, text.encode(getattr(stream, "encoding", None) or "utf-8", "replace"))
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise OutputFailed("cannot write to stdout: %s" % (error.strerror or error))
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def write_target(path: str) -> Tuple[str, Optional[os.stat_result]]:
+    """The file that --write PATH replaces, and its current state (None: it does not exist yet).
+    A symlink is followed to its target; anything but a regular file or a new name is
+    refused (UsageError): a FIFO, a device or a socket would lose what it stands for."""
+    if not path:
+        raise UsageError("--write needs a file name")
+    if path.endswith(os.sep) or os.path.basename(path) in (".", ".."):
+        raise UsageError("cannot write %s: it names a directory, not a file" % sanitize(path))
+    target = os.path.realpath(path)
+    try:
+        status: Optional[os.stat_result] = os.stat(target)
+    except FileNotFoundError:
+        status = None
+    except OSError as error:  # a symlink loop, a permission denied on the way
+        raise UsageError("cannot write %s: %s" % (sanitize(path), error.strerror or error))
+    if status is not None:
+        for is_kind, kind in _FILE_KINDS:
+            if is_kind(status.st_mode):
+                raise UsageError("cannot write %s: it is %s, not a regular file" % (sanitize(path), kind))
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise UsageError("cannot write %s: no directory %s" % (sanitize(path), sanitize(directory)))
+    return target, status
+
+
+def _temporary_beside(target: str) -> Tuple[int, str]:
+    """A new temporary file in the target's directory (the same file system: the rename is atomic)."""
+    import tempfile
+
+    return tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp",
+                            dir=os.path.dirname(target))
 
 
 def check_writable(path: str) -> None:
-    """Refuse, before any request, a --write FILE that could not be written."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError("cannot write %s: it is a directory" % path)
-    if not os.path.isdir(directory):
-        raise UsageError("cannot write %s: no directory %s" % (path, directory))
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise UsageError("cannot write %s: directory %s is not writable" % (path, directory))
+    """Refuse, before any request, a --write FILE that could not be written: by making the
+    temporary file for real (os.access says yes to root, even where nothing can be made)."""
+    target, _ = write_target(path)
+    try:
+        handle, temporary = _temporary_beside(target)
+    except OSError as error:
+        raise UsageError("cannot write %s: %s" % (sanitize(path), error.strerror or error))
+    os.close(handle)
+    os.unlink(temporary)
 
 
 def write_atomically(path: str, text: str) -> None:
-    """Replace path with text in one step: a reader sees the old file or the new one, never half."""
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    """Replace path (or the file its symlink points to) with text in one step: a reader sees
+    the old file or the new one, never half. An existing file keeps its mode (and, for root,
+    its owner); a new one gets 0666 less the umask. OutputFailed when it cannot be done."""
+    target, old = write_target(path)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        handle, temporary = _temporary_beside(target)
+    except OSError as error:
+        raise OutputFailed("cannot write %s: %s" % (sanitize(path), error.strerror or error))
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", errors="replace") as stream:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
-        # mkstemp makes the file 0600; a collector running as another user must be able to read it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
+        if old is not None:
+            os.chmod(temporary, stat.S_IMODE(old.st_mode))
+            if os.geteuid() == 0:
+                os.chown(temporary, old.st_uid, old.st_gid)
+        else:
+            # mkstemp makes the file 0600; a collector running as another user must be able to read it.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temporary, 0o666 & ~umask)
+        os.replace(temporary, target)
+    except BaseException as error:
         try:
             os.unlink(temporary)
         except OSError:
             pass
+        if isinstance(error, OSError):
+            raise OutputFailed("cannot write %s: %s" % (sanitize(path), error.strerror or error))
         raise
 
 
 def deliver(text: str, options: Options) -> None:
     """A command's output: to stdout, or atomically to the --write file."""
-    if options.write:
-        try:
-            write_atomically(options.write, text)
-        except OSError as error:
-            raise UsageError("cannot write %s: %s" % (options.write, error.strerror or error))
+    if options.write is not None:
+        write_atomically(options.write, text)
     else:
         emit(text)
 
@@ -1586,10 +1851,12 @@ def list_fleet(client: CpxClient, options: Options, deadline: float) -> List[str
     """The IPs /servers lists; a warning for entries refused, CpxUnavailable when there is none."""
     servers = client.list_servers(deadline)
     if servers.rejected:
-        warn(options, "/servers listed %d entries that are not IP addresses, not requested: %s"
-             % (len(servers.rejected), _quoted_list(servers.rejected)))
+        warn(options, "/servers listed %s, not requested: %s" % (
+            _plural(len(servers.rejected), "entry that is not an IP address", "entries that are not IP addresses"),
+            _quoted_list(servers.rejected)))
     if servers.duplicates:
-        warn(options, "/servers listed %d duplicate entries, each requested once" % servers.duplicates)
+        warn(options, "/servers listed %s, each address requested once"
+             % _plural(servers.duplicates, "duplicate entry", "duplicate entries"))
     if not servers.ips:
         raise CpxUnavailable("GET %s/servers: no instance listed" % options.url)
     return servers.ips
@@ -1603,9 +1870,9 @@ def take_snapshot(client: CpxClient, options: Options) -> Snapshot:
     started = time.monotonic()
     instances = client.read_instances(ips, deadline)
     if options.verbose:
-        print("%s: read %d instances in %.2f s, peak concurrency %d (ceiling %d), %d retries"
-              % (PROG, len(instances), time.monotonic() - started, client.limiter.peak, options.workers,
-                 client.retried), file=sys.stderr, flush=True)
+        say("%s: read %s in %.2f s, peak concurrency %d (ceiling %d), %s"
+            % (PROG, _plural(len(instances), "instance"), time.monotonic() - started, client.limiter.peak,
+               options.workers, _plural(client.retried, "retry", "retries")))
     failures = summarize_failures(instances)
     if failures and not any(i.readable for i in instances):
         raise CpxUnavailable("%s: %s" % (options.url, failures))
@@ -2068,12 +2335,12 @@ def _marked(cell: str, value: Optional[float], threshold: float) -> str:
     return cell + "!" if value is not None and value > threshold else cell
 
 
-def _min_avg_max(stats: RunningStats, unit: str = "%") -> str:
+def _min_avg_max(stats: RunningStats, unit: str = "%", threshold: Optional[float] = None) -> str:
     if not stats.count:
         return "-"
 
     def short(value: float) -> str:
-        text = "%.1f" % value
+        text = shown_percent(value, 1, threshold) if unit == "%" else "%.1f" % value
         return text[:-2] if text.endswith(".0") else text
     return "%s/%s/%s%s" % (short(stats.minimum), short(stats.mean or 0.0), short(stats.maximum), unit)
 
@@ -2178,7 +2445,8 @@ class ServiceScope:
                               lambda t: _STATUS_RANK.get(t.status(thresholds), len(_STATUS_RANK)))  # Gone last
         readable = [t.last if t.status(thresholds) in (HEALTHY, UNHEALTHY) else None for t in tracks]
         cpu_values, memory_values = _values(readable, "cpu"), _values(readable, "memory")
-        cpus, memories = format_percents(cpu_values), format_percents(memory_values)
+        cpus = format_percents(cpu_values, thresholds.cpu)
+        memories = format_percents(memory_values, thresholds.memory)
         rows, styles = [], []
         for index, track in enumerate(tracks):
             status, style = self._status_cell(track, state)
@@ -2199,8 +2467,10 @@ class ServiceScope:
 
     def summary_table(self, state: TrackState, blocks: str) -> str:
         """Per instance: samples, min/avg/max, samples unhealthy, the session's trend."""
-        rows = [[sanitize(t.key) + (" (gone)" if t.gone else ""), str(t.samples), _min_avg_max(t.cpu.stats),
-                 _min_avg_max(t.memory.stats), str(t.unhealthy), sparkline(t.cpu.trend.values(), blocks),
+        thresholds = state.thresholds
+        rows = [[sanitize(t.key) + (" (gone)" if t.gone else ""), str(t.samples),
+                 _min_avg_max(t.cpu.stats, "%", thresholds.cpu), _min_avg_max(t.memory.stats, "%", thresholds.memory),
+                 str(t.unhealthy), sparkline(t.cpu.trend.values(), blocks),
                  sparkline(t.memory.trend.values(), blocks)] for t in state.tracks()]
         return render_table(self.SUMMARY_COLUMNS, rows, (False, True, True, True, True, False, False))
 
@@ -2267,8 +2537,10 @@ class FleetScope:
         tracks, hidden = _fit(state.tracks(), max_rows, ServiceTrack.rank)
         lasts = [None if t.gone else t.last for t in tracks]
         max_cpu, max_memory = _values(lasts, "max_cpu"), _values(lasts, "max_memory")
-        columns = [format_percents(_values(lasts, name)) for name in ("avg_cpu", "avg_memory")]
-        columns += [format_percents(max_cpu), format_percents(max_memory)]
+        thresholds = state.thresholds
+        columns = [format_percents(_values(lasts, "avg_cpu"), thresholds.cpu),
+                   format_percents(_values(lasts, "avg_memory"), thresholds.memory),
+                   format_percents(max_cpu, thresholds.cpu), format_percents(max_memory, thresholds.memory)]
         rows, styles = [], []
         for index, track in enumerate(tracks):
             avg_cpu, avg_memory, top_cpu, top_memory = (column[index] for column in columns)
@@ -2299,19 +2571,22 @@ class FleetScope:
     def summary_table(self, state: TrackState, blocks: str) -> str:
         """Per service: samples, healthy and average min/avg/max, samples flagged, the session's trend."""
         rows = [[service_label(t.key) + (" (gone)" if t.gone else ""), str(t.samples),
-                 _min_avg_max(t.healthy, ""), _min_avg_max(t.cpu.stats), _min_avg_max(t.memory.stats),
+                 _min_avg_max(t.healthy, ""), _min_avg_max(t.cpu.stats, "%", state.thresholds.cpu),
+                 _min_avg_max(t.memory.stats, "%", state.thresholds.memory),
                  str(t.flagged), sparkline(t.healthy_share.trend.values(), blocks),
                  sparkline(t.cpu.trend.values(), blocks)] for t in state.tracks()]
         return render_table(self.SUMMARY_COLUMNS, rows, (False, True, True, True, True, True, False, False))
 
     def records(self, state: TrackState) -> List[Dict[str, Any]]:
         """The last sample as json/csv records: a service each, then those gone (0 instances)."""
+        cpu, memory = state.thresholds.cpu, state.thresholds.memory
         records = []
         for summary in state.last.values.values():
             records.append({"time": state.last_time, "service": summary.service, "instances": summary.instances,
-                            "healthy": summary.healthy, "avg_cpu": _json_number(summary.avg_cpu),
-                            "max_cpu": _json_number(summary.max_cpu), "avg_memory": _json_number(summary.avg_memory),
-                            "max_memory": _json_number(summary.max_memory)})
+                            "healthy": summary.healthy, "avg_cpu": _json_number(summary.avg_cpu, cpu),
+                            "max_cpu": _json_number(summary.max_cpu, cpu),
+                            "avg_memory": _json_number(summary.avg_memory, memory),
+                            "max_memory": _json_number(summary.max_memory, memory)})
         for service in state.gone:
             records.append(dict({name: None for name in self.FIELDS}, time=state.last_time, service=service,
                                 instances=0, healthy=0))
@@ -2417,8 +2692,11 @@ def render_track_summary(state: TrackState, blocks: str) -> str:
     lines.append(state.scope.summary_table(state, blocks).rstrip("\n"))
     if state.worst is not None:
         worst = state.worst
-        lines.append("worst moment: %d of %d instances healthy at %s (sample %d)" % (
-            worst.healthy, worst.instances, worst.moment, worst.sample))
+        if worst.instances:
+            lines.append("worst moment: %d of %s healthy at %s (sample %d)" % (
+                worst.healthy, _plural(worst.instances, "instance"), worst.moment, worst.sample))
+        else:
+            lines.append("worst moment: no instance present at %s (sample %d)" % (worst.moment, worst.sample))
     return "\n".join(lines) + "\n"
 
 
@@ -2588,8 +2866,7 @@ class RecordsView(TrackView):
         raise NotImplementedError
 
     def close(self, state: TrackState) -> None:
-        sys.stderr.write(render_track_summary(state, spark_blocks(sys.stderr)))
-        sys.stderr.flush()
+        say(render_track_summary(state, spark_blocks(sys.stderr)).rstrip("\n"))
 
 
 class JsonLinesView(RecordsView):
@@ -2618,7 +2895,7 @@ def track_view(options: Options, settings: TrackSettings) -> TrackView:
 def cmd_track(client: CpxClient, options: Options, settings: TrackSettings) -> int:
     """Sample one service, or the whole fleet, on a fixed schedule until q, Ctrl+C or
     --count samples, then summarize."""
-    if options.output == "prometheus" or options.write:
+    if options.output == "prometheus" or options.write is not None:
         raise UsageError("track streams: -o prometheus and --write are for services, status and unhealthy")
     scope = FleetScope(options.thresholds) if settings.service is None else ServiceScope(
         settings.service, options.thresholds)
@@ -2840,6 +3117,8 @@ def _simulator_classes() -> Tuple[Any, Any]:
 
         def __init__(self, settings: SimulatorSettings):
             self.settings = settings
+            if ":" in settings.host:
+                self.address_family = socket.AF_INET6
             self.fleet = SimulatedFleet(settings.servers, settings.seed, settings.sickness)
             self.server_list = json.dumps(self.fleet.ips).encode()
             self.stopping = threading.Event()  # set on close: hanging answers end
@@ -2895,17 +3174,14 @@ def cmd_simulate(settings: SimulatorSettings) -> int:
     fail, hang, slow = sickness.counts(settings.servers)
     sick = ", ".join("%d %s" % (n, what) for n, what in ((fail, "answer HTTP 500"), (hang, "hang"),
                                                           (slow, "answer %g ms late" % sickness.slow_ms)) if n)
-    print("%s: simulating %d servers%s, listening on %s (Ctrl+C to stop)"
-          % (PROG, settings.servers, " (%s)" % sick if sick else "", server.url), file=sys.stderr, flush=True)
+    say("%s: simulating %d servers%s, listening on %s (Ctrl+C to stop)"
+        % (PROG, settings.servers, " (%s)" % sick if sick else "", server.url))
     try:
         while True:
             time.sleep(3600)
-    except (KeyboardInterrupt, Terminated):
-        pass
-    finally:
+    finally:  # Ctrl+C (130) and SIGTERM (143) reach main() as for any command
         server.shutdown()
         server.server_close()
-    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -2919,14 +3195,36 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, "%s: error: %s (see '%s --help')\n" % (PROG, message, self.prog))
 
+    def _print_message(self, message: str, file: Any = None) -> None:
+        # Help and version to stdout, messages to stderr, through the one output path:
+        # `--help >/dev/full` is exit 74 with one line, `2>&-` is no crash.
+        if not message:
+            return
+        if file is sys.stdout and file is not None:
+            emit(message)
+        else:
+            say(message.rstrip("\n"))
 
-def _positive_float(text: str) -> float:
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # argparse's own check, plus the closest choice: a typo'd command or sort key.
+        choices = action.choices
+        if choices is not None and isinstance(value, str) and value not in choices:
+            names = [str(choice) for choice in choices]
+            close = difflib.get_close_matches(value, names, n=1, cutoff=0.6)
+            raise argparse.ArgumentError(action, "invalid choice: %r%s (choose from %s)" % (
+                sanitize(value), "; did you mean %r?" % close[0] if close else "", ", ".join(names)))
+        super()._check_value(action, value)
+
+
+def _seconds(text: str) -> float:
+    """A duration option: a positive number of seconds, at most MAX_SECONDS."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError("%r is not a number" % text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError("%r must be a positive number" % text)
+    if not 0 < value <= MAX_SECONDS:  # written so that NaN fails too
+        raise argparse.ArgumentTypeError("%r must be a number of seconds above 0 and at most %d (a day)"
+                                         % (text, MAX_SECONDS))
     return value
 
 
@@ -2943,7 +3241,7 @@ def _float_in(low: float, high: float, what: str):
 
 
 def _interval(text: str) -> float:
-    value = _positive_float(text)
+    value = _seconds(text)
     if value < MIN_INTERVAL:
         raise argparse.ArgumentTypeError("%r is below the minimum interval of %g s" % (text, MIN_INTERVAL))
     return value
@@ -2974,12 +3272,14 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
         return argparse.SUPPRESS if suppress else value
 
     group = parser.add_argument_group("global options")
+    if suppress:  # the top parser has its own, above the global options
+        group.add_argument("--version", action="version", version=_version_line())
     group.add_argument("--url", default=default(None),
                        help="CPX API base URL (default: $CPX_URL, else %s)" % DEFAULT_URL)
-    group.add_argument("--timeout", type=_positive_float, default=default(DEFAULT_TIMEOUT), metavar="SECONDS",
+    group.add_argument("--timeout", type=_seconds, default=default(DEFAULT_TIMEOUT), metavar="SECONDS",
                        help="per-request timeout, for its whole life: connect, headers, body "
                             "(default %g)" % DEFAULT_TIMEOUT)
-    group.add_argument("--deadline", type=_positive_float, default=default(None), metavar="SECONDS",
+    group.add_argument("--deadline", type=_seconds, default=default(None), metavar="SECONDS",
                        help="time limit for a whole command (default %g); for track, for a sample's "
                             "/servers and again for its reads (default: the interval, at least 1 s; a full "
                             "read of the fleet gets %g s)"
@@ -3012,6 +3312,10 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                        help="say on stderr how the fetch went (time, concurrency, retries)")
 
 
+def _version_line() -> str:
+    return "%s %s" % (os.path.basename(sys.argv[0]) or "cpx_devops.py", __version__)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: global options before or after a subcommand."""
     formatter = argparse.RawDescriptionHelpFormatter
@@ -3026,7 +3330,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "  cpx_devops.py simulate --port 8080\n\n"
                             + ENVIRONMENT_HELP + "\n" + EXIT_STATUS_HELP,
                      formatter_class=formatter, allow_abbrev=False)
-    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    parser.add_argument("--version", action="version", version=_version_line())
     _add_global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -3066,7 +3370,7 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("-n", "--interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
                        help="time between sample starts, %g or more (default %g)" % (MIN_INTERVAL, DEFAULT_INTERVAL))
     track.add_argument("-c", "--count", type=_int_in(1, 10 ** 9), metavar="N", help="stop after N samples")
-    track.add_argument("--rediscover", type=_positive_float, default=DEFAULT_REDISCOVER, metavar="SECONDS",
+    track.add_argument("--rediscover", type=_seconds, default=DEFAULT_REDISCOVER, metavar="SECONDS",
                        help="re-read the whole fleet this often (default %g); /servers is checked every "
                             "sample and new instances are read at once" % DEFAULT_REDISCOVER)
 
@@ -3075,9 +3379,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    epilog="examples:\n  cpx_devops.py simulate\n"
                                           "  cpx_devops.py simulate --port 0 --servers 1000 --latency-ms 20\n"
                                           "  cpx_devops.py simulate --latency-ms 20 --hang-fraction 0.07 "
-                                          "--slow-fraction 0.5\n",
+                                          "--slow-fraction 0.5\n\n" + SIMULATE_HELP,
                                    formatter_class=formatter, allow_abbrev=False)
-    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    simulate.add_argument("--version", action="version", version=_version_line())
+    simulate.add_argument("--host", default="127.0.0.1",
+                          help="address to listen on (default 127.0.0.1; ::1 for IPv6)")
     simulate.add_argument("--port", type=_int_in(0, 65535), default=8080,
                           help="port (default 8080; 0 picks a free one)")
     simulate.add_argument("--servers", type=_int_in(1, 1000000), default=150, help="fleet size (default 150)")
@@ -3107,14 +3413,21 @@ def use_color(stream: Any, no_color: bool, environ: Dict[str, str]) -> bool:
 
 def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Options:
     """The options record for a command, from parsed arguments and the environment."""
-    url = args.url if args.url is not None else environ.get("CPX_URL") or DEFAULT_URL
-    interactive = sys.stdout.isatty() and environ.get("TERM") != "dumb"
-    return Options(url=normalize_url(url), timeout=args.timeout,
+    if args.url is not None:
+        url, authorization = parse_base_url(args.url, "--url")
+    elif environ.get("CPX_URL"):
+        url, authorization = parse_base_url(environ["CPX_URL"], "$CPX_URL")
+    else:
+        url, authorization = DEFAULT_URL, None
+    interactive = sys.stdout is not None and sys.stdout.isatty() and environ.get("TERM") != "dumb"
+    return Options(url=url, authorization=authorization, timeout=args.timeout,
                    deadline=args.deadline if args.deadline is not None else DEFAULT_DEADLINE,
                    retries=args.retries, workers=args.workers, adaptive=args.concurrency == "adaptive",
                    thresholds=Thresholds(args.cpu_threshold, args.mem_threshold),
                    output=args.output, quiet=args.quiet, verbose=args.verbose,
-                   color=use_color(sys.stdout, args.no_color, environ), interactive=interactive,
+                   # Never colour a file: --write's codes would be read by a collector, not a terminal.
+                   color=args.write is None and use_color(sys.stdout, args.no_color, environ),
+                   interactive=interactive,
                    headers=not args.no_headers, write=args.write)
 
 
@@ -3150,8 +3463,10 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_simulate(simulator_settings(args))
     options = options_from_args(args, dict(os.environ))
     settings = track_settings(args) if args.command == "track" else None
-    if options.write:
+    if options.write is not None and settings is None:
         check_writable(options.write)
+    elif sys.stdout is None:
+        raise UsageError("stdout is closed (>&-): nowhere to write the output; use --write FILE")
     client = CpxClient(options)
     interrupted = False
     try:
@@ -3169,35 +3484,57 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             client.close()
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush is quiet too."""
+    if sys.stdout is not None:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The program: one line on stderr for any failure, an exit status from the contract."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # start-up is over
+        signal.signal(signal.SIGTERM, _on_sigterm)
         return run(argv)
     except UsageError as error:
-        print("%s: error: %s" % (PROG, error), file=sys.stderr)
+        say("%s: error: %s" % (PROG, error))
         return EXIT_USAGE
     except CpxUnavailable as error:
-        print("%s: error: %s%s" % (PROG, error.prefix, error), file=sys.stderr)
+        say("%s: error: %s%s" % (PROG, error.prefix, error))
         return EXIT_UNAVAILABLE
+    except OutputFailed as error:
+        say("%s: error: %s" % (PROG, error))
+        _quiet_stdout()
+        return EXIT_OUTPUT
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Terminated:
         return EXIT_TERMINATED
     except BrokenPipeError:
-        # Point stdout at /dev/null so that the interpreter's final flush is quiet too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _quiet_stdout()
         return EXIT_BROKEN_PIPE
 
 
 def _exit(code: int) -> None:
     """Exit now: requests still in flight must not hold the process (Ctrl+C, deadline)."""
     try:
-        sys.stdout.flush()
-    except (BrokenPipeError, ValueError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
         code = code or EXIT_BROKEN_PIPE
-    sys.stderr.flush()
+    except (OSError, ValueError):
+        _quiet_stdout()
+        code = code or EXIT_OUTPUT
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
     os._exit(code)
 
 

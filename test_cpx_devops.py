@@ -11,6 +11,7 @@ The benchmark and the README rewriter are in bench_cpx_devops.py.
 """
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -837,15 +838,142 @@ class RenderTest(unittest.TestCase):
         self.assertEqual(text, "ip,service,status,cpu,memory,error\n1.1.1.1,a?b,Unknown,,,\n")
 
 
+# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt, 15.1): what
+# unicodedata cannot tell. With every Cc, Cf, Cs, Zl and Zp character, what the
+# sanitiser must replace.
+DEFAULT_IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+                     (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+                     (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+                     (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+
+
+class HostileValuesTest(unittest.TestCase):
+    """Issue 12's pure cases: what a hostile server or user can put in a value."""
+
+    def test_retry_after_takes_ascii_digits_and_http_dates_only(self):
+        now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+        for header, seconds in (("\u00b2", None), ("\uff11\uff12", None), ("\u0663", None), ("-3", None),
+                                ("1e3", None), ("5", 5.0), (" 7 ", 7.0), ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),
+                                ("Wed, 21 Oct 2015 07:28:30 GMT\u00b2", None), ("Fri, 31 Dec 9999 23:59:59 GMT", None)):
+            with self.subTest(case=header):
+                if header.startswith("Fri"):  # far away but reachable: capped later, by backoff_delay
+                    self.assertGreater(cpx.parse_retry_after(header, now), 1e10)
+                    continue
+                self.assertEqual(cpx.parse_retry_after(header, now), seconds)
+
+    def test_rounding_never_carries_a_value_across_its_threshold_or_100(self):
+        for value, decimals, threshold, shown in ((90.004, 1, 90.0, "90.004"), (90.04, 1, 90.0, "90.04"),
+                                                  (90.4, 1, 90.0, "90.4"), (90.0, 1, 90.0, "90.0"),
+                                                  (89.96, 1, 90.0, "90.0"),  # healthy, shown at the threshold
+                                                  (89.95, 1, 89.95, "89.95"), (99.999, 1, 90.0, "99.999"),
+                                                  (99.9999, 0, None, "99.999"), (90.0000001, 0, 90.0, "90.001"),
+                                                  (61.0, 0, 90.0, "61"), (61.25, 1, 90.0, "61.2")):
+            with self.subTest(case=(value, threshold)):
+                self.assertEqual(cpx.shown_percent(value, decimals, threshold), shown)
+        self.assertEqual(cpx.format_percents([90.004, 61.0, None], 90.0), ["90.004%", "61.0%", "-"])
+        self.assertEqual(cpx._json_number(90.004, 90.0), 90.004)
+        self.assertEqual(cpx._json_number(99.999, 90.0), 99.999)
+        self.assertEqual(cpx._json_number(61.237, 90.0), 61.24)
+        self.assertEqual(cpx._json_number(61.0, 90.0), 61)
+
+    def test_negative_zero_reads_as_zero(self):
+        for value in (-0.0, "-0"):
+            with self.subTest(case=value):
+                if value == "-0":
+                    self.assertRaises(ValueError, cpx.parse_percent, value)  # a sign is refused, as before
+                    continue
+                self.assertEqual(repr(cpx.parse_percent(value)), "0.0")
+        self.assertEqual(cpx.format_percents([cpx.parse_percent(-0.0)], 90.0), ["0%"])
+
+    def test_the_sanitiser_replaces_exactly_the_unsafe_code_points(self):
+        import unicodedata
+        expected = {cp for first, last in DEFAULT_IGNORABLE for cp in range(first, last + 1)}
+        expected.update(cp for cp in range(0x110000)
+                        if unicodedata.category(chr(cp)) in ("Cc", "Cf", "Cs", "Zl", "Zp"))
+        everything = "".join(map(chr, range(0x110000)))
+        replaced = {match.start() for match in cpx._UNSAFE_TEXT.finditer(everything)}
+        self.assertEqual(sorted(expected - replaced), [])
+        # Beyond this Python's table, only what its Unicode had not assigned yet (format characters
+        # added later: U+0890, U+13439...).
+        self.assertEqual([hex(cp) for cp in sorted(replaced - expected) if unicodedata.category(chr(cp)) != "Cn"], [])
+        self.assertEqual(cpx.sanitize(everything).count("?") - everything.count("?"), len(replaced))
+
+    def test_display_width_agrees_with_the_terminal_on_zero_width_characters(self):
+        for text, width in (("\u061c", 0), ("\u034f", 0), ("\u180e", 0), ("\U000e0041", 0), ("\u200b", 0),
+                            ("\u00ad", 0), ("\ufe0f", 0), ("a\u0301", 1), ("\u1100\u1161\u11a8", 2), ("\u6f22", 2),
+                            ("Caf\u00e9", 4), ("abc", 3), ("\x1b", 0)):
+            with self.subTest(case=text):
+                self.assertEqual(cpx.display_width(text), width)
+        for text in ("Auth\u034fService", "Auth\u061cService", "Auth\u180eService", "Auth\U000e0041Service"):
+            with self.subTest(case=text):
+                self.assertEqual(cpx.sanitize(text), "Auth?Service")
+
+    def test_escaped_names_stay_apart(self):
+        names = ["Auth\x1bService", "Auth\x07Service", "Auth\\x1bService", "Auth?Service", "B\ud800x",
+                 "B\\ud800x", "Auth\U000e0041Service"]
+        escaped = [cpx.escape_unsafe(name) for name in names]
+        self.assertEqual(len(set(escaped)), len(names), escaped)
+        self.assertEqual(escaped[0], "Auth\\x1bService")
+        for text in escaped:
+            self.assertIsNone(cpx._UNSAFE_TEXT.search(text), text)
+            text.encode("utf-8")  # no lone surrogate left
+
+    def test_csv_cells_a_spreadsheet_would_run_get_a_quote(self):
+        for value, cell in (("=1+2", "'=1+2"), ("+cmd", "'+cmd"), ("-2", "'-2"), ("@SUM(A1)", "'@SUM(A1)"),
+                            ("a=b", "a=b"), ("", ""), (None, ""), (61, "61"), (90.5, "90.5"), ("\t=x", "?=x")):
+            with self.subTest(case=value):
+                self.assertEqual(cpx.csv_cell(value), cell)
+
+    def test_ip_addresses_are_deduplicated_as_addresses(self):
+        listed = cpx.parse_server_list(["::1", "0:0:0:0:0:0:0:1", "::ffff:10.0.0.1", "::FFFF:10.0.0.1", "10.0.0.1",
+                                        "2001:DB8::1", "2001:db8:0::1", "10.0.0.1"])
+        self.assertEqual(listed.ips, ["::1", "::ffff:10.0.0.1", "10.0.0.1", "2001:DB8::1"])
+        self.assertEqual(listed.duplicates, 4)
+
+    def test_base_urls_are_checked_and_credentials_taken_out(self):
+        self.assertEqual(cpx.parse_base_url("http://ops:s%40cret@h:8080/cpx/"),
+                         ("http://h:8080/cpx", "Basic b3BzOnNAY3JldA=="))  # ops:s@cret
+        self.assertEqual(cpx.parse_base_url("http://TOKEN@h"), ("http://h", "Basic VE9LRU46"))
+        self.assertEqual(cpx.parse_base_url("http://m\u00fcnchen.example/"), ("http://xn--mnchen-3ya.example", None))
+        self.assertEqual(cpx.parse_base_url("http://[::1]:8080"), ("http://[::1]:8080", None))
+        for url, why in (("http://a b", "contains a space"), ("http://h\\x", "contains a backslash"),
+                         ("http://h/\u00e9", "not ASCII in its path"), ("http://h\x07", "control character"),
+                         ("http://" + "a" * 64 + ".example", "cannot be looked up"), ("", "is empty"),
+                         ("http://ops:secret@h:99999", "port")):
+            with self.subTest(case=url):
+                with self.assertRaises(cpx.UsageError) as caught:
+                    cpx.parse_base_url(url, "$CPX_URL")
+                self.assertIn(why, str(caught.exception))
+                self.assertIn("(from $CPX_URL)", str(caught.exception))
+                self.assertNotIn("secret", str(caught.exception))
+
+    def test_the_worst_moment_of_an_empty_service_reads_well(self):
+        state = service_state()
+        state.worst = cpx.WorstMoment(0, 0, "12:00:00", 3)
+        self.assertIn("\nworst moment: no instance present at 12:00:00 (sample 3)\n",
+                      cpx.render_track_summary(state, cpx.SPARK_ASCII))
+        state.worst = cpx.WorstMoment(0, 1, "12:00:02", 4)
+        self.assertIn("\nworst moment: 0 of 1 instance healthy at 12:00:02 (sample 4)\n",
+                      cpx.render_track_summary(state, cpx.SPARK_ASCII))
+
+    def test_counts_agree_with_their_nouns(self):
+        self.assertEqual(cpx._plural(1, "instance"), "1 instance")
+        self.assertEqual(cpx._plural(0, "instance"), "0 instances")
+        self.assertEqual(cpx._plural(1, "duplicate entry", "duplicate entries"), "1 duplicate entry")
+        self.assertEqual(cpx._plural(2, "duplicate entry", "duplicate entries"), "2 duplicate entries")
+        self.assertEqual(cpx.fleet_footer([cpx.Instance("10.0.0.1", "A", 1.0, 1.0)], THRESHOLDS),
+                         "1 instance, 1 service, 0 unhealthy\n")
+
+
 class ClientUnitTest(unittest.TestCase):
     def test_url_must_be_http_or_https(self):
-        self.assertEqual(cpx.normalize_url("http://h:8080/"), "http://h:8080")
-        self.assertEqual(cpx.normalize_url("https://h/cpx/"), "https://h/cpx")
+        self.assertEqual(cpx.parse_base_url("http://h:8080/"), ("http://h:8080", None))
+        self.assertEqual(cpx.parse_base_url("https://h/cpx/"), ("https://h/cpx", None))
         for bad in ["file:///etc/passwd", "ftp://h/", "data:,x", "localhost:8080", "http://", "http://h:99999",
                     "http://h/?x=1", "gopher://h"]:
             with self.subTest(case=bad):
                 with self.assertRaises(cpx.UsageError, msg=bad):
-                    cpx.normalize_url(bad)
+                    cpx.parse_base_url(bad)
 
     def test_retry_after(self):
         self.assertEqual(cpx.parse_retry_after("3"), 3.0)
@@ -1694,7 +1822,7 @@ class CliOutputTest(ServerTestCase):
 
     def test_unhealthy_none_flagged(self):
         result = self.cli("unhealthy", "--min-healthy", "1", "--cpu-threshold", "99", "--mem-threshold", "99")
-        self.assertEqual((result.returncode, result.stdout), (0, "No service has fewer than 1 healthy instances.\n"))
+        self.assertEqual((result.returncode, result.stdout), (0, "Every service has at least 1 healthy instance.\n"))
         self.assertEqual(self.cli("unhealthy", "--min-healthy", "1", "--cpu-threshold", "99",
                                   "--mem-threshold", "99", "-o", "json").stdout, "[]\n")
 
@@ -1716,8 +1844,8 @@ class CliOutputTest(ServerTestCase):
             with self.subTest(case=args):
                 result = self.cli(*args)
                 self.assertEqual(result.returncode, 2, args)
-                self.assertEqual(result.stderr, "cpx_devops: error: unknown service 'UserSrvice'; did you mean "
-                                                "'UserService'? Known services: AuthService, TicketService, "
+                self.assertEqual(result.stderr, "cpx_devops: error: unknown service 'UserSrvice' (did you mean "
+                                                "'UserService'?); known services: AuthService, TicketService, "
                                                 "UserService\n")
                 self.assertEqual(result.stdout, "")
 
@@ -2074,8 +2202,11 @@ class PrometheusTest(ServerTestCase):
         self.assertEqual(series[("cpx_service_healthy_instances", (("service", "TicketService"),))], 0)
         self.assertEqual(series[("cpx_scrape_errors", ())], 1)
         self.assertGreater(series[("cpx_scrape_duration_seconds", ())], 0)
-        self.assertIn(("cpx_instance_up", (("ip", "fe80::1"), ("service", 'Odd "quoted" \\ name?line'))), series)
-        self.assertIn('service="Odd \\"quoted\\" \\\\ name?line"', result.stdout)
+        # Unsafe characters escaped, not replaced (two names never share a series), the
+        # backslash doubled so that the escape cannot be forged; then the format's own escapes.
+        self.assertIn(("cpx_instance_up", (("ip", "fe80::1"), ("service", 'Odd "quoted" \\\\ name\\x0aline'))),
+                      series)
+        self.assertIn('service="Odd \\"quoted\\" \\\\\\\\ name\\\\x0aline"', result.stdout)
         for line in result.stdout.splitlines():  # no timestamps: exactly one token after the labels
             if line.startswith("cpx_"):
                 self.assertNotIn(" ", line.rsplit("} ", 1)[-1] if "{" in line else line.split(" ", 1)[1], line)
@@ -2096,6 +2227,12 @@ class PrometheusTest(ServerTestCase):
                 text = self.cli(command, "-o", "prometheus", "-q").stdout
                 checked = promtool("check", "metrics", stdin=text)
                 self.assertEqual((checked.returncode, checked.stdout), (0, ""), command)
+
+    @unittest.skipUnless(HAVE_PROMTOOL, "promtool is not installed (.ci/run installs it)")
+    def test_the_alert_rules_pass_their_unit_tests(self):
+        # cpx_rules_test.yml: among others, CpxExportStale fires 5 minutes after the last write, not 10.
+        checked = promtool("test", "rules", os.path.join(HERE, "cpx_rules_test.yml"))
+        self.assertEqual(checked.returncode, 0, checked.stdout)
 
     @unittest.skipUnless(HAVE_PROMTOOL, "promtool is not installed (.ci/run installs it)")
     def test_promtool_accepts_the_rules_file(self):
@@ -2188,9 +2325,11 @@ class WriteTest(ServerTestCase):
         import re
         created = re.findall(r'open(?:at)?\(.*?"([^"]+)", [^)]*O_CREAT[^)]*\) = (\d+)', calls)
         temporaries = [(path, fd) for path, fd in created if os.path.basename(path).startswith(".cpx.prom.")]
-        self.assertEqual(len(temporaries), 1, calls[-2000:])
-        temporary, fd = temporaries[0]
-        self.assertEqual(os.path.dirname(temporary), self.directory)
+        # Two: the up-front check's (made for real, then removed) and the one that takes the target's place.
+        self.assertEqual(len(temporaries), 2, calls[-2000:])
+        for temporary, _ in temporaries:
+            self.assertEqual(os.path.dirname(temporary), self.directory)
+        temporary, fd = temporaries[1]
         self.assertEqual(os.listdir(elsewhere), [])
         synced = calls.find("fsync(%s)" % fd)
         renamed = re.search(r'rename(?:at2?)?\(.*"%s", .*"%s"' % (re.escape(temporary), re.escape(self.target)), calls)
@@ -2206,6 +2345,318 @@ class WriteTest(ServerTestCase):
                 self.assertEqual(result.returncode, 2, target)
                 self.assertRegex(result.stderr, r"^cpx_devops: error: cannot write ")
         self.assertEqual(self.server.paths(), [])
+
+
+class WriteTargetTest(ServerTestCase):
+    """--write over every kind of file system object: a real one each, in a private directory."""
+
+    def setUp(self):
+        super().setUp()
+        import tempfile
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.server.fleet(FIXED_FLEET)
+
+    def path(self, name):
+        return os.path.join(self.directory, name)
+
+    def assertRefusedBeforeAnyRequest(self, target, why):
+        result = self.cli("services", "-o", "prometheus", "--write", target)
+        self.assertEqual((result.returncode, result.stdout), (2, ""), result.stderr)
+        self.assertRegex(result.stderr, r"^cpx_devops: error: cannot write .*%s[^\n]*\n\Z" % why)
+        self.assertEqual(self.server.paths(), [])
+
+    def test_a_symlink_is_followed_and_its_target_replaced_atomically(self):
+        os.mkdir(self.path("real"))
+        target = self.path("real/cpx.prom")
+        with open(target, "w") as old:
+            old.write("old\n")
+        os.chmod(target, 0o640)
+        before = os.stat(target).st_ino
+        os.symlink(target, self.path("link.prom"))
+        result = self.cli("services", "-o", "prometheus", "--write", self.path("link.prom"))
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertTrue(os.path.islink(self.path("link.prom")))  # the link is kept...
+        with open(target) as written:  # ...and what it points to replaced, by a new file
+            parse_exposition(written.read())
+        self.assertNotEqual(os.stat(target).st_ino, before)
+        self.assertEqual(os.stat(target).st_mode & 0o777, 0o640)  # an existing file keeps its mode
+        self.assertEqual(sorted(os.listdir(self.path("real"))), ["cpx.prom"])
+
+    def test_a_fifo_is_refused_and_left_a_fifo(self):
+        import stat
+        os.mkfifo(self.path("cpx.prom"))
+        self.assertRefusedBeforeAnyRequest(self.path("cpx.prom"), "it is a FIFO")
+        self.assertTrue(stat.S_ISFIFO(os.lstat(self.path("cpx.prom")).st_mode))
+
+    def test_a_device_is_refused_and_left_a_device(self):
+        import stat
+        device = self.path("null")
+        if os.geteuid() == 0:
+            os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # /dev/null's numbers, in our own folder
+        else:
+            os.symlink(os.devnull, device)  # a real device all the same, reached through a link
+        self.assertRefusedBeforeAnyRequest(device, "it is a character device")
+        self.assertTrue(stat.S_ISCHR(os.stat(device).st_mode))
+
+    def test_a_socket_is_refused(self):
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(self.path("cpx.sock"))
+        self.assertRefusedBeforeAnyRequest(self.path("cpx.sock"), "it is a socket")
+
+    def test_a_directory_or_a_name_ending_in_a_slash_is_refused(self):
+        self.assertRefusedBeforeAnyRequest(self.directory, "it is a directory")
+        self.assertRefusedBeforeAnyRequest(self.path("newdir") + "/", "it names a directory")
+        self.assertFalse(os.path.exists(self.path("newdir")))
+
+    def test_an_empty_name_is_refused_not_stdout(self):
+        result = self.cli("services", "--write", "")
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (2, "", "cpx_devops: error: --write needs a file name\n"))
+        self.assertEqual(self.server.paths(), [])
+
+    def test_where_nothing_can_be_made_is_refused_before_any_request_even_for_root(self):
+        # os.access says yes to root here: the check makes its temporary file for real.
+        self.assertRefusedBeforeAnyRequest("/proc/cpx.prom", "No such file or directory")
+
+    def test_a_file_in_a_read_only_directory_is_refused_before_any_request(self):
+        readonly = self.path("ro")
+        os.mkdir(readonly)
+        os.chmod(self.directory, 0o755)
+        os.chmod(readonly, 0o555)
+        command = TOOL + ["--url", self.server.url, "services", "--write", os.path.join(readonly, "cpx.prom")]
+        if os.geteuid() == 0:  # root writes anywhere: run it without the capability that allows that
+            self.assertTrue(shutil.which("setpriv"), "setpriv (util-linux) is missing")
+            drop = "-dac_override,-dac_read_search"
+            command = ["setpriv", "--inh-caps=" + drop, "--bounding-set=" + drop, "--"] + command
+        result = subprocess.run(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, env=cli_env(), timeout=60, stdin=subprocess.DEVNULL)
+        self.assertEqual((result.returncode, result.stdout), (2, ""))
+        self.assertRegex(result.stderr, r"^cpx_devops: error: cannot write .*: Permission denied\n\Z")
+        self.assertEqual(self.server.paths(), [])
+        self.assertEqual(os.listdir(readonly), [])
+
+    def test_a_file_written_from_a_terminal_has_no_colour_codes(self):
+        self.server.fleet({"10.0.0.1": instance("A", "99%", "1%"), "10.0.0.2": instance("A", "1%", "1%")})
+        code, screen = run_in_pty(["--url", self.server.url, "services", "--write", self.path("fleet.txt")], None)
+        self.assertEqual((code, screen), (0, ""))
+        with open(self.path("fleet.txt")) as written:
+            text = written.read()
+        self.assertIn("Unhealthy", text)
+        self.assertNotIn("\x1b", text)
+        code, screen = run_in_pty(["--url", self.server.url, "services"], None)
+        self.assertIn("\x1b[31m", screen)  # on the terminal itself, colour as before
+
+
+class Recorded:
+    """Answer as `answer` does, keeping the headers of every request."""
+
+    def __init__(self, answer):
+        self.answer, self.headers = answer, []
+
+    def __call__(self, handler):
+        self.headers.append(dict(handler.headers))
+        self.answer(handler)
+
+
+class HostileCornersCliTest(ServerTestCase):
+    """Issue 12 through the CLI, in this process, against a real loopback server."""
+
+    def test_a_retry_after_of_superscript_two_is_no_traceback(self):
+        # '\u00b2'.isdigit() is True and float('\u00b2') raises: the header is ignored, the instance Unknown.
+        self.server.fleet({"10.0.0.1": Reply({"error": "busy"}, status=503, headers={"Retry-After": "\u00b2"}),
+                           "10.0.0.2": instance("A", "1%", "1%"), "10.0.0.3": hang})
+        result = self.cli("--timeout", "0.5", "--retries", "1", "services", "-o", "json")
+        self.assertEqual(result.returncode, 0)
+        self.assertClean(result)
+        self.assertEqual({r["ip"]: r["error"] for r in json.loads(result.stdout)},
+                         {"10.0.0.1": "HTTP 503", "10.0.0.2": None, "10.0.0.3": "timeout"})
+        self.assertEqual(self.server.count("/10.0.0.1"), 2)  # retried once, after the usual backoff
+
+    def test_a_value_over_its_threshold_never_reads_at_or_under_it(self):
+        self.server.fleet({"10.0.0.1": instance("A", 90.004, "4%"), "10.0.0.2": instance("A", "99.999%", 10),
+                           "10.0.0.3": instance("A", -0.0, 90.0000001), "10.0.0.4": instance("A", "12.5%", "3%")})
+        table = self.cli("services").stdout.splitlines()
+        self.assertIn("| 10.0.0.1 | A       | Unhealthy | 90.004% |    4.0% |", table)
+        self.assertIn("| 10.0.0.2 | A       | Unhealthy | 99.999% |   10.0% |", table)
+        self.assertIn("| 10.0.0.3 | A       | Unhealthy |    0.0% | 90.001% |", table)
+        records = {r["ip"]: r for r in json.loads(self.cli("services", "-o", "json").stdout)}
+        self.assertEqual([records[ip]["cpu"] for ip in sorted(records)], [90.004, 99.999, 0, 12.5])
+        self.assertEqual(records["10.0.0.3"]["memory"], 90.001)
+        self.assertIn("10.0.0.1,A,Unhealthy,90.004,4,", self.cli("services", "-o", "csv").stdout)
+        self.assertNotIn("-0", self.cli("services", "-o", "csv").stdout)
+        series = parse_exposition(self.cli("services", "-o", "prometheus").stdout)
+        self.assertGreater(series[("cpx_instance_memory_ratio", (("ip", "10.0.0.3"), ("service", "A")))], 0.9)
+        status = self.cli("status", "--cpu-threshold", "50.6").stdout.splitlines()
+        self.assertIn("| A       |         4 |       1 |  50.63% |      26.8% |", status)  # the mean is 50.62575
+
+    def test_names_that_sanitise_alike_never_share_a_prometheus_series(self):
+        self.server.fleet({"10.0.0.1": instance("Auth\x1bService", "1%", "1%"),
+                           "10.0.0.2": instance("Auth\x07Service", "1%", "1%"),
+                           "10.0.0.3": instance("Auth?Service", "1%", "1%"),
+                           "10.0.0.4": instance("Auth\\x07Service", "1%", "1%")})
+        for command in ("services", "status", "unhealthy"):
+            with self.subTest(case=command):
+                text = self.cli(command, "-o", "prometheus").stdout
+                samples = [line.rsplit(" ", 1)[0] for line in text.splitlines() if not line.startswith("#")]
+                self.assertEqual(len(samples), len(set(samples)), text)
+                self.assertIn('cpx_service_instances{service="Auth\\\\x1bService"} 1', text)
+                self.assertNotIn("\x1b", text)
+                if HAVE_PROMTOOL:
+                    self.assertEqual(promtool("check", "metrics", stdin=text).returncode, 0)
+
+    def test_a_lone_surrogate_in_a_name_is_written_in_every_format(self):
+        self.server.routes["/servers"] = Reply(["10.0.0.1"])
+        self.server.routes["/10.0.0.1"] = Reply('{"cpu": "1%", "memory": "1%", "service": "B\\ud800x"}')
+        import tempfile
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        for output in cpx.OUTPUT_FORMATS:
+            with self.subTest(case=output):
+                result = self.cli("services", "-o", output)
+                self.assertEqual((result.returncode, result.stderr), (0, ""))
+                result.stdout.encode("utf-8")  # nothing that UTF-8 cannot write
+                target = os.path.join(directory, output)
+                self.assertEqual(self.cli("services", "-o", output, "--write", target).returncode, 0)
+                with open(target, encoding="utf-8") as written:
+                    duration = re.compile(r"cpx_scrape_duration_seconds \S+")
+                    self.assertEqual(duration.sub("", written.read()), duration.sub("", result.stdout))
+
+    def test_ipv6_spellings_of_one_address_are_requested_once(self):
+        self.server.routes["/servers"] = Reply(["::1", "0:0:0:0:0:0:0:1", "::ffff:10.0.0.1", "::FFFF:10.0.0.1",
+                                                "0000::0001"])
+        self.server.routes["/::1"] = Reply(instance("A", "1%", "1%"))
+        self.server.routes["/::ffff:10.0.0.1"] = Reply(instance("A", "2%", "2%"))
+        result = self.cli("services", "-o", "json")
+        self.assertEqual(result.returncode, 0)
+        self.assertEqual([r["ip"] for r in json.loads(result.stdout)], ["::1", "::ffff:10.0.0.1"])
+        self.assertEqual(sorted(self.server.paths()), ["/::1", "/::ffff:10.0.0.1", "/servers"])
+        self.assertEqual(result.stderr, "cpx_devops: warning: /servers listed 3 duplicate entries, each address "
+                                        "requested once\n")
+
+    def test_credentials_in_the_url_are_basic_auth_and_never_printed(self):
+        self.server.fleet(FIXED_FLEET)
+        servers = self.server.routes["/servers"] = Recorded(self.server.routes["/servers"])
+        url = self.server.url.replace("http://", "http://carol:s3cr%40t@")
+        for source in ("--url", "$CPX_URL"):
+            with self.subTest(case=source):
+                del servers.headers[:]
+                if source == "--url":
+                    result = run_cli("--url", url, "status", "-o", "json", "-v")
+                else:
+                    result = run_cli("status", "-v", env={"CPX_URL": url})
+                self.assertEqual(result.returncode, 0, result.stderr)
+                self.assertEqual(servers.headers[0]["Authorization"], "Basic Y2Fyb2w6czNjckB0")  # carol:s3cr@t
+                self.assertNotIn("s3cr", result.stdout + result.stderr)
+        self.server.routes["/servers"] = Reply("no", status=401)
+        result = run_cli("--url", url, "services")
+        self.assertEqual(result.returncode, 3)
+        self.assertIn("HTTP 401", result.stderr)
+        self.assertNotIn("s3cr", result.stderr)
+        self.assertNotIn("carol", result.stderr)
+        bad = run_cli("--url", url.replace("/", "\\") + "/x y", "services")
+        self.assertEqual(bad.returncode, 2)
+        self.assertNotIn("s3cr", bad.stderr)
+
+    def test_a_url_that_cannot_be_requested_is_a_usage_error_naming_its_source(self):
+        base = self.server.url
+        for url, why in ((base + "/a b", "contains a space"), (base + "\\cpx", "contains a backslash"),
+                         (base + "/\u00e9", "not ASCII in its path"),
+                         ("http://" + "x" * 64 + ".example", "cannot be looked up")):
+            for source in ("--url", "$CPX_URL"):
+                with self.subTest(case=(url, source)):
+                    if source == "--url":
+                        result = run_cli("--url", url, "services")
+                    else:
+                        result = run_cli("services", env={"CPX_URL": url})
+                    self.assertEqual((result.returncode, result.stdout), (2, ""))
+                    self.assertRegex(result.stderr, r"^cpx_devops: error: URL '.*' \(from %s\) .*%s.*\n\Z"
+                                     % (re.escape(source), why))
+        self.assertEqual(self.server.paths(), [])
+
+    def test_csv_cells_that_a_spreadsheet_would_run_are_quoted(self):
+        self.server.fleet({"10.0.0.1": instance("=HYPERLINK(\"http://x\")", "1%", "1%"),
+                           "10.0.0.2": instance("@SUM(A1)", "1%", "1%"), "10.0.0.3": instance("-Svc", "1%", "1%"),
+                           "10.0.0.4": instance("+Svc", "1%", "1%"), "10.0.0.5": instance("Plain", "1%", "1%")})
+        import csv
+        for command in ("services", "status"):
+            with self.subTest(case=command):
+                rows = list(csv.DictReader(io.StringIO(self.cli(command, "-o", "csv").stdout)))
+                self.assertEqual(sorted(row["service"] for row in rows),
+                                 ["'+Svc", "'-Svc", "'=HYPERLINK(\"http://x\")", "'@SUM(A1)", "Plain"])
+        # JSON is data, not a spreadsheet: the names as they are.
+        self.assertIn("=HYPERLINK(\"http://x\")", [r["service"] for r in json.loads(self.cli("services", "-o",
+                                                                                                 "json").stdout)])
+
+    def test_invisible_and_format_characters_are_shown_and_the_table_stays_aligned(self):
+        self.server.fleet({"10.0.0.1": instance("Auth\u034fService", "1%", "1%"),
+                           "10.0.0.2": instance("Auth\u061cService", "1%", "1%"),
+                           "10.0.0.3": instance("Geo\U000e0041\u180eService", "1%", "1%"),
+                           "10.0.0.4": instance("\u30b5\u30fc\u30d3\u30b9", "1%", "1%")})
+        result = self.cli("services")
+        lines = result.stdout.splitlines()[:-1]
+        self.assertEqual(len({cpx.display_width(line) for line in lines}), 1, result.stdout)
+        self.assertEqual(result.stdout.count("Auth?Service"), 2)
+        self.assertIn("Geo??Service", result.stdout)
+        for char in ("\u034f", "\u061c", "\U000e0041", "\u180e"):
+            self.assertNotIn(char, result.stdout)
+
+    def test_an_error_body_reads_with_spaces_for_its_newlines(self):
+        self.server.routes["/servers"] = Reply("database\nis down\r\n\ttry later", status=500)
+        result = self.cli("services")
+        self.assertEqual((result.returncode, result.stderr), (3, "cpx_devops: error: CPX unavailable: GET %s/servers: "
+                                                                 "HTTP 500: database is down try later\n"
+                                                                 % self.server.url))
+
+    def test_huge_or_non_finite_numbers_are_usage_errors(self):
+        for args in (["--deadline", "1e10", "services"], ["--timeout", "1e300", "status"],
+                     ["--deadline", "inf", "status"], ["--timeout", "nan", "status"],
+                     ["track", "-n", "1e10", "-c", "1"], ["track", "--rediscover", "1e10", "-c", "1"],
+                     ["simulate", "--latency-ms", "-5"], ["simulate", "--latency-ms", "nan"],
+                     ["simulate", "--latency-ms", "inf"], ["simulate", "--slow-ms", "1e10"],
+                     ["simulate", "--servers", "1e10"], ["simulate", "--port", "70000"],
+                     ["track", "-c", "1e10"]):
+            with self.subTest(case=args):
+                result = self.cli(*args)
+                self.assertEqual((result.returncode, result.stdout), (2, ""), args)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertTrue(result.stderr.startswith("cpx_devops: error: argument "), result.stderr)
+        self.assertEqual(self.server.paths(), [])
+
+    def test_a_typo_in_a_command_or_a_choice_gets_a_suggestion(self):
+        for args, suggestion in ((["stauts"], "did you mean 'status'?"), (["servics"], "did you mean 'services'?"),
+                                 (["services", "--sort", "cpy"], "did you mean 'cpu'?"),
+                                 (["-o", "jsn", "status"], "did you mean 'json'?")):
+            with self.subTest(case=args):
+                result = self.cli(*args)
+                self.assertEqual(result.returncode, 2)
+                self.assertIn(suggestion, result.stderr)
+                self.assertEqual(len(result.stderr.splitlines()), 1)
+
+    def test_version_and_help_work_after_any_command(self):
+        for command in ("services", "status", "unhealthy", "track", "simulate"):
+            with self.subTest(case=command):
+                version = run_cli(command, "--version")
+                self.assertEqual((version.returncode, version.stdout, version.stderr),
+                                 (0, "cpx_devops.py %s\n" % cpx.__version__, ""))
+                help_text = run_cli(command, "--help").stdout
+                self.assertIn("\nenvironment:\n", help_text)
+                self.assertIn("\nexit status:\n", help_text)
+                self.assertIn("130", help_text)
+
+    def test_messages_read_well_with_one_of_anything(self):
+        self.server.fleet({"10.0.0.1": instance("A", "1%", "1%")})
+        self.server.routes["/servers"] = Reply(["10.0.0.1", "10.0.0.1", "x"])
+        result = self.cli("services", "-v")
+        self.assertIn("1 instance, 1 service, 0 unhealthy", result.stdout)
+        self.assertIn("/servers listed 1 entry that is not an IP address, not requested: \"x\"", result.stderr)
+        self.assertIn("/servers listed 1 duplicate entry, each address requested once", result.stderr)
+        self.assertRegex(result.stderr, r"read 1 instance in [0-9.]+ s, .* 0 retries")
+        self.assertEqual(self.cli("unhealthy", "--min-healthy", "1").stdout,
+                         "Every service has at least 1 healthy instance.\n")
+        result = self.cli("-q", "status", "Z")
+        self.assertEqual(result.stderr, "cpx_devops: error: unknown service 'Z'; known services: A\n")
 
 
 def branches(function):
@@ -2332,7 +2783,8 @@ class CliFailureTest(ServerTestCase):
                 result = run_cli("--url", url, "services")
                 self.assertEqual(result.returncode, 2, url)
                 self.assertEqual(len(result.stderr.splitlines()), 1)
-                self.assertIn("cpx_devops: error: URL must start with http:// or https://", result.stderr)
+                self.assertIn("cpx_devops: error: URL %r (from --url) must start with http:// or https://" % url,
+                              result.stderr)
         env_result = run_cli("services", env={"CPX_URL": "file:///etc/passwd"})
         self.assertEqual(env_result.returncode, 2)
         self.assertEqual(self.server.paths(), [])
@@ -2398,7 +2850,7 @@ class CliFailureTest(ServerTestCase):
         self.assertEqual(result.stderr.splitlines(), [
             'cpx_devops: warning: /servers listed 9 entries that are not IP addresses, not requested: "../admin", '
             '"10.0.0.1/../../x", "http://elsewhere/", "%2e%2e/admin", "10.0.0.1%2f.." and 4 more',
-            "cpx_devops: warning: /servers listed 1 duplicate entries, each requested once"])
+            "cpx_devops: warning: /servers listed 1 duplicate entry, each address requested once"])
 
     def test_server_text_is_sanitised_and_the_table_stays_aligned(self):
         self.server.fleet({"10.0.0.1": instance("Evil\x1b[2J\x1b]0;pwned\x07Service", "1%", "1%"),
@@ -2522,6 +2974,181 @@ class CliSignalsAndPipesTest(ServerTestCase):
                 self.assertIn(status, ("status=141", "status=0"), output)
 
 
+def _closing(descriptor):
+    """For preexec_fn: SIGINT at its default, and this standard descriptor closed (>&- or 2>&-)."""
+    def prepare():
+        _default_sigint()
+        os.close(descriptor)
+    return prepare
+
+
+class OutputPathTest(ServerTestCase):
+    """Issue 12: stdout and stderr as a hostile shell hands them over, in a process of its own."""
+
+    def big_fleet(self):
+        # 600 instances with long names: about 160 KB of table, more than two pipes hold.
+        self.server.fleet({"10.1.%d.%d" % (k // 200, k % 200): instance("S%d" % k + "x" * 220, "5%", "5%")
+                           for k in range(600)})
+
+    def run_tool(self, *args, env=None, stdout=subprocess.PIPE, preexec_fn=_default_sigint):
+        return subprocess.run(TOOL + ["--url", self.server.url] + list(args), cwd=HERE, stdout=stdout,
+                              stderr=subprocess.PIPE, env=cli_env(env), timeout=60, stdin=subprocess.DEVNULL,
+                              preexec_fn=preexec_fn)
+
+    def test_a_full_disk_on_stdout_is_one_line_and_exit_74(self):
+        self.server.fleet(FIXED_FLEET)
+        for args in (["services"], ["status", "-o", "json"], ["--help"]):
+            with self.subTest(case=args):
+                with open("/dev/full", "w") as full:
+                    result = self.run_tool(*args, stdout=full)
+                self.assertEqual((result.returncode, result.stderr),
+                                 (74, b"cpx_devops: error: cannot write to stdout: No space left on device\n"))
+
+    def test_a_closed_stdout_is_refused_before_any_request_unless_there_is_a_file(self):
+        self.server.fleet(FIXED_FLEET)
+        result = self.run_tool("services", stdout=None, preexec_fn=_closing(1))
+        self.assertEqual((result.returncode, result.stderr), (2, b"cpx_devops: error: stdout is closed (>&-): "
+                                                                b"nowhere to write the output; use --write FILE\n"))
+        self.assertEqual(self.server.paths(), [])
+        import tempfile
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        target = os.path.join(directory, "fleet.json")
+        result = self.run_tool("services", "-o", "json", "--write", target, stdout=None, preexec_fn=_closing(1))
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        with open(target) as written:
+            self.assertEqual(len(json.loads(written.read())), len(FIXED_FLEET))
+
+    def test_a_closed_stderr_keeps_stdout_clean_and_the_exit_status_true(self):
+        self.server.fleet(dict(FIXED_FLEET, **{"10.0.0.77": Reply("", status=500)}))  # a warning to say
+        result = self.run_tool("services", "-o", "json", preexec_fn=_closing(2))
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertEqual(len(json.loads(result.stdout.decode())), len(FIXED_FLEET) + 1)
+        self.server.routes["/servers"] = Reply("", status=500)
+        result = self.run_tool("services", "-o", "json", preexec_fn=_closing(2))
+        self.assertEqual((result.returncode, result.stdout, result.stderr), (3, b"", b""))
+
+    def test_a_non_blocking_stdout_gets_every_byte_buffered_or_not(self):
+        self.big_fleet()
+        expected = self.cli("services").stdout.encode()
+        self.assertGreater(len(expected), 150000)
+        for unbuffered in (False, True):
+            with self.subTest(case="PYTHONUNBUFFERED" if unbuffered else "buffered"):
+                read_end, write_end = os.pipe()
+                os.set_blocking(write_end, False)  # the open file's flag: the tool's stdout is non-blocking too
+                process = spawn_cli("--url", self.server.url, "services", stdout=write_end,
+                                    env={"PYTHONUNBUFFERED": "1"} if unbuffered else None)
+                os.close(write_end)
+                time.sleep(0.5)  # the pipe fills: the tool's writes meet EAGAIN
+                received = []
+                with os.fdopen(read_end, "rb") as pipe:
+                    while True:
+                        chunk = pipe.read(4096)
+                        if not chunk:
+                            break
+                        received.append(chunk)
+                _, err = process.communicate(timeout=30)
+                self.assertEqual((process.returncode, err), (0, ""))
+                self.assertEqual(b"".join(received), expected)
+
+    def test_head_c_10_is_141_with_pythonunbuffered_too(self):
+        self.big_fleet()
+        for unbuffered in ("", "1"):
+            with self.subTest(case="PYTHONUNBUFFERED=%s" % unbuffered):
+                script = ('"$0" -m cpx_devops --url "$1" services | head -c 10; s=${PIPESTATUS[0]}; '
+                          'echo; echo "status=$s"')
+                result = subprocess.run(["bash", "-c", script, sys.executable, self.server.url], cwd=HERE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                                        env=cli_env({"PYTHONUNBUFFERED": unbuffered}), timeout=60,
+                                        preexec_fn=_default_sigint)
+                self.assertEqual(result.stderr, "")
+                self.assertEqual(result.stdout, "| IP      \nstatus=141\n")
+
+    def test_text_that_stdout_cannot_encode_is_replaced_never_fatal(self):
+        self.server.fleet({"10.0.0.1": instance("Caf\u00e9\u6f22", "1%", "1%"), "10.0.0.2": instance("B", "1%", "1%")})
+        for encoding, shown in (("ascii", b"Caf??"), ("latin-1", b"Caf\xe9?"), ("utf-8", "Caf\u00e9\u6f22".encode())):
+            for output in cpx.OUTPUT_FORMATS:
+                with self.subTest(case=(encoding, output)):
+                    result = self.run_tool("services", "-o", output, env={"PYTHONIOENCODING": encoding})
+                    self.assertEqual((result.returncode, result.stderr), (0, b""))
+                    if output != "json":  # JSON escapes what is not ASCII
+                        self.assertIn(shown, result.stdout)
+            with self.subTest(case=(encoding, "an error naming the service")):
+                result = self.run_tool("status", "Caf\u00e9\u6f22x", env={"PYTHONIOENCODING": encoding})
+                self.assertEqual(result.returncode, 2)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertNotIn(b"Traceback", result.stderr)
+
+    def test_a_lone_surrogate_reaches_a_real_stdout_as_a_question_mark(self):
+        self.server.routes["/servers"] = Reply(["10.0.0.1"])
+        self.server.routes["/10.0.0.1"] = Reply('{"cpu": "1%", "memory": "1%", "service": "B\\ud800x"}')
+        for output in ("table", "csv"):
+            with self.subTest(case=output):
+                result = self.run_tool("services", "-o", output)
+                self.assertEqual((result.returncode, result.stderr), (0, b""))
+                self.assertIn(b"B?x", result.stdout)
+        result = self.run_tool("services", "-o", "prometheus")
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertIn(b'service="B\\\\ud800x"', result.stdout)
+
+
+class StartupTest(ServerTestCase):
+    """Issue 12: the first milliseconds, and the simulator's own ends."""
+
+    def test_python_3_6_is_refused_in_one_line(self):
+        candidates = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.6*/bin/python3.6")))
+        candidates += [path for path in [shutil.which("python3.6")] if path]
+        python36 = next((path for path in candidates if subprocess.run(
+            [path, "-c", "import sys; assert sys.version_info[:2] == (3, 6)"], stderr=subprocess.DEVNULL).returncode
+            == 0), None)
+        if python36 is not None:
+            command = [python36, CLI, "services"]
+        else:  # no Python 3.6 here: this one, told it is 3.6 before the file runs
+            command = [sys.executable, "-c", "import sys; sys.version_info = (3, 6, 15, 'final', 0); "
+                       "sys.argv = [%r, 'services']; exec(compile(open(%r).read(), %r, 'exec'), "
+                       "{'__name__': '__main__'})" % (CLI, CLI, CLI)]
+        result = subprocess.run(command, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, env=cli_env({"CPX_URL": self.server.url}), timeout=60)
+        self.assertEqual((result.returncode, result.stdout, result.stderr),
+                         (2, "", "cpx_devops: error: Python 3.7 or newer is needed; this is Python 3.6\n"))
+        self.assertEqual(self.server.paths(), [])
+
+    def test_ctrl_c_during_the_start_up_imports_is_exit_130_without_a_traceback(self):
+        # A real SIGINT, sent by the process to itself at the moment the tool imports one of
+        # its modules (a finder on sys.meta_path sees that moment): deterministic, not a race.
+        for module in ("csv", "difflib", "dataclasses"):
+            with self.subTest(case=module):
+                driver = ("import os, runpy, signal, sys\n"
+                          "class Interrupt:\n"
+                          "    def find_spec(self, name, path=None, target=None):\n"
+                          "        if name == %r:\n"
+                          "            os.kill(os.getpid(), signal.SIGINT)\n"
+                          "sys.meta_path.insert(0, Interrupt())\n"
+                          "sys.argv = [%r, '--help']\n"
+                          "runpy.run_path(%r, run_name='__main__')\n" % (module, CLI, CLI))
+                result = subprocess.run([sys.executable, "-c", driver], cwd=HERE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, universal_newlines=True, env=cli_env(), timeout=60,
+                                        preexec_fn=_default_sigint)
+                self.assertEqual((result.returncode, result.stdout, result.stderr), (130, "", ""))
+
+    def test_simulate_exits_143_on_sigterm(self):
+        process = spawn_cli("simulate", "--port", "0", "--servers", "20")
+        self.addCleanup(finish, process)
+        self.assertIn("listening on", process.stderr.readline())
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=10)
+        self.assertEqual((process.returncode, err), (143, ""))
+
+    def test_simulate_listens_on_ipv6_when_asked(self):
+        process = spawn_cli("simulate", "--host", "::1", "--port", "0", "--servers", "30", "--seed", "2")
+        self.addCleanup(finish, process)
+        line = process.stderr.readline()
+        self.assertIn("listening on http://[::1]:", line)
+        url = line.split("listening on ")[1].split()[0]
+        result = run_cli("--url", url, "status", "-o", "json")
+        self.assertEqual(sum(record["instances"] for record in json.loads(result.stdout)), 30)
+
+
 class ConcurrencyControllerTest(unittest.TestCase):
     """Not a timing: what the controller did, as the CLI reports it with -v."""
 
@@ -2615,7 +3242,7 @@ class CliMiscTest(unittest.TestCase):
         self.assertEqual(unhealthy.returncode, 1)  # the simulator always has something to show
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=10)
-        self.assertEqual(process.returncode, 0)
+        self.assertEqual(process.returncode, 130)  # like every command: the exit-status table
         self.assertNotIn("Traceback", err)
 
     def test_simulator_is_reproducible_and_moves(self):
