@@ -32,7 +32,7 @@ if sys.version_info < (3, 7):  # before any import 3.6 lacks (dataclasses): one 
     sys.exit(2)
 
 
-def _interrupted_at_start(signum, frame):  # type: ignore[no-untyped-def]
+def _interrupted_at_start(signum: int, frame: object) -> None:
     """Ctrl+C while the tool starts (its imports take about 30 ms): exit 130 at once, no traceback."""
     os._exit(130)
 
@@ -1334,8 +1334,8 @@ def display_width(text: str) -> int:
         return len(text)
     width = 0
     for char in text:
-        if unicodedata.category(char) in ("Mn", "Me", "Cf") or _UNSAFE_TEXT.match(char) \
-                or _ZERO_WIDTH_JAMO.match(char):
+        # The unsafe characters include every format character (Cf).
+        if unicodedata.category(char) in ("Mn", "Me") or _UNSAFE_TEXT.match(char) or _ZERO_WIDTH_JAMO.match(char):
             continue
         width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
     return width
@@ -1749,7 +1749,7 @@ def emit(text: str) -> None:
         raise OutputFailed("cannot write to stdout: %s" % (error.strerror or error))
 
 
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO or pipe"), (stat.S_ISCHR, "a character device"),
                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
@@ -1761,10 +1761,9 @@ def write_target(path: str) -> Tuple[str, Optional[os.stat_result]]:
         raise UsageError("--write needs a file name")
     if path.endswith(os.sep) or os.path.basename(path) in (".", ".."):
         raise UsageError("cannot write %s: it names a directory, not a file" % sanitize(path))
-    target = os.path.realpath(path)
     try:
-        status: Optional[os.stat_result] = os.stat(target)
-    except FileNotFoundError:
+        status: Optional[os.stat_result] = os.stat(path)  # through any symlink: what PATH stands for
+    except FileNotFoundError:  # a new name, or a symlink to one
         status = None
     except OSError as error:  # a symlink loop, a permission denied on the way
         raise UsageError("cannot write %s: %s" % (sanitize(path), error.strerror or error))
@@ -1772,6 +1771,7 @@ def write_target(path: str) -> Tuple[str, Optional[os.stat_result]]:
         for is_kind, kind in _FILE_KINDS:
             if is_kind(status.st_mode):
                 raise UsageError("cannot write %s: it is %s, not a regular file" % (sanitize(path), kind))
+    target = os.path.realpath(path)
     directory = os.path.dirname(target)
     if not os.path.isdir(directory):
         raise UsageError("cannot write %s: no directory %s" % (sanitize(path), sanitize(directory)))
