@@ -3,6 +3,8 @@ PYTHON ?= python3
 PREFIX ?= $(HOME)/.local
 # `make install PREFIX=~/.local` from a shell that leaves the ~ alone still works.
 BINDIR = $(patsubst ~%,$(HOME)%,$(PREFIX))/bin
+# bash-completion's folder for a user's own completions; used only where it exists.
+COMPLETIONDIR ?= $(or $(XDG_DATA_HOME),$(HOME)/.local/share)/bash-completion/completions
 # A pyenv shim for a version that is installed but not selected fails to run:
 # fall back to that version's own binary, so `make test PYTHON=python3.7` works.
 PY := $(shell p='$(PYTHON)'; if "$$p" -c '' >/dev/null 2>&1; then echo "$$p"; else \
@@ -60,10 +62,16 @@ lint: ## type-check (mypy) and lint (ruff) from a throwaway venv in .lint/
 bench: check-python ## the performance table of the README (about 15 minutes; asserts nothing)
 	@$(PY) bench_cpx_devops.py bench
 
-install: ## install as an executable cpx-devops in PREFIX/bin (PREFIX=~/.local by default)
+install: check-python ## install cpx-devops in PREFIX/bin (~/.local), and its bash completion where bash-completion looks
 	install -d "$(DESTDIR)$(BINDIR)"
 	install -m 0755 cpx_devops.py "$(DESTDIR)$(BINDIR)/cpx-devops"
 	@echo "installed $(DESTDIR)$(BINDIR)/cpx-devops"
+	@if [ -d "$(COMPLETIONDIR)" ]; then \
+	  $(PY) cpx_devops.py completion bash > "$(COMPLETIONDIR)/cpx-devops" && \
+	  echo "installed bash completion $(COMPLETIONDIR)/cpx-devops (new shells complete cpx-devops)"; \
+	else \
+	  echo "bash completion not installed: no $(COMPLETIONDIR); add 'source <(cpx-devops completion bash)' to ~/.bashrc"; \
+	fi
 
-uninstall: ## remove PREFIX/bin/cpx-devops
-	rm -f "$(DESTDIR)$(BINDIR)/cpx-devops"
+uninstall: ## remove PREFIX/bin/cpx-devops and its bash completion
+	rm -f "$(DESTDIR)$(BINDIR)/cpx-devops" "$(COMPLETIONDIR)/cpx-devops"

@@ -6,15 +6,18 @@ One file, standard library only, Python 3.7 or newer. It reads the CPX API
 what an SRE needs during an incident.
 
 Usage:
-  cpx_devops.py [global options] services [--service NAME] [--sort KEY]
-  cpx_devops.py [global options] status [SERVICE]
-  cpx_devops.py [global options] unhealthy [--min-healthy N]
+  cpx_devops.py [global options] services [--service NAME,PATTERN...] [--status STATUS...]
+                                          [--sort KEY] [--reverse] [--strict]
+  cpx_devops.py [global options] status [SERVICE...] [--sort KEY] [--reverse] [--strict]
+  cpx_devops.py [global options] unhealthy [--min-healthy N] [--reverse] [--strict]
   cpx_devops.py [global options] track [SERVICE | --all] [-n SECONDS] [-c COUNT]
+  cpx_devops.py completion bash|zsh|fish
   cpx_devops.py simulate [--port 8080] [--servers 150] [--latency-ms 0] [--seed N]
                          [--fail-fraction F] [--hang-fraction F] [--slow-fraction F --slow-ms MS]
 
-Global options include --url (or $CPX_URL), -o table|json|csv|prometheus,
---write FILE (atomic), --timeout, --deadline, --retries, --workers; see --help.
+Global options include --url (or $CPX_URL), -o table|wide|json|csv|prometheus,
+--write FILE (atomic), --color, --timeout, --deadline, --retries, --workers;
+see --help.
 
 Health rule: an instance is Unhealthy when its cpu or its memory is strictly
 above its threshold (90% each by default), Unknown when it could not be read
@@ -47,6 +50,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 import argparse
 import csv
 import difflib
+import fnmatch
 import functools
 import io
 import ipaddress
@@ -71,6 +75,7 @@ EXIT_OK = 0
 EXIT_FLAGGED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_PARTIAL = 4
 EXIT_OUTPUT = 74  # EX_IOERR in sysexits.h
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
@@ -89,6 +94,8 @@ EXIT_STATUSES = (
                        "no instance, or no instance at all could be read; or no readable instance has "
                        "the service asked for while some instances could not be read (it may be among "
                        "them; `track`: none answered in the whole session)"),
+    (EXIT_PARTIAL, "`--strict` and some instance could not be read: the output was printed, from partial data "
+                   "(for `unhealthy`, 1 when it flagged a service)"),
     (EXIT_OUTPUT, "the output could not be written: stdout failed (a full disk, an I/O error), or the "
                   "`--write` FILE failed after passing its up-front check"),
     (EXIT_INTERRUPTED, "interrupted by Ctrl+C (`track` exits 0: Ctrl+C is how it stops)"),
@@ -150,7 +157,10 @@ UNHEALTHY = "Unhealthy"
 UNKNOWN = "Unknown"
 
 SORT_KEYS = ("service", "ip", "status", "cpu", "memory")
-OUTPUT_FORMATS = ("table", "json", "csv", "prometheus")
+OUTPUT_FORMATS = ("table", "wide", "json", "csv", "prometheus")
+STATUS_FILTERS = ("healthy", "unhealthy", "unknown")
+SUMMARY_SORT_KEYS = ("service", "instances", "healthy", "cpu", "memory")
+COLOR_MODES = ("auto", "always", "never")
 
 ENVIRONMENT_HELP = """\
 environment:
@@ -225,6 +235,7 @@ class Options:
     interactive: bool = False
     headers: bool = True
     write: Optional[str] = None
+    service_cache: Optional[str] = None  # where the services seen go, for shell completion (terminals only)
     authorization: Optional[str] = field(default=None, repr=False)  # from credentials in the URL
 
 
@@ -262,14 +273,17 @@ class ServiceSummary:
     avg_memory: Optional[float]
     max_cpu: Optional[float] = None
     max_memory: Optional[float] = None
+    max_cpu_ip: Optional[str] = None  # the hottest instance (the lowest IP of a tie)
+    max_memory_ip: Optional[str] = None
 
 
 @dataclass
 class Snapshot:
-    """One read of the whole fleet and how long it took."""
+    """One read of the whole fleet, how long it took, and when it started (ISO 8601, UTC)."""
 
     instances: List[Instance]
     seconds: float
+    started: str = ""
 
 
 @dataclass
@@ -423,8 +437,12 @@ def summarize_services(instances: Iterable[Instance], thresholds: Thresholds) ->
     summaries = []
     for service in sorted(groups, key=service_sort_key):
         members = groups[service]
-        usages = [usage for usage in (m.usage() for m in members) if usage is not None]
-        cpus, memories = [cpu for cpu, _ in usages], [memory for _, memory in usages]
+        readable = sorted((m for m in members if m.readable), key=lambda m: ip_sort_key(m.ip))
+        cpus = [m.cpu for m in readable if m.cpu is not None]
+        memories = [m.memory for m in readable if m.memory is not None]
+        # max() keeps the first of equals: the lowest IP is the hottest of a tie.
+        hottest_cpu = max(readable, key=lambda m: m.cpu or 0.0, default=None)
+        hottest_memory = max(readable, key=lambda m: m.memory or 0.0, default=None)
         summaries.append(ServiceSummary(
             service=service,
             instances=len(members),
@@ -433,8 +451,45 @@ def summarize_services(instances: Iterable[Instance], thresholds: Thresholds) ->
             avg_memory=_mean(memories),
             max_cpu=max(cpus, default=None),
             max_memory=max(memories, default=None),
+            max_cpu_ip=hottest_cpu.ip if hottest_cpu else None,
+            max_memory_ip=hottest_memory.ip if hottest_memory else None,
         ))
     return summaries
+
+
+def instance_reasons(instance: Instance, thresholds: Thresholds) -> List[str]:
+    """Why an instance is Unhealthy: the resources over their thresholds ([] when it is not;
+    an Unknown one's reason is its error)."""
+    usage = instance.usage()
+    if usage is None:
+        return []
+    return [name for name, value, limit in (("cpu", usage[0], thresholds.cpu), ("memory", usage[1], thresholds.memory))
+            if value > limit]
+
+
+def filter_statuses(instances: Iterable[Instance], statuses: Sequence[str], thresholds: Thresholds) -> List[Instance]:
+    """The instances whose status is one of statuses (lower case); all of them when none is given."""
+    if not statuses:
+        return list(instances)
+    return [i for i in instances if instance_status(i, thresholds).lower() in statuses]
+
+
+def sort_summaries(summaries: Iterable[ServiceSummary], key: str) -> List[ServiceSummary]:
+    """Sort service rows: by name (default), instances (most first), healthy (fewest first), or
+    average cpu or memory (highest first, unknown last); ties by name."""
+    def by_name(summary: ServiceSummary) -> Tuple:
+        return service_sort_key(summary.service)
+
+    if key == "instances":
+        return sorted(summaries, key=lambda s: (-s.instances,) + by_name(s))
+    if key == "healthy":
+        return sorted(summaries, key=lambda s: (s.healthy,) + by_name(s))
+    if key in ("cpu", "memory"):
+        def by_value(summary: ServiceSummary) -> Tuple:
+            value = summary.avg_cpu if key == "cpu" else summary.avg_memory
+            return (value is None, -(value or 0.0)) + by_name(summary)
+        return sorted(summaries, key=by_value)
+    return sorted(summaries, key=by_name)
 
 
 def flag_services(summaries: Iterable[ServiceSummary], min_healthy: int) -> List[ServiceSummary]:
@@ -499,6 +554,26 @@ def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str
     else:
         message += "; CPX lists no readable service"
     raise UsageError(message)
+
+
+_GLOB = re.compile(r"[*?[]")
+
+
+def resolve_services(patterns: Sequence[str], known: Iterable[str], unreadable: int = 0) -> List[str]:
+    """The known services that names and shell-style patterns ('Pay*') mean, in the order asked,
+    each once. A name resolves as resolve_service() does; a pattern matches case-sensitively,
+    else in any case; one that matches nothing fails as an unknown name does."""
+    known = sorted(set(known), key=str.lower)
+    chosen: List[str] = []
+    for pattern in patterns:
+        matched: List[str] = []
+        if _GLOB.search(pattern):
+            matched = [s for s in known if fnmatch.fnmatchcase(s, pattern)] or [
+                s for s in known if fnmatch.fnmatchcase(s.lower(), pattern.lower())]
+        if not matched:
+            matched = [resolve_service(pattern, known, unreadable)]
+        chosen += [service for service in matched if service not in chosen]
+    return chosen
 
 
 def summarize_failures(instances: Sequence[Instance]) -> Optional[str]:
@@ -1411,20 +1486,28 @@ def _json_number(value: Optional[float], threshold: Optional[float] = None) -> O
     return float(shown_percent(value, 2, threshold))
 
 
+def _marked(cell: str, value: Optional[float], threshold: float) -> str:
+    """A value above its threshold gets a '!', so it shows without colour too."""
+    return cell + "!" if value is not None and value > threshold else cell
+
+
 def instance_record(instance: Instance, thresholds: Thresholds) -> Dict[str, Any]:
-    """The json/csv fields of an instance."""
+    """The json/csv fields of an instance (reasons: the resources over their thresholds)."""
     return {"ip": instance.ip, "service": instance.service,
             "status": instance_status(instance, thresholds),
             "cpu": _json_number(instance.cpu, thresholds.cpu),
             "memory": _json_number(instance.memory, thresholds.memory),
-            "error": instance.error}
+            "error": instance.error, "reasons": instance_reasons(instance, thresholds)}
 
 
 def summary_record(summary: ServiceSummary, thresholds: Thresholds) -> Dict[str, Any]:
     """The json/csv fields of a service summary."""
     return {"service": summary.service, "instances": summary.instances, "healthy": summary.healthy,
             "avg_cpu": _json_number(summary.avg_cpu, thresholds.cpu),
-            "avg_memory": _json_number(summary.avg_memory, thresholds.memory)}
+            "avg_memory": _json_number(summary.avg_memory, thresholds.memory),
+            "max_cpu": _json_number(summary.max_cpu, thresholds.cpu),
+            "max_memory": _json_number(summary.max_memory, thresholds.memory),
+            "max_cpu_ip": summary.max_cpu_ip, "max_memory_ip": summary.max_memory_ip}
 
 
 def flagged_record(summary: ServiceSummary) -> Dict[str, Any]:
@@ -1442,6 +1525,8 @@ def csv_cell(value: Any) -> str:
     formula (starting with = + - or @) prefixed with ' (OWASP's rule against CSV injection)."""
     if value is None:
         return ""
+    if isinstance(value, list):  # reasons: "cpu;memory"
+        return ";".join(csv_cell(item) for item in value)
     if not isinstance(value, str):
         return str(value)
     text = sanitize(value)
@@ -1470,9 +1555,11 @@ def status_label(instance: Instance, thresholds: Thresholds) -> str:
     return "%s (%s)" % (status, sanitize(instance.error)) if instance.error else status
 
 
-INSTANCE_FIELDS = ("ip", "service", "status", "cpu", "memory", "error")
-SUMMARY_FIELDS = ("service", "instances", "healthy", "avg_cpu", "avg_memory")
-FLAGGED_FIELDS = ("service", "healthy", "instances")
+# New fields go at the end, so that a csv column keeps its place from one version to the next.
+INSTANCE_FIELDS = ("ip", "service", "status", "cpu", "memory", "error", "reasons", "time")
+SUMMARY_FIELDS = ("service", "instances", "healthy", "avg_cpu", "avg_memory", "max_cpu", "max_memory",
+                  "max_cpu_ip", "max_memory_ip", "time")
+FLAGGED_FIELDS = ("service", "healthy", "instances", "time")
 
 
 def _plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
@@ -1555,6 +1642,7 @@ class Report:
 
     TITLES: Sequence[str] = ()  # the table's columns
     RIGHT: Sequence[bool] = ()  # which of them are right-aligned
+    WIDE_TITLES: Sequence[str] = ()  # the columns -o wide adds (all left-aligned)
     FIELDS: Sequence[str] = ()  # the json/csv fields
     PER_INSTANCE = False  # Prometheus: the instance families too, or per service only
 
@@ -1562,12 +1650,16 @@ class Report:
         self.snapshot = snapshot
         self.thresholds = thresholds
 
-    def rows(self) -> List[List[str]]:
-        """The table's rows."""
+    def rows(self, wide: bool = False) -> List[List[str]]:
+        """The table's rows (with the wide columns when wide)."""
         raise NotImplementedError
 
     def records(self) -> List[Dict[str, Any]]:
-        """The json/csv records."""
+        """The json/csv records, each with the snapshot's time."""
+        return [dict(record, time=self.snapshot.started) for record in self.untimed_records()]
+
+    def untimed_records(self) -> List[Dict[str, Any]]:
+        """The json/csv records but their time."""
         raise NotImplementedError
 
     def statuses(self) -> Optional[List[str]]:
@@ -1586,13 +1678,18 @@ class Report:
         """The report in options.output's format."""
         return _REPORT_FORMATS[options.output](self, options)
 
-    def as_table(self, options: Options) -> str:
-        rows = self.rows()
+    def as_table(self, options: Options, wide: bool = False) -> str:
+        rows = self.rows(wide)
         empty = self.empty()
         if not rows and empty is not None:
             return empty
-        table = render_table(self.TITLES, rows, self.RIGHT, self.statuses(), options.color, options.headers)
+        titles = tuple(self.TITLES) + (tuple(self.WIDE_TITLES) if wide else ())
+        right = tuple(self.RIGHT) + ((False,) * len(self.WIDE_TITLES) if wide else ())
+        table = render_table(titles, rows, right, self.statuses(), options.color, options.headers)
         return table + self.footer() if options.headers else table
+
+    def as_wide(self, options: Options) -> str:
+        return self.as_table(options, wide=True)
 
     def as_json(self, options: Options) -> str:
         return render_json(self.records())
@@ -1604,7 +1701,7 @@ class Report:
         return render_prometheus(self.snapshot, self.thresholds, self.PER_INSTANCE)
 
 
-_REPORT_FORMATS = {"table": Report.as_table, "json": Report.as_json, "csv": Report.as_csv,
+_REPORT_FORMATS = {"table": Report.as_table, "wide": Report.as_wide, "json": Report.as_json, "csv": Report.as_csv,
                    "prometheus": Report.as_prometheus}
 
 
@@ -1613,6 +1710,7 @@ class InstancesReport(Report):
 
     TITLES = ("IP", "Service", "Status", "CPU", "Memory")
     RIGHT = (False, False, False, True, True)
+    WIDE_TITLES = ("Over threshold",)
     FIELDS = INSTANCE_FIELDS
     PER_INSTANCE = True
 
@@ -1620,13 +1718,22 @@ class InstancesReport(Report):
         super().__init__(snapshot, thresholds)
         self.instances = instances
 
-    def rows(self) -> List[List[str]]:
-        cpus = format_percents([i.cpu for i in self.instances], self.thresholds.cpu)
-        memories = format_percents([i.memory for i in self.instances], self.thresholds.memory)
-        return [[sanitize(instance.ip), service_label(instance.service), status_label(instance, self.thresholds),
-                 cpus[index], memories[index]] for index, instance in enumerate(self.instances)]
+    def rows(self, wide: bool = False) -> List[List[str]]:
+        thresholds = self.thresholds
+        cpus = format_percents([i.cpu for i in self.instances], thresholds.cpu)
+        memories = format_percents([i.memory for i in self.instances], thresholds.memory)
+        rows = []
+        for index, instance in enumerate(self.instances):
+            row = [sanitize(instance.ip), service_label(instance.service), status_label(instance, thresholds),
+                   _marked(cpus[index], instance.cpu, thresholds.cpu),
+                   _marked(memories[index], instance.memory, thresholds.memory)]
+            if wide:
+                reasons = instance_reasons(instance, thresholds)
+                row.append(", ".join(reasons) if reasons else "-")
+            rows.append(row)
+        return rows
 
-    def records(self) -> List[Dict[str, Any]]:
+    def untimed_records(self) -> List[Dict[str, Any]]:
         return [instance_record(i, self.thresholds) for i in self.instances]
 
     def statuses(self) -> Optional[List[str]]:
@@ -1639,21 +1746,32 @@ class InstancesReport(Report):
 class SummariesReport(Report):
     """status: a row per service, and the fleet's footer."""
 
-    TITLES = ("Service", "Instances", "Healthy", "Avg CPU", "Avg Memory")
-    RIGHT = (False, True, True, True, True)
+    TITLES = ("Service", "Instances", "Healthy", "Avg CPU", "Max CPU", "Avg Memory", "Max Memory")
+    RIGHT = (False, True, True, True, True, True, True)
+    WIDE_TITLES = ("Max CPU at", "Max Memory at")
     FIELDS = SUMMARY_FIELDS
 
     def __init__(self, summaries: Sequence[ServiceSummary], snapshot: Snapshot, thresholds: Thresholds):
         super().__init__(snapshot, thresholds)
         self.summaries = summaries
 
-    def rows(self) -> List[List[str]]:
-        cpus = format_percents([s.avg_cpu for s in self.summaries], self.thresholds.cpu)
-        memories = format_percents([s.avg_memory for s in self.summaries], self.thresholds.memory)
-        return [[service_label(s.service), str(s.instances), str(s.healthy), cpus[k], memories[k]]
-                for k, s in enumerate(self.summaries)]
+    def rows(self, wide: bool = False) -> List[List[str]]:
+        cpu, memory = self.thresholds.cpu, self.thresholds.memory
+        columns = [format_percents([s.avg_cpu for s in self.summaries], cpu),
+                   format_percents([s.max_cpu for s in self.summaries], cpu),
+                   format_percents([s.avg_memory for s in self.summaries], memory),
+                   format_percents([s.max_memory for s in self.summaries], memory)]
+        rows = []
+        for k, s in enumerate(self.summaries):
+            row = [service_label(s.service), str(s.instances), str(s.healthy), _marked(columns[0][k], s.avg_cpu, cpu),
+                   _marked(columns[1][k], s.max_cpu, cpu), _marked(columns[2][k], s.avg_memory, memory),
+                   _marked(columns[3][k], s.max_memory, memory)]
+            if wide:
+                row += [sanitize(s.max_cpu_ip or "-"), sanitize(s.max_memory_ip or "-")]
+            rows.append(row)
+        return rows
 
-    def records(self) -> List[Dict[str, Any]]:
+    def untimed_records(self) -> List[Dict[str, Any]]:
         return [summary_record(s, self.thresholds) for s in self.summaries]
 
     def footer(self) -> str:
@@ -1673,10 +1791,10 @@ class FlaggedReport(Report):
         self.flagged = flagged
         self.min_healthy = min_healthy
 
-    def rows(self) -> List[List[str]]:
+    def rows(self, wide: bool = False) -> List[List[str]]:
         return [[service_label(s.service), str(s.healthy), str(s.instances)] for s in self.flagged]
 
-    def records(self) -> List[Dict[str, Any]]:
+    def untimed_records(self) -> List[Dict[str, Any]]:
         return [flagged_record(s) for s in self.flagged]
 
     def statuses(self) -> Optional[List[str]]:
@@ -1862,70 +1980,116 @@ def list_fleet(client: CpxClient, options: Options, deadline: float) -> List[str
     return servers.ips
 
 
+def utc_now() -> str:
+    """This moment in ISO 8601, UTC, to the millisecond: the time of a snapshot's records."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
 def take_snapshot(client: CpxClient, options: Options) -> Snapshot:
     """Read the whole fleet once; warn about what could not be read, raise if nothing could."""
+    started = utc_now()
     scrape_started = time.monotonic()
     deadline = scrape_started + options.deadline
     ips = list_fleet(client, options, deadline)
-    started = time.monotonic()
+    reads_started = time.monotonic()
     instances = client.read_instances(ips, deadline)
     if options.verbose:
         say("%s: read %s in %.2f s, peak concurrency %d (ceiling %d), %s"
-            % (PROG, _plural(len(instances), "instance"), time.monotonic() - started, client.limiter.peak,
+            % (PROG, _plural(len(instances), "instance"), time.monotonic() - reads_started, client.limiter.peak,
                options.workers, _plural(client.retried, "retry", "retries")))
     failures = summarize_failures(instances)
     if failures and not any(i.readable for i in instances):
         raise CpxUnavailable("%s: %s" % (options.url, failures))
     if failures:
         warn(options, failures)
-    return Snapshot(instances, time.monotonic() - scrape_started)
+    return Snapshot(instances, time.monotonic() - scrape_started, started)
 
 
 def _known_services(instances: Iterable[Instance]) -> List[str]:
     return sorted({i.service for i in instances if i.service is not None})
 
 
-def _only_service(snapshot: Snapshot, name: Optional[str]) -> Snapshot:
-    """The snapshot, or just one service's instances of it when a name is given."""
-    if name is None:
+def _only_services(snapshot: Snapshot, patterns: Sequence[str]) -> Snapshot:
+    """The snapshot, or just the instances of the services that names or patterns mean."""
+    if not patterns:
         return snapshot
     unreadable = sum(1 for i in snapshot.instances if i.service is None)
-    wanted = resolve_service(name, _known_services(snapshot.instances), unreadable)
-    return Snapshot([i for i in snapshot.instances if i.service == wanted], snapshot.seconds)
+    wanted = set(resolve_services(patterns, _known_services(snapshot.instances), unreadable))
+    return replace(snapshot, instances=[i for i in snapshot.instances if i.service in wanted])
 
 
 @dataclass(frozen=True)
 class SnapshotSettings:
-    """What a snapshot command was asked, beyond the options: which service, which order,
-    how many healthy instances a service needs."""
+    """What a snapshot command was asked, beyond the options: which services (names or
+    patterns) and statuses, which order, how many healthy instances a service needs, and
+    whether partial data is a failure."""
 
-    service: Optional[str] = None
+    services: Tuple[str, ...] = ()
+    statuses: Tuple[str, ...] = ()
     sort: str = "service"
+    reverse: bool = False
     min_healthy: int = DEFAULT_MIN_HEALTHY
+    strict: bool = False
+
+
+def remember_services(snapshot: Snapshot, options: Options) -> None:
+    """On a terminal, keep the services seen where shell completion reads them; silently not
+    when that cannot be done (a read-only home, say): completion is a convenience."""
+    if options.service_cache is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(options.service_cache), exist_ok=True)
+        write_atomically(options.service_cache, "".join(sanitize(name) + "\n"
+                                                        for name in _known_services(snapshot.instances)))
+    except (OSError, OutputFailed, UsageError):
+        pass
+
+
+def _ordered(rows: List[Any], settings: SnapshotSettings) -> List[Any]:
+    return rows[::-1] if settings.reverse else rows
+
+
+def _verdict(snapshot: Snapshot, settings: SnapshotSettings, flagged: bool = False) -> int:
+    """The exit status once the output is out: flagged, partial (--strict), or success."""
+    if flagged:
+        return EXIT_FLAGGED
+    if settings.strict and not all(i.readable for i in snapshot.instances):
+        return EXIT_PARTIAL
+    return EXIT_OK
 
 
 def cmd_services(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
     """Every instance: IP, service, status, cpu, memory."""
-    snapshot = _only_service(take_snapshot(client, options), settings.service)
-    instances = sort_instances(snapshot.instances, settings.sort, options.thresholds)
+    whole = take_snapshot(client, options)
+    snapshot = _only_services(whole, settings.services)
+    chosen = filter_statuses(snapshot.instances, settings.statuses, options.thresholds)
+    instances = _ordered(sort_instances(chosen, settings.sort, options.thresholds), settings)
     deliver(InstancesReport(instances, snapshot, options.thresholds).render(options), options)
-    return EXIT_OK
+    remember_services(whole, options)
+    return _verdict(whole, settings)
 
 
 def cmd_status(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
-    """Per-service instance counts, healthy counts and averages."""
-    snapshot = _only_service(take_snapshot(client, options), settings.service)
-    summaries = summarize_services(snapshot.instances, options.thresholds)
+    """Per-service instance counts, healthy counts, averages and maxima."""
+    whole = take_snapshot(client, options)
+    snapshot = _only_services(whole, settings.services)
+    summaries = _ordered(sort_summaries(summarize_services(snapshot.instances, options.thresholds), settings.sort),
+                         settings)
     deliver(SummariesReport(summaries, snapshot, options.thresholds).render(options), options)
-    return EXIT_OK
+    remember_services(whole, options)
+    return _verdict(whole, settings)
 
 
 def cmd_unhealthy(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
     """Services with fewer than --min-healthy healthy instances; exit 1 when any."""
     snapshot = take_snapshot(client, options)
-    flagged = flag_services(summarize_services(snapshot.instances, options.thresholds), settings.min_healthy)
+    flagged = _ordered(flag_services(summarize_services(snapshot.instances, options.thresholds),
+                                     settings.min_healthy), settings)
     deliver(FlaggedReport(flagged, settings.min_healthy, snapshot, options.thresholds).render(options), options)
-    return EXIT_FLAGGED if flagged else EXIT_OK
+    remember_services(snapshot, options)
+    return _verdict(snapshot, settings, flagged=bool(flagged))
 
 
 # ---------------------------------------------------------------------------
@@ -2328,11 +2492,6 @@ def sparkline(values: Iterable[Optional[float]], blocks: str) -> str:
     """Percentages on a fixed 0-100 scale, one character each; a space where unknown."""
     top = len(blocks) - 1
     return "".join(" " if v is None else blocks[min(top, int(v * len(blocks) / 100.0))] for v in values)
-
-
-def _marked(cell: str, value: Optional[float], threshold: float) -> str:
-    """A value above its threshold gets a '!', so it shows without colour too."""
-    return cell + "!" if value is not None and value > threshold else cell
 
 
 def _min_avg_max(stats: RunningStats, unit: str = "%", threshold: Optional[float] = None) -> str:
@@ -3259,6 +3418,25 @@ def _int_in(low: int, high: int):
     return parse
 
 
+def _service_names(text: str) -> List[str]:
+    """--service and status's SERVICE: a name or shell-style pattern, or several, comma-separated."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError("%r has an empty service name" % text)
+    return names
+
+
+def _status_names(text: str) -> List[str]:
+    """--status: healthy, unhealthy or unknown (any case), or several, comma-separated."""
+    names = [name.strip().lower() for name in text.split(",")]
+    for name in names:
+        if name not in STATUS_FILTERS:
+            close = difflib.get_close_matches(name, STATUS_FILTERS, n=1, cutoff=0.6)
+            raise argparse.ArgumentTypeError("unknown status %r%s (choose from %s)" % (
+                name, "; did you mean %r?" % close[0] if close else "", ", ".join(STATUS_FILTERS)))
+    return names
+
+
 def _percent_option(text: str) -> float:
     try:
         return parse_percent(text)
@@ -3306,8 +3484,11 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
     group.add_argument("--write", metavar="FILE", default=default(None),
                        help="write the output to FILE atomically (temporary file, then rename), "
                             "e.g. for node_exporter's textfile collector")
-    group.add_argument("--no-color", action="store_true", default=default(False),
-                       help="never colour the output (colour is used only on a terminal)")
+    group.add_argument("--color", choices=COLOR_MODES, default=default("auto"),
+                       help="colour: auto (on a terminal, unless $NO_COLOR or TERM=dumb; the default), always "
+                            "(watch -c), or never; a --write file is never coloured")
+    group.add_argument("--no-color", dest="color", action="store_const", const="never", default=default("auto"),
+                       help="the same as --color never")
     group.add_argument("-v", "--verbose", action="store_true", default=default(False),
                        help="say on stderr how the fetch went (time, concurrency, retries)")
 
@@ -3345,16 +3526,31 @@ def build_parser() -> argparse.ArgumentParser:
     services = add("services", "every instance: IP, service, status, cpu, memory",
                    "  cpx_devops.py services\n  cpx_devops.py services --service UserService --sort cpu\n"
                    "  cpx_devops.py services -o csv > fleet.csv\n")
-    services.add_argument("--service", metavar="NAME", help="only this service's instances")
+    services.add_argument("--service", metavar="NAME", type=_service_names, action="append", default=[],
+                          help="only these services' instances: a name, a shell-style pattern ('Pay*'), "
+                               "comma-separated or repeated")
+    services.add_argument("--status", metavar="STATUS", type=_status_names, action="append", default=[],
+                          help="only instances in this status: healthy, unhealthy or unknown "
+                               "(comma-separated or repeated)")
     services.add_argument("--sort", choices=SORT_KEYS, default="service",
                           help="row order (default: service, then IP numerically; cpu/memory highest first)")
 
-    status = add("status", "per service: instances, healthy, average cpu and memory",
-                 "  cpx_devops.py status\n  cpx_devops.py status UserService -o json\n")
-    status.add_argument("service", nargs="?", metavar="SERVICE", help="only this service")
+    status = add("status", "per service: instances, healthy, average and maximum cpu and memory",
+                 "  cpx_devops.py status\n  cpx_devops.py status UserService -o json\n"
+                 "  cpx_devops.py status 'Pay*,Auth*' -o wide\n  cpx_devops.py status --sort cpu\n")
+    status.add_argument("service", nargs="*", type=_service_names, metavar="SERVICE",
+                        help="only these services: names or shell-style patterns, comma-separated or several")
+    status.add_argument("--sort", choices=SUMMARY_SORT_KEYS, default="service",
+                        help="row order (default: service; instances most first, healthy fewest first, "
+                             "cpu/memory highest average first)")
 
     unhealthy = add("unhealthy", "services with fewer than N healthy instances (exit 1 if any)",
                     "  cpx_devops.py unhealthy\n  cpx_devops.py unhealthy --min-healthy 3 -o json\n")
+    for snapshot_command in (services, status, unhealthy):
+        snapshot_command.add_argument("--reverse", action="store_true", help="the rows in the opposite order")
+        snapshot_command.add_argument("--strict", action="store_true",
+                                      help="partial data is a failure: exit %d after the output when any instance "
+                                           "could not be read (unhealthy: 1 when it flags)" % EXIT_PARTIAL)
     unhealthy.add_argument("--min-healthy", type=_int_in(1, 1000000), default=DEFAULT_MIN_HEALTHY, metavar="N",
                            help="flag services with fewer healthy instances than this (default %d)"
                                 % DEFAULT_MIN_HEALTHY)
@@ -3373,6 +3569,14 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--rediscover", type=_seconds, default=DEFAULT_REDISCOVER, metavar="SECONDS",
                        help="re-read the whole fleet this often (default %g); /servers is checked every "
                             "sample and new instances are read at once" % DEFAULT_REDISCOVER)
+
+    completion = commands.add_parser("completion", help="print a shell completion script (bash, zsh or fish)",
+                                     description="A completion script for your shell, made from this parser.",
+                                     epilog="examples:\n  source <(cpx_devops.py completion bash)\n"
+                                            "  cpx_devops.py completion fish > ~/.config/fish/completions/"
+                                            "cpx-devops.fish\n  make install   (installs the bash one)\n",
+                                     formatter_class=formatter, allow_abbrev=False)
+    completion.add_argument("shell", choices=SHELLS, help="the shell to complete for")
 
     simulate = commands.add_parser("simulate", help="a CPX-compatible API server on loopback",
                                    description="A CPX-compatible API server for demos and tests.",
@@ -3405,9 +3609,159 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def use_color(stream: Any, no_color: bool, environ: Dict[str, str]) -> bool:
-    """Colour only on a terminal, and never with --no-color, NO_COLOR set and non-empty, or TERM=dumb."""
-    return (not no_color and not environ.get("NO_COLOR") and environ.get("TERM") != "dumb"
+# Shell completion, generated from the parser itself so that it cannot drift from it.
+COMPLETED_NAMES = ("cpx-devops", "cpx_devops.py")  # what `make install` installs, and the file
+SHELLS = ("bash", "zsh", "fish")
+
+
+@dataclass
+class CompletedOption:
+    """One option as completion sees it: its spellings, and what its value is: a fixed
+    choice, a file, a service name, a value of the user's, or none (a flag)."""
+
+    spellings: Sequence[str]
+    value: str = "none"  # "choice", "file", "service", "other" or "none"
+    choices: Sequence[str] = ()
+
+
+@dataclass
+class CompletedCommand:
+    """What one command (\"\" for the program itself) completes: its options, and its
+    positional argument (fixed words, or "@services" for service names)."""
+
+    options: List[CompletedOption] = field(default_factory=list)
+    positional: Sequence[str] = ()
+
+
+def completion_table(parser: argparse.ArgumentParser) -> Dict[str, CompletedCommand]:
+    """Per command (and \"\" for the program), what to complete, read from the parser."""
+    def read(command_parser: argparse.ArgumentParser) -> CompletedCommand:
+        command = CompletedCommand()
+        for action in command_parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                command.positional = list(action.choices)
+            elif not action.option_strings:
+                command.positional = ([str(c) for c in action.choices] if action.choices
+                                      else ["@services"] if action.dest == "service" else [])
+            elif action.nargs == 0:
+                command.options.append(CompletedOption(action.option_strings))
+            elif action.choices or action.dest == "status":
+                choices = STATUS_FILTERS if action.dest == "status" else [str(c) for c in action.choices or ()]
+                command.options.append(CompletedOption(action.option_strings, "choice", choices))
+            else:
+                value = {"write": "file", "service": "service"}.get(action.dest, "other")
+                command.options.append(CompletedOption(action.option_strings, value))
+        return command
+
+    table = {"": read(parser)}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            table.update((name, read(command_parser)) for name, command_parser in action.choices.items())
+    return table
+
+
+_SERVICE_CACHE = "${XDG_CACHE_HOME:-$HOME/.cache}/cpx_devops/services"
+
+
+def _bash_completion(table: Dict[str, CompletedCommand]) -> str:
+    services = '$(_cpx_devops_services "${COMP_WORDS[0]}")'
+    lines = [
+        "# bash completion for cpx_devops, made by `cpx_devops.py completion bash` from its parser.",
+        "# Service names: those the last snapshot shown on a terminal left in",
+        "# %s (no request per keystroke);" % _SERVICE_CACHE,
+        "# with CPX_COMPLETE_LIVE=1 set, those a `status` run against CPX finds.",
+        "_cpx_devops_services() {",
+        '    if [ -n "${CPX_COMPLETE_LIVE:-}" ]; then',
+        '        "$1" -q status -o csv --no-headers 2>/dev/null | cut -d, -f1',
+        "    else",
+        '        cat "%s" 2>/dev/null' % _SERVICE_CACHE,
+        "    fi",
+        "}",
+        "_cpx_devops() {",
+        "    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} command= words= i",
+        "    for ((i = 1; i < COMP_CWORD; i++)); do",
+        "        case ${COMP_WORDS[i]} in",
+        "            %s) command=${COMP_WORDS[i]}; break;;" % "|".join(name for name in table if name),
+        "        esac",
+        "    done",
+        '    case "$command/$prev" in',
+    ]
+    for name, command in table.items():
+        for option in command.options:
+            patterns = "|".join("%s/%s" % (name, spelling) for spelling in option.spellings)
+            reply = {"choice": 'COMPREPLY=($(compgen -W "%s" -- "$cur"))' % " ".join(option.choices),
+                     "file": 'COMPREPLY=($(compgen -f -- "$cur"))',
+                     "service": 'COMPREPLY=($(compgen -W "%s" -- "$cur"))' % services,
+                     "other": "COMPREPLY=()"}.get(option.value)
+            if reply:
+                lines.append("        %s) %s; return;;" % (patterns, reply))
+    # Options when the word begins with '-' (or nothing else fits), else the command's positional words.
+    lines += ["    esac", '    case "$command" in']
+    for name, command in table.items():
+        options = " ".join(spelling for option in command.options for spelling in option.spellings)
+        positional = services if list(command.positional) == ["@services"] else " ".join(command.positional)
+        lines.append("        '%s') words=\"%s\"; [[ $cur == -* ]] || words=\"%s\";;"
+                     % (name, options, positional) if positional else "        '%s') words=\"%s\";;" % (name, options))
+    lines += ["    esac",
+              '    COMPREPLY=($(compgen -W "$words" -- "$cur"))',
+              "}",
+              "complete -F _cpx_devops %s" % " ".join(COMPLETED_NAMES)]
+    return "\n".join(lines) + "\n"
+
+
+def _fish_completion(table: Dict[str, CompletedCommand]) -> str:
+    lines = ["# fish completion for cpx_devops, made by `cpx_devops.py completion fish` from its parser.",
+             "# Service names as in bash's: the cache the last snapshot on a terminal left, or",
+             "# with CPX_COMPLETE_LIVE set, a `status` run.",
+             "function __cpx_devops_services",
+             "    if set -q CPX_COMPLETE_LIVE",
+             "        set -l program (commandline -opc)[1]",
+             "        $program -q status -o csv --no-headers 2>/dev/null | string split -f1 ,",
+             "    else if set -q XDG_CACHE_HOME",
+             "        cat $XDG_CACHE_HOME/cpx_devops/services 2>/dev/null",
+             "    else",
+             "        cat $HOME/.cache/cpx_devops/services 2>/dev/null",
+             "    end",
+             "end"]
+    commands = [name for name in table if name]
+    for program in COMPLETED_NAMES:
+        lines.append("complete -c %s -f" % program)
+        for name, command in table.items():
+            condition = ("__fish_use_subcommand" if not name else "__fish_seen_subcommand_from %s" % name)
+            head = "complete -c %s -n '%s'" % (program, condition)
+            if not name:
+                lines.append("%s -a '%s'" % (head, " ".join(commands)))
+            elif list(command.positional) == ["@services"]:
+                lines.append("%s -a '(__cpx_devops_services)'" % head)
+            elif command.positional:
+                lines.append("%s -a '%s'" % (head, " ".join(command.positional)))
+            for option in command.options:
+                spec = head + "".join(" -l %s" % s[2:] if s.startswith("--") else " -s %s" % s[1:]
+                                      for s in option.spellings)
+                spec += {"choice": " -x -a '%s'" % " ".join(option.choices), "file": " -r -F",
+                         "service": " -x -a '(__cpx_devops_services)'", "other": " -x"}.get(option.value, "")
+                lines.append(spec)
+    return "\n".join(lines) + "\n"
+
+
+def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
+    """The completion script for bash, zsh (bash's, through bashcompinit) or fish."""
+    table = completion_table(parser)
+    if shell == "fish":
+        return _fish_completion(table)
+    script = _bash_completion(table)
+    if shell == "zsh":
+        return ("# zsh completion for cpx_devops: bash's, through zsh's bashcompinit.\n"
+                "autoload -U +X bashcompinit && bashcompinit\n" + script)
+    return script
+
+
+def use_color(stream: Any, mode: str, environ: Dict[str, str]) -> bool:
+    """--color always: colour; never: none; auto: only on a terminal, and not with NO_COLOR set
+    and non-empty, or TERM=dumb."""
+    if mode != "auto":
+        return mode == "always"
+    return (not environ.get("NO_COLOR") and environ.get("TERM") != "dumb"
             and hasattr(stream, "isatty") and stream.isatty())
 
 
@@ -3420,15 +3774,17 @@ def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Opti
     else:
         url, authorization = DEFAULT_URL, None
     interactive = sys.stdout is not None and sys.stdout.isatty() and environ.get("TERM") != "dumb"
+    cache_home = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
     return Options(url=url, authorization=authorization, timeout=args.timeout,
                    deadline=args.deadline if args.deadline is not None else DEFAULT_DEADLINE,
                    retries=args.retries, workers=args.workers, adaptive=args.concurrency == "adaptive",
                    thresholds=Thresholds(args.cpu_threshold, args.mem_threshold),
                    output=args.output, quiet=args.quiet, verbose=args.verbose,
                    # Never colour a file: --write's codes would be read by a collector, not a terminal.
-                   color=args.write is None and use_color(sys.stdout, args.no_color, environ),
+                   color=args.write is None and use_color(sys.stdout, args.color, environ),
                    interactive=interactive,
-                   headers=not args.no_headers, write=args.write)
+                   headers=not args.no_headers, write=args.write,
+                   service_cache=os.path.join(cache_home, "cpx_devops", "services") if interactive else None)
 
 
 COMMANDS = {"services": cmd_services, "status": cmd_status, "unhealthy": cmd_unhealthy}
@@ -3442,8 +3798,13 @@ def simulator_settings(args: argparse.Namespace) -> SimulatorSettings:
 
 def snapshot_settings(args: argparse.Namespace) -> SnapshotSettings:
     """A snapshot command's settings record, from parsed arguments."""
-    return SnapshotSettings(service=getattr(args, "service", None), sort=getattr(args, "sort", "service"),
-                            min_healthy=getattr(args, "min_healthy", DEFAULT_MIN_HEALTHY))
+    def flat(lists: Sequence[Sequence[str]]) -> Tuple[str, ...]:
+        return tuple(name for names in lists for name in names)
+
+    return SnapshotSettings(services=flat(getattr(args, "service", None) or ()),
+                            statuses=flat(getattr(args, "status", None) or ()),
+                            sort=getattr(args, "sort", "service"), reverse=args.reverse,
+                            min_healthy=getattr(args, "min_healthy", DEFAULT_MIN_HEALTHY), strict=args.strict)
 
 
 def track_settings(args: argparse.Namespace) -> TrackSettings:
@@ -3458,9 +3819,13 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, build the options and run one command; exceptions are left to main()."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "simulate":
         return cmd_simulate(simulator_settings(args))
+    if args.command == "completion":
+        emit(completion_script(args.shell, parser))
+        return EXIT_OK
     options = options_from_args(args, dict(os.environ))
     settings = track_settings(args) if args.command == "track" else None
     if options.write is not None and settings is None:

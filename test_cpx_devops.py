@@ -214,10 +214,25 @@ def free_port():
         return probe.getsockname()[1]
 
 
+# The tool keeps the services a terminal run saw for shell completion: in the tests, here.
+TEST_CACHE = None
+
+
+def test_cache_home():
+    global TEST_CACHE
+    if TEST_CACHE is None:
+        import atexit
+        import tempfile
+        TEST_CACHE = tempfile.mkdtemp(prefix="cpx-test-cache-")
+        atexit.register(shutil.rmtree, TEST_CACHE, True)
+    return TEST_CACHE
+
+
 def cli_env(extra=None):
     env = {k: v for k, v in os.environ.items()
            if k not in ("CPX_URL", "NO_COLOR", "LINES", "COLUMNS") and not k.lower().endswith("_proxy")}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["XDG_CACHE_HOME"] = test_cache_home()
     env.update(extra or {})
     return env
 
@@ -832,10 +847,10 @@ class RenderTest(unittest.TestCase):
         report = cpx.InstancesReport(instances, cpx.Snapshot(instances, 0.1), THRESHOLDS)
         records = json.loads(report.render(options))
         self.assertEqual(records, [{"ip": "10.0.0.10", "service": "UserService", "status": "Healthy",
-                                    "cpu": 61, "memory": 4, "error": None}])
-        text = cpx.render_csv(cpx.INSTANCE_FIELDS, [cpx.instance_record(cpx.Instance("1.1.1.1", "a\x1bb"),
-                                                                         THRESHOLDS)])
-        self.assertEqual(text, "ip,service,status,cpu,memory,error\n1.1.1.1,a?b,Unknown,,,\n")
+                                    "cpu": 61, "memory": 4, "error": None, "reasons": [], "time": ""}])
+        record = dict(cpx.instance_record(cpx.Instance("1.1.1.1", "a\x1bb"), THRESHOLDS), time="t")
+        text = cpx.render_csv(cpx.INSTANCE_FIELDS, [record])
+        self.assertEqual(text, "ip,service,status,cpu,memory,error,reasons,time\n1.1.1.1,a?b,Unknown,,,,,t\n")
 
 
 # Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt, 15.1): what
@@ -964,6 +979,55 @@ class HostileValuesTest(unittest.TestCase):
         self.assertEqual(cpx._plural(2, "duplicate entry", "duplicate entries"), "2 duplicate entries")
         self.assertEqual(cpx.fleet_footer([cpx.Instance("10.0.0.1", "A", 1.0, 1.0)], THRESHOLDS),
                          "1 instance, 1 service, 0 unhealthy\n")
+
+
+class QueriesUnitTest(unittest.TestCase):
+    """Issue 13's pure parts: hot spots, reasons, selection, order."""
+
+    def test_the_hottest_instance_of_each_service_and_the_lowest_ip_of_a_tie(self):
+        instances = [cpx.Instance("10.0.0.10", "A", 90.0, 10.0), cpx.Instance("10.0.0.9", "A", 90.0, 50.0),
+                     cpx.Instance("10.0.0.2", "A", 20.0, 50.0), cpx.Instance("10.0.0.3", "A", error="timeout"),
+                     cpx.Instance("10.0.0.4", "B", 5.0, 5.0)]
+        a, b = cpx.summarize_services(instances, THRESHOLDS)
+        self.assertEqual((a.max_cpu, a.max_cpu_ip, a.max_memory, a.max_memory_ip), (90.0, "10.0.0.9", 50.0, "10.0.0.2"))
+        self.assertEqual((b.max_cpu_ip, b.max_memory_ip), ("10.0.0.4", "10.0.0.4"))
+        unread, = cpx.summarize_services([cpx.Instance("10.0.0.5", error="timeout")], THRESHOLDS)
+        self.assertEqual((unread.max_cpu, unread.max_cpu_ip), (None, None))
+
+    def test_reasons_name_the_resources_over_their_thresholds(self):
+        for cpu, memory, reasons in ((95.0, 10.0, ["cpu"]), (10.0, 95.0, ["memory"]), (95.0, 95.0, ["cpu", "memory"]),
+                                     (90.0, 90.0, []), (90.01, 10.0, ["cpu"])):
+            with self.subTest(case=(cpu, memory)):
+                self.assertEqual(cpx.instance_reasons(cpx.Instance("1.1.1.1", "A", cpu, memory), THRESHOLDS), reasons)
+        self.assertEqual(cpx.instance_reasons(cpx.Instance("1.1.1.1", "A", error="timeout"), THRESHOLDS), [])
+
+    def test_names_and_patterns_resolve_to_known_services(self):
+        known = ["PaymentService", "PayoutService", "AuthService", "UserService"]
+        for patterns, expected in ((["Pay*"], ["PaymentService", "PayoutService"]), (["pay*"], ["PaymentService",
+                                   "PayoutService"]), (["userservice", "Auth*"], ["UserService", "AuthService"]),
+                                   (["Auth*", "AuthService"], ["AuthService"]), (["*Service"], sorted(known)),
+                                   (["?uthService"], ["AuthService"]), (["[AU]*"], ["AuthService", "UserService"])):
+            with self.subTest(case=patterns):
+                self.assertEqual(cpx.resolve_services(patterns, known), expected)
+        with self.assertRaisesRegex(cpx.UsageError, "^unknown service 'Zz\\*'; known services: AuthService, "):
+            cpx.resolve_services(["Zz*"], known)
+        with self.assertRaises(cpx.ServiceUnreadable):
+            cpx.resolve_services(["Zz*"], known, unreadable=2)
+
+    def test_service_rows_sort_by_each_key(self):
+        rows = [cpx.ServiceSummary("b", 3, 1, 50.0, 10.0), cpx.ServiceSummary("A", 1, 1, 90.0, 5.0),
+                cpx.ServiceSummary("c", 2, 0, None, None), cpx.ServiceSummary(None, 1, 0, None, None)]
+        for key, order in (("service", ["A", "b", "c", None]), ("instances", ["b", "c", "A", None]),
+                           ("healthy", ["c", None, "A", "b"]), ("cpu", ["A", "b", "c", None]),
+                           ("memory", ["b", "A", "c", None])):
+            with self.subTest(case=key):
+                self.assertEqual([s.service for s in cpx.sort_summaries(rows, key)], order)
+
+    def test_status_filters_keep_only_what_was_asked(self):
+        instances = [cpx.Instance("1", "A", 95.0, 1.0), cpx.Instance("2", "A", 1.0, 1.0), cpx.Instance("3", error="x")]
+        for statuses, kept in (((), ["1", "2", "3"]), (("unhealthy",), ["1"]), (("healthy", "unknown"), ["2", "3"])):
+            with self.subTest(case=statuses):
+                self.assertEqual([i.ip for i in cpx.filter_statuses(instances, statuses, THRESHOLDS)], kept)
 
 
 class ClientUnitTest(unittest.TestCase):
@@ -1496,24 +1560,38 @@ class ClientTest(ServerTestCase):
 # ---------------------------------------------------------------------------
 
 SERVICES_TABLE = """\
-| IP        | Service       | Status    |   CPU | Memory |
-|-----------+---------------+-----------+-------+--------|
-| 10.0.0.4  | AuthService   | Healthy   | 10.0% |    20% |
-| 10.0.0.2  | TicketService | Unhealthy | 93.0% |    31% |
-| 10.0.0.3  | TicketService | Unhealthy | 12.5% |    95% |
-| 10.0.0.9  | UserService   | Healthy   |  3.0% |    43% |
-| 10.0.0.10 | UserService   | Healthy   | 61.0% |     4% |
+| IP        | Service       | Status    |    CPU | Memory |
+|-----------+---------------+-----------+--------+--------|
+| 10.0.0.4  | AuthService   | Healthy   |  10.0% |    20% |
+| 10.0.0.2  | TicketService | Unhealthy | 93.0%! |    31% |
+| 10.0.0.3  | TicketService | Unhealthy |  12.5% |   95%! |
+| 10.0.0.9  | UserService   | Healthy   |   3.0% |    43% |
+| 10.0.0.10 | UserService   | Healthy   |  61.0% |     4% |
 5 instances, 3 services, 2 unhealthy
 """
 
 STATUS_TABLE = """\
-| Service       | Instances | Healthy | Avg CPU | Avg Memory |
-|---------------+-----------+---------+---------+------------|
-| AuthService   |         1 |       1 |   10.0% |      20.0% |
-| TicketService |         2 |       0 |   52.8% |      63.0% |
-| UserService   |         2 |       2 |   32.0% |      23.5% |
+| Service       | Instances | Healthy | Avg CPU | Max CPU | Avg Memory | Max Memory |
+|---------------+-----------+---------+---------+---------+------------+------------|
+| AuthService   |         1 |       1 |   10.0% |     10% |      20.0% |        20% |
+| TicketService |         2 |       0 |   52.8% |    93%! |      63.0% |       95%! |
+| UserService   |         2 |       2 |   32.0% |     61% |      23.5% |        43% |
 5 instances, 3 services, 2 unhealthy
 """
+
+ISO_UTC = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00"
+
+
+def untimed(records):
+    """json records without their time, once it is checked to be an ISO 8601 UTC moment."""
+    for record in records:
+        assert re.match(ISO_UTC + r"\Z", record["time"]), record["time"]
+    return [{k: v for k, v in record.items() if k != "time"} for record in records]
+
+
+def without_times(text):
+    """Output with its snapshot times blanked, to compare two runs."""
+    return re.sub(ISO_UTC, "<time>", text)
 
 UNHEALTHY_TABLE = """\
 | Service       | Healthy | Instances |
@@ -1787,37 +1865,38 @@ class CliOutputTest(ServerTestCase):
 
     def test_services_filter_and_sort(self):
         result = self.cli("services", "--service", "ticketservice", "--sort", "memory")
-        self.assertEqual(result.stdout, "| IP       | Service       | Status    |   CPU | Memory |\n"
-                                        "|----------+---------------+-----------+-------+--------|\n"
-                                        "| 10.0.0.3 | TicketService | Unhealthy | 12.5% |    95% |\n"
-                                        "| 10.0.0.2 | TicketService | Unhealthy | 93.0% |    31% |\n"
+        self.assertEqual(result.stdout, "| IP       | Service       | Status    |    CPU | Memory |\n"
+                                        "|----------+---------------+-----------+--------+--------|\n"
+                                        "| 10.0.0.3 | TicketService | Unhealthy |  12.5% |   95%! |\n"
+                                        "| 10.0.0.2 | TicketService | Unhealthy | 93.0%! |    31% |\n"
                                         "2 instances, 1 service, 2 unhealthy\n")
         by_cpu = self.cli("services", "--sort", "cpu", "-o", "csv").stdout.splitlines()
         self.assertEqual([line.split(",")[0] for line in by_cpu[1:]],
                          ["10.0.0.2", "10.0.0.10", "10.0.0.3", "10.0.0.4", "10.0.0.9"])
 
     def test_services_json_and_csv(self):
-        records = json.loads(self.cli("services", "-o", "json").stdout)
+        records = untimed(json.loads(self.cli("services", "-o", "json").stdout))
         self.assertEqual(records[1], {"ip": "10.0.0.2", "service": "TicketService", "status": "Unhealthy",
-                                      "cpu": 93, "memory": 31, "error": None})
+                                      "cpu": 93, "memory": 31, "error": None, "reasons": ["cpu"]})
         self.assertEqual(len(records), 5)
-        lines = self.cli("services", "-o", "csv").stdout.splitlines()
-        self.assertEqual(lines[0], "ip,service,status,cpu,memory,error")
-        self.assertEqual(lines[3], "10.0.0.3,TicketService,Unhealthy,12.5,95,")
+        lines = without_times(self.cli("services", "-o", "csv").stdout).splitlines()
+        self.assertEqual(lines[0], "ip,service,status,cpu,memory,error,reasons,time")
+        self.assertEqual(lines[3], "10.0.0.3,TicketService,Unhealthy,12.5,95,,memory,<time>")
 
     def test_status(self):
         result = self.cli("status")
         self.assertEqual((result.returncode, result.stdout, result.stderr), (0, STATUS_TABLE, ""))
         one = self.cli("status", "UserService", "-o", "json")
-        self.assertEqual(json.loads(one.stdout), [{"service": "UserService", "instances": 2, "healthy": 2,
-                                                   "avg_cpu": 32, "avg_memory": 23.5}])
-        self.assertEqual(self.cli("status", "-o", "csv").stdout.splitlines()[2],
-                         "TicketService,2,0,52.75,63")
+        self.assertEqual(untimed(json.loads(one.stdout)), [{
+            "service": "UserService", "instances": 2, "healthy": 2, "avg_cpu": 32, "avg_memory": 23.5, "max_cpu": 61,
+            "max_memory": 43, "max_cpu_ip": "10.0.0.10", "max_memory_ip": "10.0.0.9"}])
+        self.assertEqual(without_times(self.cli("status", "-o", "csv").stdout).splitlines()[2],
+                         "TicketService,2,0,52.75,63,93,95,10.0.0.2,10.0.0.3,<time>")
 
     def test_unhealthy_lists_the_zero_healthy_service_and_exits_1(self):
         result = self.cli("unhealthy")
         self.assertEqual((result.returncode, result.stdout, result.stderr), (1, UNHEALTHY_TABLE, ""))
-        flagged = json.loads(self.cli("unhealthy", "-o", "json").stdout)
+        flagged = untimed(json.loads(self.cli("unhealthy", "-o", "json").stdout))
         self.assertEqual(flagged, [{"service": "TicketService", "healthy": 0, "instances": 2},
                                    {"service": "AuthService", "healthy": 1, "instances": 1}])
 
@@ -1855,7 +1934,7 @@ class CliOutputTest(ServerTestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         records = [json.loads(line) for line in result.stdout.splitlines()]
         self.assertEqual(len(records), 6)
-        self.assertEqual(set(records[0]), {"time", "ip", "service", "status", "cpu", "memory"})
+        self.assertEqual(set(records[0]), {"time", "ip", "service", "status", "cpu", "memory", "reasons"})
         self.assertEqual([r["ip"] for r in records[:2]], ["10.0.0.9", "10.0.0.10"])
         self.assertEqual(self.server.count("/10.0.0.9"), 3)
         self.assertEqual(self.server.count("/10.0.0.2"), 1)  # only the first discovery reads the whole fleet
@@ -1976,7 +2055,7 @@ class TrackTest(ServerTestCase):
         # JSON Lines arrive while the process is still running, and each parses alone.
         self.assertIsNone(process.poll())
         for _, line in lines[:6]:
-            self.assertEqual(set(json.loads(line)), {"time", "ip", "service", "status", "cpu", "memory"})
+            self.assertEqual(set(json.loads(line)), {"time", "ip", "service", "status", "cpu", "memory", "reasons"})
         self.assertEqual(self.stop(process), 0)
         err = "".join(e for _, e in errors)
         self.assertNotIn("Traceback", err)
@@ -2271,7 +2350,8 @@ class WriteTest(ServerTestCase):
             with self.subTest(case=output):
                 self.cli("status", "-o", output, "--write", self.target)
                 with open(self.target) as written:
-                    self.assertEqual(written.read(), self.cli("status", "-o", output).stdout)
+                    self.assertEqual(without_times(written.read()),
+                                     without_times(self.cli("status", "-o", output).stdout))
 
     def test_a_reader_never_sees_half_a_file(self):
         simulator = cpx.start_simulator(servers=120, seed=1)
@@ -2461,6 +2541,257 @@ class WriteTargetTest(ServerTestCase):
         self.assertIn("\x1b[31m", screen)  # on the terminal itself, colour as before
 
 
+class SharperQueriesTest(ServerTestCase):
+    """Issue 13 through the CLI, in this process, against a real loopback server."""
+
+    def setUp(self):
+        super().setUp()
+        self.server.fleet(dict(FIXED_FLEET, **{"10.0.0.20": instance("PaymentService", "97%", "20%"),
+                                               "10.0.0.21": instance("PaymentService", "30%", "91%"),
+                                               "10.0.0.22": instance("PayoutService", "10%", "10%")}))
+
+    def ips(self, *args):
+        result = self.cli("services", "-o", "csv", *args)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return [line.split(",")[0] for line in result.stdout.splitlines()[1:]]
+
+    def test_status_shows_the_maxima_and_wide_the_hottest_ips(self):
+        table = self.cli("status", "PaymentService").stdout.splitlines()
+        self.assertEqual(table[0], "| Service        | Instances | Healthy | Avg CPU | Max CPU | Avg Memory | "
+                                   "Max Memory |")
+        self.assertEqual(table[2], "| PaymentService |         2 |       0 |   63.5% |    97%! |      55.5% | "
+                                   "      91%! |")
+        wide = self.cli("status", "PaymentService", "-o", "wide").stdout.splitlines()
+        self.assertTrue(wide[0].endswith("| Max CPU at | Max Memory at |"), wide[0])
+        self.assertTrue(wide[2].endswith("| 10.0.0.20  | 10.0.0.21     |"), wide[2])
+        record, = untimed(json.loads(self.cli("status", "PaymentService", "-o", "json").stdout))
+        self.assertEqual((record["max_cpu"], record["max_memory"], record["max_cpu_ip"], record["max_memory_ip"]),
+                         (97, 91, "10.0.0.20", "10.0.0.21"))
+        services_wide = self.cli("services", "--service", "PaymentService", "-o", "wide").stdout.splitlines()
+        self.assertEqual(services_wide[2], "| 10.0.0.20 | PaymentService | Unhealthy | 97%! |    20% | "
+                                           "cpu            |")
+        self.assertEqual(services_wide[3], "| 10.0.0.21 | PaymentService | Unhealthy |  30% |   91%! | "
+                                           "memory         |")
+
+    def test_rows_say_why_in_every_format(self):
+        records = {r["ip"]: r for r in untimed(json.loads(self.cli("services", "-o", "json").stdout))}
+        self.assertEqual(records["10.0.0.20"]["reasons"], ["cpu"])
+        self.assertEqual(records["10.0.0.21"]["reasons"], ["memory"])
+        self.assertEqual(records["10.0.0.9"]["reasons"], [])
+        rows = {line.split(",")[0]: line for line in self.cli("services", "-o", "csv").stdout.splitlines()}
+        self.assertRegex(rows["10.0.0.21"], r"^10\.0\.0\.21,PaymentService,Unhealthy,30,91,,memory,%s$" % ISO_UTC)
+        self.server.routes["/10.0.0.22"] = Reply(instance("PayoutService", "99%", "99%"))
+        rows = {line.split(",")[0]: line for line in self.cli("services", "-o", "csv").stdout.splitlines()}
+        self.assertRegex(rows["10.0.0.22"], r"^10\.0\.0\.22,PayoutService,Unhealthy,99,99,,cpu;memory,%s$" % ISO_UTC)
+        both, = [r for r in json.loads(self.cli("services", "-o", "json").stdout) if r["ip"] == "10.0.0.22"]
+        self.assertEqual(both["reasons"], ["cpu", "memory"])
+
+    def test_every_record_carries_the_snapshot_start_in_utc(self):
+        from datetime import datetime, timezone
+        before = datetime.now(timezone.utc)
+        for command in ("services", "status", "unhealthy"):
+            with self.subTest(case=command):
+                records = json.loads(self.cli(command, "-o", "json").stdout)
+                self.assertEqual(len({r["time"] for r in records}), 1)  # one snapshot, one moment
+                untimed(records)
+                moment = datetime.strptime(records[0]["time"].replace("+00:00", "+0000"), "%Y-%m-%dT%H:%M:%S.%f%z")
+                self.assertLessEqual(abs((moment - before).total_seconds()), 5)
+                header = self.cli(command, "-o", "csv").stdout.splitlines()[0]
+                self.assertTrue(header.endswith(",time"), header)
+        # In UTC whatever this machine's time zone is (track's records keep the local offset).
+        elsewhere = subprocess.run(TOOL + ["--url", self.server.url, "status", "-o", "json"], cwd=HERE,
+                                   stdout=subprocess.PIPE, universal_newlines=True, timeout=60,
+                                   env=cli_env({"TZ": "America/New_York"}))
+        untimed(json.loads(elsewhere.stdout))
+
+    def test_several_services_by_name_pattern_and_repetition(self):
+        self.assertEqual(self.ips("--service", "Pay*"), ["10.0.0.20", "10.0.0.21", "10.0.0.22"])
+        self.assertEqual(self.ips("--service", "PaymentService,authservice"), ["10.0.0.4", "10.0.0.20", "10.0.0.21"])
+        self.assertEqual(self.ips("--service", "Auth*", "--service", "payoutservice"), ["10.0.0.4", "10.0.0.22"])
+        status = self.cli("status", "Pay*", "UserService", "-o", "csv").stdout.splitlines()
+        self.assertEqual([line.split(",")[0] for line in status[1:]],
+                         ["PaymentService", "PayoutService", "UserService"])
+
+    def test_bad_selections_are_usage_errors(self):
+        for args, message in ((["services", "--status", "sick"], "unknown status 'sick'"),
+                              (["services", "--status", "healthy,unhelthy"], "did you mean 'unhealthy'?"),
+                              (["services", "--service", ""], "'' has an empty service name"),
+                              (["services", "--service", "Pay*,"], "has an empty service name"),
+                              (["status", ""], "'' has an empty service name"),
+                              (["services", "--service", "Zz*"], "unknown service 'Zz*'; known services: AuthService"),
+                              (["status", "Pay*", "Nope"], "unknown service 'Nope'; known services: AuthService")):
+            with self.subTest(case=args):
+                result = self.cli(*args)
+                self.assertEqual((result.returncode, result.stdout), (2, ""))
+                self.assertIn(message, result.stderr)
+                self.assertEqual(len(result.stderr.splitlines()), 1)
+
+    def test_status_filter(self):
+        self.assertEqual(self.ips("--status", "unhealthy"), ["10.0.0.20", "10.0.0.21", "10.0.0.2", "10.0.0.3"])
+        self.assertEqual(self.ips("--status", "Healthy", "--service", "Pay*"), ["10.0.0.22"])
+        self.server.routes["/10.0.0.22"] = Reply("no", status=500)
+        self.assertEqual(self.ips("--status", "unknown,unhealthy", "--service", "Payment*", "-q"),
+                         ["10.0.0.20", "10.0.0.21"])
+        self.assertEqual(self.ips("--status", "unknown", "-q"), ["10.0.0.22"])
+
+    def test_reverse_flips_every_sort_key(self):
+        for key in cpx.SORT_KEYS:
+            with self.subTest(case=("services", key)):
+                forward = self.ips("--sort", key)
+                self.assertEqual(self.ips("--sort", key, "--reverse"), forward[::-1])
+                self.assertNotEqual(forward, forward[::-1])
+        for key in cpx.SUMMARY_SORT_KEYS:
+            with self.subTest(case=("status", key)):
+                rows = self.cli("status", "--sort", key, "-o", "csv").stdout.splitlines()[1:]
+                reversed_rows = self.cli("status", "--sort", key, "--reverse", "-o", "csv").stdout.splitlines()[1:]
+                self.assertEqual([r.split(",")[0] for r in reversed_rows], [r.split(",")[0] for r in rows][::-1])
+        self.assertEqual([line.split(",")[0] for line in self.cli("status", "--sort", "cpu", "-o",
+                                                                  "csv").stdout.splitlines()[1:]],
+                         ["PaymentService", "TicketService", "UserService", "AuthService", "PayoutService"])
+        flagged = [r["service"] for r in json.loads(self.cli("unhealthy", "-o", "json").stdout)]
+        self.assertEqual([r["service"] for r in json.loads(self.cli("unhealthy", "--reverse", "-o", "json").stdout)],
+                         flagged[::-1])
+
+    def test_strict_fails_partial_data_after_printing_it(self):
+        result = self.cli("services", "--strict", "-o", "json")
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.server.routes["/10.0.0.22"] = Reply("no", status=500)
+        for command in ("services", "status"):
+            with self.subTest(case=command):
+                loose = self.cli(command, "-q")
+                strict = self.cli(command, "--strict", "-q")
+                self.assertEqual(loose.returncode, 0)
+                self.assertEqual((strict.returncode, strict.stdout), (4, loose.stdout))
+        # A filter does not hide it: the unreadable instance may be of the service asked for.
+        self.assertEqual(self.cli("services", "--service", "AuthService", "--strict", "-q").returncode, 4)
+        self.assertEqual(self.cli("unhealthy", "--strict", "-q").returncode, 1)  # flagged wins
+        # Nothing flagged, one instance unreadable (its service known, another of it healthy): 4.
+        self.server.routes["/10.0.0.22"] = Reply(instance("PayoutService", "1%", "1%"))
+        self.server.routes["/10.0.0.3"] = Reply(instance("TicketService", "bad", "1%"))
+        lenient = ("unhealthy", "-q", "--min-healthy", "1", "--cpu-threshold", "99", "--mem-threshold", "99")
+        self.assertEqual(self.cli(*lenient).returncode, 0)
+        self.assertEqual(self.cli(*lenient + ("--strict",)).returncode, 4)
+
+    def test_color_can_be_forced_on_and_off(self):
+        self.assertIn("\x1b[31m", self.cli("services", "--color", "always").stdout)
+        self.assertIn("\x1b[31m", self.cli("--color", "always", "services", env={"NO_COLOR": "1"}).stdout)
+        self.assertNotIn("\x1b[", self.cli("services", "--color", "auto").stdout)  # not a terminal
+        self.assertNotIn("\x1b[", self.cli("services").stdout)
+        code, screen = run_in_pty(["--url", self.server.url, "services", "--color", "never"], None)
+        self.assertEqual(code, 0)
+        self.assertNotIn("\x1b[", screen)
+        result = self.cli("services", "--color", "sometimes")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("invalid choice: 'sometimes'", result.stderr)
+
+
+class CompletionTest(unittest.TestCase):
+    """Issue 13: the completion scripts, run by the shells themselves."""
+
+    def setUp(self):
+        import tempfile
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory)
+        os.makedirs(os.path.join(self.directory, "cache", "cpx_devops"))
+        with open(os.path.join(self.directory, "cache", "cpx_devops", "services"), "w") as cache:
+            cache.write("PaymentService\nAuthService\nPayoutService\n")
+        with open(os.path.join(self.directory, "fleet.prom"), "w"):
+            pass  # a file for --write to complete
+
+    def script(self, shell):
+        result = run_cli("completion", shell)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        path = os.path.join(self.directory, "completion." + shell)
+        with open(path, "w") as script:
+            script.write(result.stdout)
+        return path
+
+    def shell(self, command, *args):
+        result = subprocess.run(list(command) + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=60, cwd=self.directory,
+                                env=cli_env({"XDG_CACHE_HOME": os.path.join(self.directory, "cache"),
+                                             "HOME": self.directory}))
+        self.assertEqual(result.stderr, "")
+        return result.stdout
+
+    def bash_complete(self, *words):
+        """What bash offers for the command line `words` (the last one being completed)."""
+        script = self.script("bash")
+        line = ("source %s; COMP_WORDS=(%s); COMP_CWORD=%d; _cpx_devops; printf '%%s\\n' \"${COMPREPLY[@]}\""
+                % (script, " ".join("'%s'" % word for word in words), len(words) - 1))
+        return self.shell(["bash", "-c", line]).split()
+
+    def test_bash_registers_the_completion_for_both_names(self):
+        script = self.script("bash")
+        registered = self.shell(["bash", "-c", "source %s; complete -p cpx-devops cpx_devops.py" % script])
+        self.assertEqual(registered.splitlines(), ["complete -F _cpx_devops cpx-devops",
+                                                   "complete -F _cpx_devops cpx_devops.py"])
+
+    def test_bash_completes_commands_options_choices_and_services(self):
+        for words, offered in ((("cpx-devops", "st"), ["status"]), (("cpx-devops", "s"), ["services", "status",
+                                "simulate"]), (("cpx-devops", "services", "--so"), ["--sort"]),
+                               (("cpx-devops", "services", "--st"), ["--status", "--strict"]),
+                               (("cpx-devops", "status", "--sort", "i"), ["instances"]),
+                               (("cpx-devops", "services", "--sort", "i"), ["ip"]),
+                               (("cpx-devops", "services", "--status", "un"), ["unhealthy", "unknown"]),
+                               (("cpx-devops", "-o", "w"), ["wide"]),
+                               (("cpx-devops", "--color", "a"), ["auto", "always"]),
+                               (("cpx-devops", "status", "Pay"), ["PaymentService", "PayoutService"]),
+                               (("cpx-devops", "--url", "x", "services", "--service", "Au"), ["AuthService"]),
+                               (("cpx-devops", "track", "Pa"), ["PaymentService", "PayoutService"]),
+                               (("cpx-devops", "completion", ""), ["bash", "zsh", "fish"]),
+                               (("cpx-devops", "services", "--write", "fl"), ["fleet.prom"]),
+                               (("cpx-devops", "--timeout", ""), [])):
+            with self.subTest(case=words):
+                self.assertEqual(sorted(self.bash_complete(*words)), sorted(offered))
+
+    def test_every_option_of_the_parser_is_offered(self):
+        parser = cpx.build_parser()
+        commands = next(a for a in parser._actions if isinstance(a, cpx.argparse._SubParsersAction)).choices
+        for name, command in commands.items():
+            with self.subTest(case=name):
+                expected = {o for action in command._actions for o in action.option_strings if o.startswith("--")}
+                self.assertTrue(expected)
+                self.assertEqual(set(self.bash_complete("cpx-devops", name, "--")), expected)
+
+    def test_zsh_registers_it_and_offers_the_same_words(self):
+        if not shutil.which("zsh"):
+            self.skipTest("zsh is not installed (.ci/run installs it)")
+        script = self.script("zsh")
+        setup = "autoload -U +X compinit && compinit -u; source %s; " % script
+        self.assertIn("_cpx_devops", self.shell(["zsh", "-fc", setup + "print -r -- $_comps[cpx-devops]"]))
+        # zsh's own matcher narrows the words down to what was typed: the script gives them all.
+        offered = self.shell(["zsh", "-fc", setup + "setopt ksharrays; COMP_WORDS=(cpx-devops status --sort ''); "
+                              "COMP_CWORD=3; _cpx_devops; print -rl -- ${COMPREPLY[@]}"]).split()
+        self.assertEqual(offered, list(cpx.SUMMARY_SORT_KEYS))
+
+    def test_fish_completes_commands_choices_and_services(self):
+        if not shutil.which("fish"):
+            self.skipTest("fish is not installed (.ci/run installs it)")
+        script = self.script("fish")
+        for line, offered in (("cpx-devops st", ["status"]), ("cpx-devops status --sort ", list(cpx.SUMMARY_SORT_KEYS)),
+                              ("cpx-devops services --status ", list(cpx.STATUS_FILTERS)),
+                              ("cpx-devops status Pay", ["PaymentService", "PayoutService"]),
+                              ("cpx_devops.py -o ", list(cpx.OUTPUT_FORMATS))):
+            with self.subTest(case=line):
+                result = self.shell(["fish", "--no-config", "-c", "source %s; complete -C'%s'" % (script, line)])
+                self.assertEqual(sorted(word.split("\t")[0] for word in result.split("\n") if word), sorted(offered))
+
+    def test_a_snapshot_on_a_terminal_leaves_the_service_names_for_completion(self):
+        server = ControlledServer().fleet(FIXED_FLEET)
+        self.addCleanup(server.close)
+        cache = os.path.join(self.directory, "fresh")
+        code, _ = run_in_pty(["--url", server.url, "status"], {"XDG_CACHE_HOME": cache})
+        self.assertEqual(code, 0)
+        with open(os.path.join(cache, "cpx_devops", "services")) as names:
+            self.assertEqual(names.read(), "AuthService\nTicketService\nUserService\n")
+        piped = os.path.join(self.directory, "piped")  # a script's run leaves nothing behind
+        result = subprocess.run(TOOL + ["--url", server.url, "status"], cwd=HERE, stdout=subprocess.PIPE,
+                                env=cli_env({"XDG_CACHE_HOME": piped}), timeout=60)
+        self.assertEqual(result.returncode, 0)
+        self.assertFalse(os.path.exists(piped))
+
+
 class Recorded:
     """Answer as `answer` does, keeping the headers of every request."""
 
@@ -2490,9 +2821,9 @@ class HostileCornersCliTest(ServerTestCase):
         self.server.fleet({"10.0.0.1": instance("A", 90.004, "4%"), "10.0.0.2": instance("A", "99.999%", 10),
                            "10.0.0.3": instance("A", -0.0, 90.0000001), "10.0.0.4": instance("A", "12.5%", "3%")})
         table = self.cli("services").stdout.splitlines()
-        self.assertIn("| 10.0.0.1 | A       | Unhealthy | 90.004% |    4.0% |", table)
-        self.assertIn("| 10.0.0.2 | A       | Unhealthy | 99.999% |   10.0% |", table)
-        self.assertIn("| 10.0.0.3 | A       | Unhealthy |    0.0% | 90.001% |", table)
+        self.assertIn("| 10.0.0.1 | A       | Unhealthy | 90.004%! |     4.0% |", table)
+        self.assertIn("| 10.0.0.2 | A       | Unhealthy | 99.999%! |    10.0% |", table)
+        self.assertIn("| 10.0.0.3 | A       | Unhealthy |     0.0% | 90.001%! |", table)
         records = {r["ip"]: r for r in json.loads(self.cli("services", "-o", "json").stdout)}
         self.assertEqual([records[ip]["cpu"] for ip in sorted(records)], [90.004, 99.999, 0, 12.5])
         self.assertEqual(records["10.0.0.3"]["memory"], 90.001)
@@ -2501,7 +2832,7 @@ class HostileCornersCliTest(ServerTestCase):
         series = parse_exposition(self.cli("services", "-o", "prometheus").stdout)
         self.assertGreater(series[("cpx_instance_memory_ratio", (("ip", "10.0.0.3"), ("service", "A")))], 0.9)
         status = self.cli("status", "--cpu-threshold", "50.6").stdout.splitlines()
-        self.assertIn("| A       |         4 |       1 |  50.63% |      26.8% |", status)  # the mean is 50.62575
+        self.assertIn("| A       |         4 |       1 | 50.63%! | 99.999%! |      26.8% |   90.001%! |", status)
 
     def test_names_that_sanitise_alike_never_share_a_prometheus_series(self):
         self.server.fleet({"10.0.0.1": instance("Auth\x1bService", "1%", "1%"),
@@ -2533,7 +2864,8 @@ class HostileCornersCliTest(ServerTestCase):
                 self.assertEqual(self.cli("services", "-o", output, "--write", target).returncode, 0)
                 with open(target, encoding="utf-8") as written:
                     duration = re.compile(r"cpx_scrape_duration_seconds \S+")
-                    self.assertEqual(duration.sub("", written.read()), duration.sub("", result.stdout))
+                    self.assertEqual(without_times(duration.sub("", written.read())),
+                                     without_times(duration.sub("", result.stdout)))
 
     def test_ipv6_spellings_of_one_address_are_requested_once(self):
         self.server.routes["/servers"] = Reply(["::1", "0:0:0:0:0:0:0:1", "::ffff:10.0.0.1", "::FFFF:10.0.0.1",
@@ -2722,15 +3054,16 @@ class ConventionsTest(ServerTestCase):
         table = self.cli("services", "--no-headers", "-q").stdout.splitlines()
         self.assertEqual(len(table), 6)
         self.assertTrue(all(line.startswith("| 10.0.0.") for line in table), table)
-        csv_lines = self.cli("services", "-o", "csv", "--no-headers", "-q").stdout.splitlines()
-        self.assertEqual(csv_lines[0], "10.0.0.4,AuthService,Healthy,10,20,")
+        csv_lines = without_times(self.cli("services", "-o", "csv", "--no-headers", "-q").stdout).splitlines()
+        self.assertEqual(csv_lines[0], "10.0.0.4,AuthService,Healthy,10,20,,,<time>")
         self.assertEqual(len(csv_lines), 6)
         self.assertEqual(len(self.cli("status", "--no-headers", "-q").stdout.splitlines()), 4)
-        for command, first in (("status", "AuthService,1,1,10,20"), ("unhealthy", "TicketService,0,2")):
+        for command, first in (("status", "AuthService,1,1,10,20,10,20,10.0.0.4,10.0.0.4,<time>"),
+                               ("unhealthy", "TicketService,0,2,<time>")):
             with self.subTest(command=command):
-                lines = self.cli(command, "-o", "csv", "--no-headers", "-q").stdout.splitlines()
+                lines = without_times(self.cli(command, "-o", "csv", "--no-headers", "-q").stdout).splitlines()
                 self.assertEqual(lines[0], first)
-                with_headers = self.cli(command, "-o", "csv", "-q").stdout.splitlines()
+                with_headers = without_times(self.cli(command, "-o", "csv", "-q").stdout).splitlines()
                 self.assertEqual(with_headers[1:], lines)
 
     def test_colour_only_on_a_terminal(self):
@@ -2819,18 +3152,20 @@ class CliFailureTest(ServerTestCase):
         self.server.fleet(fleet)
         result = self.cli("services")
         self.assertEqual(result.returncode, 0)
-        self.assertIn("| 10.0.0.77 | (unknown)     | Unknown (HTTP 500)    |     - |      - |", result.stdout)
-        self.assertIn("| 10.0.0.5  | UserService   | Unknown (invalid cpu) |     - |      - |", result.stdout)
+        self.assertIn("| 10.0.0.77 | (unknown)     | Unknown (HTTP 500)    |      - |      - |", result.stdout)
+        self.assertIn("| 10.0.0.5  | UserService   | Unknown (invalid cpu) |      - |      - |", result.stdout)
         self.assertEqual(result.stderr, "cpx_devops: warning: 2 of 7 instances could not be read: "
                                         "HTTP 500 10.0.0.77; invalid cpu 10.0.0.5\n")
         status = self.cli("status", "-o", "json", "-q")
         self.assertEqual(status.stderr, "")
-        summaries = {s["service"]: s for s in json.loads(status.stdout)}
+        summaries = {s["service"]: s for s in untimed(json.loads(status.stdout))}
         self.assertEqual(summaries["UserService"], {"service": "UserService", "instances": 3, "healthy": 2,
-                                                    "avg_cpu": 32, "avg_memory": 23.5})
+                                                    "avg_cpu": 32, "avg_memory": 23.5, "max_cpu": 61,
+                                                    "max_memory": 43, "max_cpu_ip": "10.0.0.10",
+                                                    "max_memory_ip": "10.0.0.9"})  # the unreadable one left out
         self.assertEqual(summaries[None]["instances"], 1)
         unhealthy = self.cli("unhealthy", "--min-healthy", "1", "-o", "json", "-q")
-        self.assertIn({"service": None, "healthy": 0, "instances": 1}, json.loads(unhealthy.stdout))
+        self.assertIn({"service": None, "healthy": 0, "instances": 1}, untimed(json.loads(unhealthy.stdout)))
 
     def test_hostile_values_become_unknown_with_a_reason(self):
         bad = {"10.0.1.1": Reply("<html><body>502 Bad Gateway</body></html>"), "10.0.1.2": Reply(b""),
@@ -3223,15 +3558,27 @@ class CliMiscTest(unittest.TestCase):
         import tempfile
         prefix = tempfile.mkdtemp()
         self.addCleanup(__import__("shutil").rmtree, prefix)
-        installed = subprocess.run(["make", "-s", "install", "PREFIX=" + prefix], cwd=HERE, stdout=subprocess.PIPE,
+        completions = os.path.join(prefix, "bash-completion", "completions")
+        make = ["make", "-s", "PREFIX=" + prefix, "COMPLETIONDIR=" + completions]
+        installed = subprocess.run(make + ["install"], cwd=HERE, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, universal_newlines=True)
         self.assertEqual(installed.returncode, 0, installed.stdout)
+        self.assertIn("bash completion not installed: no %s; add 'source <(cpx-devops completion bash)' to "
+                      "~/.bashrc" % completions, installed.stdout)  # no folder of bash-completion's: says how
         tool = os.path.join(prefix, "bin", "cpx-devops")
         self.assertTrue(os.access(tool, os.X_OK))
         version = subprocess.run([tool, "--version"], stdout=subprocess.PIPE, universal_newlines=True)
         self.assertEqual(version.stdout.strip(), "cpx-devops " + cpx.__version__)
-        subprocess.run(["make", "-s", "uninstall", "PREFIX=" + prefix], cwd=HERE, check=True)
+        os.makedirs(completions)
+        installed = subprocess.run(make + ["install"], cwd=HERE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, universal_newlines=True)
+        script = os.path.join(completions, "cpx-devops")
+        self.assertIn("installed bash completion %s" % script, installed.stdout)
+        with open(script) as completion:
+            self.assertEqual(completion.read(), run_cli("completion", "bash").stdout)
+        subprocess.run(make + ["uninstall"], cwd=HERE, check=True)
         self.assertFalse(os.path.exists(tool))
+        self.assertFalse(os.path.exists(script))
 
     def test_simulate_serves_the_cpx_api_until_interrupted(self):
         process = spawn_cli("simulate", "--port", "0", "--servers", "40", "--seed", "3")
@@ -3331,6 +3678,22 @@ class ReadmeTest(unittest.TestCase):
                 first_words = " ".join(meaning.replace("`", "").split()[:4])
                 self.assertRegex(help_text, r"\n  %-5d%s" % (code, re.escape(first_words)))
                 self.assertRegex(cpx.__doc__, r"\n  %-5d%s" % (code, re.escape(first_words)))
+
+    def test_the_schema_table_lists_every_field_in_order(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+            text = readme.read()
+        section = text.split("The json and csv fields, in their csv order", 1)[1].split("\n\n", 2)[1]
+        fields, command = {}, None
+        for line in section.splitlines()[2:]:
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            command = cells[0].strip("`") or command
+            self.assertTrue(cells[2] and cells[3], line)  # a type (or "as for") and a unit for every field
+            fields.setdefault(command, []).extend(re.findall(r"`(\w+)`", cells[1]))
+        self.assertEqual(fields["services"], list(cpx.INSTANCE_FIELDS))
+        self.assertEqual(fields["status"], list(cpx.SUMMARY_FIELDS))
+        self.assertEqual(fields["unhealthy"], list(cpx.FLAGGED_FIELDS))
+        self.assertEqual(fields["track SERVICE"], list(cpx.ServiceScope.FIELDS) + ["reasons"])
+        self.assertEqual(fields["track"], list(cpx.FleetScope.FIELDS))
 
     def test_every_example_prints_what_the_readme_shows(self):
         examples = readme_examples()
