@@ -214,7 +214,9 @@ def free_port():
         return probe.getsockname()[1]
 
 
-# The tool keeps the services a terminal run saw for shell completion: in the tests, here.
+# The tool keeps the services a terminal run saw for shell completion: in the tests, in
+# one folder made by the process that runs the suite (its workers inherit it) and
+# removed when the suite ends.
 TEST_CACHE = None
 
 
@@ -224,7 +226,8 @@ def test_cache_home():
         import atexit
         import tempfile
         TEST_CACHE = tempfile.mkdtemp(prefix="cpx-test-cache-")
-        atexit.register(shutil.rmtree, TEST_CACHE, True)
+        owner = os.getpid()
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(TEST_CACHE, True))
     return TEST_CACHE
 
 
@@ -3800,6 +3803,7 @@ def run_suite(names, jobs):
     global _show_warning
     _show_warning = warnings.showwarning
     together, apart = _test_ids(names)
+    test_cache_home()  # before the workers fork: one folder for all of them
     started = time.monotonic()
     run = failed = skipped = 0
     reports, durations = [], []
