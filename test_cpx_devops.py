@@ -3384,12 +3384,18 @@ class OutputPathTest(ServerTestCase):
         self.assertGreater(len(expected), 90000)
         for unbuffered in (False, True):
             with self.subTest(case="PYTHONUNBUFFERED" if unbuffered else "buffered"):
+                expected_requests = len(self.server.paths()) + 351  # /servers and 350 instances
                 read_end, write_end = os.pipe()
                 os.set_blocking(write_end, False)  # the open file's flag: the tool's stdout is non-blocking too
                 process = spawn_cli("--url", self.server.url, "services", stdout=write_end,
                                     env={"PYTHONUNBUFFERED": "1"} if unbuffered else None)
                 os.close(write_end)
-                time.sleep(0.5)  # the pipe fills: the tool's writes meet EAGAIN
+                # Nobody reads until every instance was served and a moment more: the tool's
+                # output fills the pipe (64 KiB) and its writes meet EAGAIN.
+                def served(wanted=expected_requests):
+                    return len(self.server.paths()) >= wanted
+                self.assertTrue(wait_until(served, timeout=30))
+                time.sleep(0.3)
                 received = []
                 with os.fdopen(read_end, "rb") as pipe:
                     while True:
