@@ -164,9 +164,12 @@ COLOR_MODES = ("auto", "always", "never")
 
 ENVIRONMENT_HELP = """\
 environment:
-  CPX_URL    base URL of the CPX API when --url is not given (default %s)
-  NO_COLOR   when set and non-empty, never colour the output
-  TERM=dumb  never colour the output
+  CPX_URL         base URL of the CPX API when --url is not given
+                  (default %s)
+  NO_COLOR        when set and non-empty, no colour with --color auto (the default)
+  TERM=dumb       no colour with --color auto
+  XDG_CACHE_HOME  where a run on a terminal leaves the service names for shell
+                  completion (default ~/.cache)
 """ % DEFAULT_URL
 
 EXIT_STATUS_HELP = "exit status:\n" + exit_status_text()
@@ -418,6 +421,17 @@ def instance_status(instance: Instance, thresholds: Thresholds) -> str:
     return HEALTHY
 
 
+def _plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
+    """'1 instance', '2 instances': the count and the noun that agrees with it."""
+    return "%d %s" % (count, noun if count == 1 else nouns or noun + "s")
+
+
+def _suggestion(word: str, choices: Sequence[str], cutoff: float = 0.6) -> str:
+    """"; did you mean 'x'?" for the closest of choices, or nothing."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
+    return "; did you mean %r?" % sanitize(close[0]) if close else ""
+
+
 def _mean(values: Sequence[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
@@ -544,8 +558,8 @@ def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str
         lowered = {service.lower(): service for service in known}
         close = [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)]
     if unreadable:
-        message = "no readable instance of %r; %d %s could not be read, it may be among them" % (
-            sanitize(name), unreadable, "instance" if unreadable == 1 else "instances")
+        message = "no readable instance of %r; %s could not be read, it may be among them" % (
+            sanitize(name), _plural(unreadable, "instance"))
         raise ServiceUnreadable(message + ("; did you mean %r?" % sanitize(close[0]) if close else ""))
     if close:
         message += " (did you mean %r?)" % sanitize(close[0])
@@ -591,8 +605,7 @@ def summarize_failures(instances: Sequence[Instance]) -> Optional[str]:
         if len(ips) > IPS_LISTED_PER_REASON:
             shown += " and %d more" % (len(ips) - IPS_LISTED_PER_REASON)
         parts.append("%s %s" % (reason, shown))
-    noun = "instance" if len(instances) == 1 else "instances"
-    return "%d of %d %s could not be read: %s" % (len(failed), len(instances), noun, "; ".join(parts))
+    return "%d of %s could not be read: %s" % (len(failed), _plural(len(instances), "instance"), "; ".join(parts))
 
 
 # ---------------------------------------------------------------------------
@@ -1386,6 +1399,9 @@ def sanitize(text: Any) -> str:
     return _UNSAFE_TEXT.sub("?", str(text))
 
 
+_UNSAFE_OR_BACKSLASH = re.compile("\\\\|" + _UNSAFE_TEXT.pattern)
+
+
 def escape_unsafe(text: str) -> str:
     """Server text made safe but kept distinct: each unsafe character as a \\x, \\u or \\U
     escape, and a backslash doubled, so two names never come out alike (Prometheus labels)."""
@@ -1395,7 +1411,7 @@ def escape_unsafe(text: str) -> str:
             return "\\\\"
         code = ord(char)
         return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code if code < 0x10000 else "\\U%08x" % code
-    return re.sub("\\\\|" + _UNSAFE_TEXT.pattern, escape, text)
+    return _UNSAFE_OR_BACKSLASH.sub(escape, text)
 
 
 # Hangul vowels and final consonants (conjoining jamo) join the syllable before them.
@@ -1560,11 +1576,6 @@ INSTANCE_FIELDS = ("ip", "service", "status", "cpu", "memory", "error", "reasons
 SUMMARY_FIELDS = ("service", "instances", "healthy", "avg_cpu", "avg_memory", "max_cpu", "max_memory",
                   "max_cpu_ip", "max_memory_ip", "time")
 FLAGGED_FIELDS = ("service", "healthy", "instances", "time")
-
-
-def _plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
-    """'1 instance', '2 instances': the count and the noun that agrees with it."""
-    return "%d %s" % (count, noun if count == 1 else nouns or noun + "s")
 
 
 def fleet_footer(instances: Sequence[Instance], thresholds: Thresholds) -> str:
@@ -2738,14 +2749,10 @@ class FleetScope:
 
     def records(self, state: TrackState) -> List[Dict[str, Any]]:
         """The last sample as json/csv records: a service each, then those gone (0 instances)."""
-        cpu, memory = state.thresholds.cpu, state.thresholds.memory
         records = []
         for summary in state.last.values.values():
-            records.append({"time": state.last_time, "service": summary.service, "instances": summary.instances,
-                            "healthy": summary.healthy, "avg_cpu": _json_number(summary.avg_cpu, cpu),
-                            "max_cpu": _json_number(summary.max_cpu, cpu),
-                            "avg_memory": _json_number(summary.avg_memory, memory),
-                            "max_memory": _json_number(summary.max_memory, memory)})
+            record = dict(summary_record(summary, state.thresholds), time=state.last_time)
+            records.append({name: record[name] for name in self.FIELDS})
         for service in state.gone:
             records.append(dict({name: None for name in self.FIELDS}, time=state.last_time, service=service,
                                 instances=0, healthy=0))
@@ -3369,9 +3376,8 @@ class _Parser(argparse.ArgumentParser):
         choices = action.choices
         if choices is not None and isinstance(value, str) and value not in choices:
             names = [str(choice) for choice in choices]
-            close = difflib.get_close_matches(value, names, n=1, cutoff=0.6)
             raise argparse.ArgumentError(action, "invalid choice: %r%s (choose from %s)" % (
-                sanitize(value), "; did you mean %r?" % close[0] if close else "", ", ".join(names)))
+                sanitize(value), _suggestion(value, names), ", ".join(names)))
         super()._check_value(action, value)
 
 
@@ -3431,9 +3437,8 @@ def _status_names(text: str) -> List[str]:
     names = [name.strip().lower() for name in text.split(",")]
     for name in names:
         if name not in STATUS_FILTERS:
-            close = difflib.get_close_matches(name, STATUS_FILTERS, n=1, cutoff=0.6)
             raise argparse.ArgumentTypeError("unknown status %r%s (choose from %s)" % (
-                name, "; did you mean %r?" % close[0] if close else "", ", ".join(STATUS_FILTERS)))
+                sanitize(name), _suggestion(name, STATUS_FILTERS), ", ".join(STATUS_FILTERS)))
     return names
 
 
