@@ -143,6 +143,7 @@ BACKOFF_BASE = 0.1
 BACKOFF_CAP = 2.0
 RETRY_AFTER_CAP = 10.0
 MAX_SERVICE_NAME = 256
+POLICY_SIZE_CAP = 1024 * 1024  # a policy is written by hand: more is the wrong file
 IPS_LISTED_PER_REASON = 5
 
 MIN_INTERVAL = 0.1
@@ -214,32 +215,15 @@ class Terminated(BaseException):
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Above these (strictly), an instance is Unhealthy."""
+    """Above these (strictly), an instance is Unhealthy; services may have their own (a policy)."""
 
     cpu: float = DEFAULT_THRESHOLD
     memory: float = DEFAULT_THRESHOLD
+    services: Dict[str, "Thresholds"] = field(default_factory=dict, hash=False)  # by service name
 
-
-@dataclass(frozen=True)
-class Options:
-    """Everything a command needs to know, built once from the arguments."""
-
-    url: str = DEFAULT_URL
-    timeout: float = DEFAULT_TIMEOUT
-    deadline: float = DEFAULT_DEADLINE
-    retries: int = DEFAULT_RETRIES
-    workers: int = DEFAULT_WORKERS
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    adaptive: bool = True
-    output: str = "table"
-    quiet: bool = False
-    verbose: bool = False
-    color: bool = False
-    interactive: bool = False
-    headers: bool = True
-    write: Optional[str] = None
-    service_cache: Optional[str] = None  # where the services seen go, for shell completion (terminals only)
-    authorization: Optional[str] = field(default=None, repr=False)  # from credentials in the URL
+    def for_service(self, service: Optional[str]) -> "Thresholds":
+        """The thresholds of a service's instances: its own, else these."""
+        return self.services.get(service, self) if service is not None else self
 
 
 @dataclass
@@ -296,6 +280,7 @@ class ServerList:
     ips: List[str]
     rejected: List[Any]
     duplicates: int
+    other_shards: int = 0  # listed, but read by another shard (--shard)
 
 
 _DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
@@ -381,6 +366,285 @@ def parse_server_list(payload: Any) -> ServerList:
     return ServerList(ips, rejected, duplicates)
 
 
+def canonical_ip(ip: str) -> str:
+    """One spelling per address ('0:0::1' is '::1'): what a shard is chosen from."""
+    return ipaddress.ip_address(ip).compressed
+
+
+def shard_of(ip: str, count: int) -> int:
+    """The shard (1 to count) an instance belongs to: from a SHA-256 of its canonical IP, so the
+    same on every machine and Python (hash() is salted per process), and about count-th each."""
+    import hashlib
+
+    digest = hashlib.sha256(canonical_ip(ip).encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "big") % count + 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    """--shard K/N: this run reads only the instances of slice K (from 1) of N."""
+
+    index: int
+    count: int
+
+    def holds(self, ip: str) -> bool:
+        """Whether this shard reads the instance at ip."""
+        return shard_of(ip, self.count) == self.index
+
+    def __str__(self) -> str:
+        return "%d/%d" % (self.index, self.count)
+
+
+class MinHealthy:
+    """How many healthy instances a service needs: a count (HealthyCount) or a share of its
+    instances (HealthyShare), one small class each."""
+
+    def required(self, instances: int) -> int:
+        """The minimum for a service of this many instances."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class HealthyCount(MinHealthy):
+    """A fixed minimum: '3'."""
+
+    count: int
+
+    def required(self, instances: int) -> int:
+        return self.count
+
+    def __str__(self) -> str:
+        return str(self.count)
+
+
+@dataclass(frozen=True)
+class HealthyShare(MinHealthy):
+    """A share of the service's instances, rounded up as a PodDisruptionBudget's minAvailable
+    is: '50%' of 3 instances is 2. Kept as the exact decimal written (no float rounding)."""
+
+    percent: Any  # a fractions.Fraction, 0 to 100
+
+    def required(self, instances: int) -> int:
+        return -(-self.percent * instances // 100)  # the ceiling, exactly
+
+    def __str__(self) -> str:
+        whole = self.percent.numerator // self.percent.denominator
+        return "%s%%" % (whole if self.percent == whole else "%g" % float(self.percent))
+
+
+@dataclass(frozen=True)
+class ExpectedService:
+    """A service a policy expects, and what it asks of it beyond the policy's defaults."""
+
+    name: str
+    min_healthy: Optional[MinHealthy] = None
+    instances: Optional[int] = None  # how many it should have: a share's base, when above those seen
+    cpu: Optional[float] = None
+    memory: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the fleet should look like: thresholds and a minimum of healthy instances for every
+    service, with exceptions for the services it expects (a --policy file; without one, the
+    defaults). The one place that says which thresholds and minimum a service has."""
+
+    cpu: float = DEFAULT_THRESHOLD
+    memory: float = DEFAULT_THRESHOLD
+    min_healthy: MinHealthy = HealthyCount(DEFAULT_MIN_HEALTHY)
+    services: Tuple[ExpectedService, ...] = ()
+    source: Optional[str] = None  # the file it came from
+
+    def overridden(self, cpu: Optional[float] = None, memory: Optional[float] = None,
+                   min_healthy: Optional[MinHealthy] = None) -> "Policy":
+        """The policy with the command line's values: an option given beats the file, for every
+        service (the most explicit wins)."""
+        services = tuple(replace(s, cpu=None if cpu is not None else s.cpu,
+                                 memory=None if memory is not None else s.memory,
+                                 min_healthy=None if min_healthy is not None else s.min_healthy)
+                         for s in self.services)
+        return replace(self, services=services, cpu=self.cpu if cpu is None else cpu,
+                       memory=self.memory if memory is None else memory,
+                       min_healthy=self.min_healthy if min_healthy is None else min_healthy)
+
+    @property
+    def expected(self) -> List[str]:
+        """The names of the services expected, as written."""
+        return [s.name for s in self.services]
+
+    def thresholds(self) -> Thresholds:
+        """The thresholds of every service."""
+        own = {s.name: Thresholds(self.cpu if s.cpu is None else s.cpu, self.memory if s.memory is None else s.memory)
+               for s in self.services if s.cpu is not None or s.memory is not None}
+        return Thresholds(self.cpu, self.memory, own)
+
+    def min_healthy_for(self, service: Optional[str], instances: int) -> int:
+        """The healthy instances a service of this many instances needs. A share is of the larger
+        of those instances and the policy's count for it: an instance that vanished or could not
+        be read (so has no service) does not lower the bar."""
+        for expected in self.services:
+            if expected.name == service:
+                rule = expected.min_healthy or self.min_healthy
+                return rule.required(max(instances, expected.instances or 0))
+        return self.min_healthy.required(instances)
+
+
+POLICY_DEFAULTS = "defaults"
+POLICY_SERVICE = "service:"
+POLICY_KEYS = {  # section kind -> the keys it takes
+    POLICY_DEFAULTS: ("min_healthy", "cpu_threshold", "memory_threshold"),
+    POLICY_SERVICE: ("min_healthy", "instances", "cpu_threshold", "memory_threshold"),
+}
+_POLICY_COUNT = re.compile(r"[0-9]{1,9}\Z")
+_POLICY_SHARE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)\s*%\Z")
+
+
+def parse_min_healthy(text: str) -> MinHealthy:
+    """'3' or '50%' (ValueError naming what is wrong: a negative count, a share over 100%...)."""
+    from fractions import Fraction
+
+    text = text.strip()
+    if _POLICY_COUNT.match(text):
+        return HealthyCount(int(text))
+    share = _POLICY_SHARE.match(text)
+    if share:
+        percent = Fraction(share.group(1))
+        if percent > 100:
+            raise ValueError("%s is a percentage over 100" % text)
+        return HealthyShare(percent)
+    if text.startswith("-"):
+        raise ValueError("%s is negative: a count is 0 or more" % text)
+    raise ValueError("%r is not a count (3) or a percentage of the instances (50%%)" % text)
+
+
+def _policy_value(key: str, text: str) -> Any:
+    """One policy value, by its key; ValueError saying what is wrong."""
+    if key == "min_healthy":
+        return parse_min_healthy(text)
+    if key == "instances":
+        if text.strip().startswith("-"):
+            raise ValueError("%s is negative: a count is 1 or more" % text.strip())
+        if not _POLICY_COUNT.match(text.strip()) or int(text) < 1:
+            raise ValueError("%r is not a count of 1 or more" % text)
+        return int(text)
+    try:
+        return parse_percent(text)
+    except ValueError:
+        raise ValueError("%r is not a percentage from 0 to 100" % text)
+
+
+def _policy_lines(text: str) -> Dict[Tuple[str, Optional[str]], int]:
+    """Where each [section] and each key in it is (1-based), for messages: configparser keeps
+    no line numbers once it has read a file."""
+    lines: Dict[Tuple[str, Optional[str]], int] = {}
+    section = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;" or line[:1].isspace():
+            continue
+        header = re.match(r"\[(.+)\]", stripped)
+        if header:
+            section = header.group(1)
+            lines.setdefault((section, None), number)
+        else:
+            key = re.split(r"[=:]", stripped, maxsplit=1)[0].strip().lower()
+            lines.setdefault((section, key), number)
+    return lines
+
+
+def parse_policy(text: str, source: str) -> Policy:
+    """A policy file's text (INI): a [defaults] section and a [service:NAME] section per
+    expected service. UsageError naming the file, the line and what is wrong."""
+    import configparser
+
+    def fail(line: Optional[int], message: str) -> NoReturn:
+        where = "%s, line %d" % (source, line) if line else source
+        raise UsageError("policy %s: %s" % (sanitize(where), sanitize(message)))
+
+    # No interpolation ('%' is a share, not a reference); no special [DEFAULT] section.
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0", strict=True,
+                                       inline_comment_prefixes=("#", ";"))
+    try:
+        parser.read_string(text)
+    except configparser.MissingSectionHeaderError as error:
+        fail(error.lineno, "a key before any [section]: %s" % error.line.strip())
+    except configparser.ParsingError as error:
+        number = error.errors[0][0]
+        fail(number, "not a [section], a key = value, or a comment: %s" % text.splitlines()[number - 1].strip())
+    except (configparser.DuplicateSectionError, configparser.DuplicateOptionError) as error:
+        what = "[%s]" % error.section if isinstance(error, configparser.DuplicateSectionError) else \
+            "%s in [%s]" % (error.option, error.section)
+        fail(error.lineno, "%s is there twice" % what)
+    except configparser.Error as error:
+        fail(None, str(error).splitlines()[0])
+    lines = _policy_lines(text)
+    values: Dict[str, Any] = {}
+    services: List[ExpectedService] = []
+    for section in parser.sections():
+        line = lines.get((section, None))
+        if section.startswith(POLICY_SERVICE):
+            kind, name = POLICY_SERVICE, section[len(POLICY_SERVICE):].strip()
+            if not name:
+                fail(line, "[%s] names no service" % section)
+            if name in (s.name for s in services):
+                fail(line, "service %s is there twice" % name)
+        elif section == POLICY_DEFAULTS:
+            kind, name = POLICY_DEFAULTS, ""
+        else:
+            fail(line, "unknown section [%s]%s; a policy has [defaults] and [service:NAME] sections"
+                 % (section, _suggestion(section.lower(), [POLICY_DEFAULTS, POLICY_SERVICE], 0.5)))
+        read: Dict[str, Any] = {}
+        for key, text_value in parser.items(section):
+            key_line = lines.get((section, key), line)
+            if key not in POLICY_KEYS[kind]:
+                fail(key_line, "unknown key %r in [%s]%s; it takes %s" % (key, section, _suggestion(
+                    key, POLICY_KEYS[kind]), ", ".join(POLICY_KEYS[kind])))
+            try:
+                read[key] = _policy_value(key, text_value)
+            except ValueError as error:
+                fail(key_line, "%s: %s" % (key, error))
+        minimum = read.get("min_healthy")
+        if isinstance(minimum, HealthyCount) and read.get("instances", minimum.count) < minimum.count:
+            fail(lines.get((section, "min_healthy"), line), "min_healthy %d is more than its %d instances: it "
+                 "could never be met" % (minimum.count, read["instances"]))
+        if kind == POLICY_DEFAULTS:
+            values = read
+        else:
+            services.append(ExpectedService(name, minimum, read.get("instances"), read.get("cpu_threshold"),
+                                            read.get("memory_threshold")))
+    defaults = Policy()
+    return Policy(cpu=values.get("cpu_threshold", defaults.cpu), memory=values.get("memory_threshold", defaults.memory),
+                  min_healthy=values.get("min_healthy", defaults.min_healthy), services=tuple(services), source=source)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything a command needs to know, built once from the arguments."""
+
+    url: str = DEFAULT_URL
+    timeout: float = DEFAULT_TIMEOUT
+    deadline: float = DEFAULT_DEADLINE
+    retries: int = DEFAULT_RETRIES
+    workers: int = DEFAULT_WORKERS
+    adaptive: bool = True
+    output: str = "table"
+    quiet: bool = False
+    verbose: bool = False
+    color: bool = False
+    interactive: bool = False
+    headers: bool = True
+    write: Optional[str] = None
+    service_cache: Optional[str] = None  # where the services seen go, for shell completion (terminals only)
+    policy: Policy = field(default_factory=Policy)  # thresholds, minimums, expected services
+    shard: Optional[Shard] = None
+
+    @property
+    def thresholds(self) -> Thresholds:
+        """Every service's thresholds, from the policy."""
+        return self.policy.thresholds()
+    authorization: Optional[str] = field(default=None, repr=False)  # from credentials in the URL
+
+
 def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
     """Seconds to wait from a Retry-After header (delta or HTTP date), or None."""
     if not value:
@@ -411,12 +675,13 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
 
 
 def instance_status(instance: Instance, thresholds: Thresholds) -> str:
-    """Healthy, Unhealthy (cpu or memory strictly above its threshold) or Unknown."""
+    """Healthy, Unhealthy (cpu or memory strictly above its service's threshold) or Unknown."""
     usage = instance.usage()
     if usage is None:
         return UNKNOWN
     cpu, memory = usage
-    if cpu > thresholds.cpu or memory > thresholds.memory:
+    limits = thresholds.for_service(instance.service)
+    if cpu > limits.cpu or memory > limits.memory:
         return UNHEALTHY
     return HEALTHY
 
@@ -477,7 +742,8 @@ def instance_reasons(instance: Instance, thresholds: Thresholds) -> List[str]:
     usage = instance.usage()
     if usage is None:
         return []
-    return [name for name, value, limit in (("cpu", usage[0], thresholds.cpu), ("memory", usage[1], thresholds.memory))
+    limits = thresholds.for_service(instance.service)
+    return [name for name, value, limit in (("cpu", usage[0], limits.cpu), ("memory", usage[1], limits.memory))
             if value > limit]
 
 
@@ -506,10 +772,20 @@ def sort_summaries(summaries: Iterable[ServiceSummary], key: str) -> List[Servic
     return sorted(summaries, key=by_name)
 
 
-def flag_services(summaries: Iterable[ServiceSummary], min_healthy: int) -> List[ServiceSummary]:
-    """Services with fewer than min_healthy healthy instances, zero included; worst first."""
-    flagged = [s for s in summaries if s.healthy < min_healthy]
-    return sorted(flagged, key=lambda s: (s.healthy, service_sort_key(s.service)))
+def with_missing(summaries: Iterable[ServiceSummary], expected: Iterable[str]) -> List[ServiceSummary]:
+    """The summaries, and a row of 0 instances for each expected service that has none; by name."""
+    summaries = list(summaries)
+    present = {s.service for s in summaries}
+    missing = [ServiceSummary(name, 0, 0, None, None) for name in expected if name not in present]
+    return sorted(summaries + missing, key=lambda s: service_sort_key(s.service)) if missing else summaries
+
+
+def flag_services(summaries: Iterable[ServiceSummary], policy: Policy) -> List[ServiceSummary]:
+    """Services with fewer healthy instances than the policy's minimum for them, zero included,
+    and expected services with no instance (rows of with_missing); worst first, missing first
+    among equals."""
+    flagged = [s for s in summaries if s.healthy < policy.min_healthy_for(s.service, s.instances) or not s.instances]
+    return sorted(flagged, key=lambda s: (s.healthy, s.instances > 0, service_sort_key(s.service)))
 
 
 def ip_sort_key(ip: str) -> Tuple[int, int, str]:
@@ -1328,9 +1604,14 @@ class CpxClient:
             detail = ": " + error.detail if error.detail else ""
             raise CpxUnavailable("GET %s: %s%s" % (url, error.reason, detail))
         try:
-            return parse_server_list(payload)
+            servers = parse_server_list(payload)
         except ValueError as error:
             raise CpxUnavailable("GET %s: %s" % (url, error))
+        shard = self.options.shard
+        if shard is None:
+            return servers
+        mine = [ip for ip in servers.ips if shard.holds(ip)]
+        return replace(servers, ips=mine, other_shards=len(servers.ips) - len(mine))
 
     def read_instances(self, ips: Sequence[str], deadline: float) -> List[Instance]:
         """All the given instances, concurrently within the limit; late ones are Unknown (deadline)."""
@@ -1484,12 +1765,14 @@ def shown_percent(value: float, decimals: int, threshold: Optional[float] = None
     return text  # not reached: one of the two is on the value's side
 
 
-def format_percents(values: Sequence[Optional[float]], threshold: Optional[float] = None) -> List[str]:
+def format_percents(values: Sequence[Optional[float]], threshold: Any = None) -> List[str]:
     """One precision for a whole column: whole numbers when all are, else one decimal (more
-    for a value that rounding would carry across the threshold, see shown_percent)."""
+    for a value that rounding would carry across the threshold, see shown_percent). threshold:
+    one for the column, or a list with one per value (services with thresholds of their own)."""
     known = [v for v in values if v is not None]
     decimals = 0 if all(float(v).is_integer() for v in known) else 1
-    return ["-" if v is None else shown_percent(v, decimals, threshold) + "%" for v in values]
+    limits = threshold if isinstance(threshold, list) else [threshold] * len(values)
+    return ["-" if v is None else shown_percent(v, decimals, limits[k]) + "%" for k, v in enumerate(values)]
 
 
 def _json_number(value: Optional[float], threshold: Optional[float] = None) -> Optional[float]:
@@ -1509,26 +1792,30 @@ def _marked(cell: str, value: Optional[float], threshold: float) -> str:
 
 def instance_record(instance: Instance, thresholds: Thresholds) -> Dict[str, Any]:
     """The json/csv fields of an instance (reasons: the resources over their thresholds)."""
+    limits = thresholds.for_service(instance.service)
     return {"ip": instance.ip, "service": instance.service,
             "status": instance_status(instance, thresholds),
-            "cpu": _json_number(instance.cpu, thresholds.cpu),
-            "memory": _json_number(instance.memory, thresholds.memory),
+            "cpu": _json_number(instance.cpu, limits.cpu),
+            "memory": _json_number(instance.memory, limits.memory),
             "error": instance.error, "reasons": instance_reasons(instance, thresholds)}
 
 
 def summary_record(summary: ServiceSummary, thresholds: Thresholds) -> Dict[str, Any]:
     """The json/csv fields of a service summary."""
+    limits = thresholds.for_service(summary.service)
     return {"service": summary.service, "instances": summary.instances, "healthy": summary.healthy,
-            "avg_cpu": _json_number(summary.avg_cpu, thresholds.cpu),
-            "avg_memory": _json_number(summary.avg_memory, thresholds.memory),
-            "max_cpu": _json_number(summary.max_cpu, thresholds.cpu),
-            "max_memory": _json_number(summary.max_memory, thresholds.memory),
+            "avg_cpu": _json_number(summary.avg_cpu, limits.cpu),
+            "avg_memory": _json_number(summary.avg_memory, limits.memory),
+            "max_cpu": _json_number(summary.max_cpu, limits.cpu),
+            "max_memory": _json_number(summary.max_memory, limits.memory),
             "max_cpu_ip": summary.max_cpu_ip, "max_memory_ip": summary.max_memory_ip}
 
 
-def flagged_record(summary: ServiceSummary) -> Dict[str, Any]:
-    """The json/csv fields of a flagged service."""
-    return {"service": summary.service, "healthy": summary.healthy, "instances": summary.instances}
+def flagged_record(summary: ServiceSummary, policy: Policy) -> Dict[str, Any]:
+    """The json/csv fields of a flagged service: missing when it is expected and has no instance."""
+    return {"service": summary.service, "healthy": summary.healthy, "instances": summary.instances,
+            "min_healthy": policy.min_healthy_for(summary.service, summary.instances),
+            "missing": summary.instances == 0}
 
 
 def render_json(records: Sequence[Dict[str, Any]]) -> str:
@@ -1543,6 +1830,8 @@ def csv_cell(value: Any) -> str:
         return ""
     if isinstance(value, list):  # reasons: "cpu;memory"
         return ";".join(csv_cell(item) for item in value)
+    if isinstance(value, bool):  # as json writes it
+        return "true" if value else "false"
     if not isinstance(value, str):
         return str(value)
     text = sanitize(value)
@@ -1574,8 +1863,8 @@ def status_label(instance: Instance, thresholds: Thresholds) -> str:
 # New fields go at the end, so that a csv column keeps its place from one version to the next.
 INSTANCE_FIELDS = ("ip", "service", "status", "cpu", "memory", "error", "reasons", "time")
 SUMMARY_FIELDS = ("service", "instances", "healthy", "avg_cpu", "avg_memory", "max_cpu", "max_memory",
-                  "max_cpu_ip", "max_memory_ip", "time")
-FLAGGED_FIELDS = ("service", "healthy", "instances", "time")
+                  "max_cpu_ip", "max_memory_ip", "time", "min_healthy")
+FLAGGED_FIELDS = ("service", "healthy", "instances", "time", "min_healthy", "missing")
 
 
 def fleet_footer(instances: Sequence[Instance], thresholds: Thresholds) -> str:
@@ -1608,35 +1897,68 @@ PROMETHEUS_FAMILIES = (
     ("cpx_instance_memory_ratio", "Memory use of an instance, 0-1 (absent when it could not be read)."),
     ("cpx_instance_healthy", "1 when the instance is Healthy (cpu and memory at or under their thresholds)."),
     ("cpx_instance_up", "1 when the instance could be read, 0 when it could not or its data was invalid."),
-    ("cpx_service_instances", "Instances of a service."),
-    ("cpx_service_healthy_instances", "Healthy instances of a service."),
+    ("cpx_service_instances", "Instances of a service (0 for an expected service that has none)."),
+    ("cpx_service_healthy_instances", "Healthy instances of a service (0 for an expected service that has none)."),
+    ("cpx_service_min_healthy_instances", "Healthy instances a service needs: its policy's minimum."),
+    ("cpx_service_expected", "1 for every service the policy expects, whether or not it has instances."),
+    ("cpx_service_flagged", "1 when unhealthy flags the service (under its minimum, or expected and missing), else 0."),
+    ("cpx_service_threshold_ratio", "A service's threshold, 0-1, by resource: its instances are Unhealthy above it."),
+    ("cpx_threshold_ratio", "The default threshold, 0-1, by resource (cpu, memory), of services without their own."),
     ("cpx_scrape_duration_seconds", "How long reading CPX took."),
     ("cpx_scrape_errors", "Instances that could not be read in this scrape."),
 )
 
 
-def render_prometheus(snapshot: Snapshot, thresholds: Thresholds, per_instance: bool = True) -> str:
-    """The text exposition format: HELP and TYPE per family, escaped labels, no timestamps."""
+def _labels(pairs: Sequence[Tuple[str, Optional[str]]]) -> str:
+    """{name="value",...} with the values escaped, or nothing for no label."""
+    return "{%s}" % ",".join('%s="%s"' % (name, prometheus_label(value)) for name, value in pairs) if pairs else ""
+
+
+def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = True,
+                      flagged: Optional[Sequence[ServiceSummary]] = None, shard: Optional[Shard] = None) -> str:
+    """The text exposition format: HELP and TYPE per family, escaped labels, no timestamps.
+    Every service the policy expects has its series, instances or not, so none vanishes;
+    flagged (unhealthy's verdict) adds cpx_service_flagged; under --shard every series has a
+    shard label, so that the shards' slices never collide and sum by (service)."""
+    thresholds = policy.thresholds()
+    tail = (("shard", str(shard)),) if shard is not None else ()
     samples: Dict[str, List[str]] = {name: [] for name, _ in PROMETHEUS_FAMILIES}
+
+    def add(name: str, pairs: Sequence[Tuple[str, Optional[str]]], value: str) -> None:
+        samples[name].append(_labels(tuple(pairs) + tail) + " " + value)
+
     instances = sort_instances(snapshot.instances, "service", thresholds)
     if per_instance:
         for instance in instances:
-            labels = '{ip="%s",service="%s"}' % (prometheus_label(instance.ip), prometheus_label(instance.service))
+            labels = _labels((("ip", instance.ip), ("service", instance.service)) + tail) + " "
             status = instance_status(instance, thresholds)
             usage = instance.usage()
             if usage is not None:
-                samples["cpx_instance_cpu_ratio"].append(labels + " " + _prometheus_number(usage[0] / 100.0, None))
-                samples["cpx_instance_memory_ratio"].append(labels + " " + _prometheus_number(usage[1] / 100.0, None))
-            samples["cpx_instance_healthy"].append(labels + " %d" % (status == HEALTHY))
-            samples["cpx_instance_up"].append(labels + " %d" % instance.readable)
-    for summary in summarize_services(instances, thresholds):
+                samples["cpx_instance_cpu_ratio"].append(labels + _prometheus_number(usage[0] / 100.0, None))
+                samples["cpx_instance_memory_ratio"].append(labels + _prometheus_number(usage[1] / 100.0, None))
+            samples["cpx_instance_healthy"].append(labels + "%d" % (status == HEALTHY))
+            samples["cpx_instance_up"].append(labels + "%d" % instance.readable)
+    expected = set(policy.expected)
+    flagged_services = {s.service for s in flagged or ()}
+    for summary in with_missing(summarize_services(instances, thresholds), policy.expected):
         if summary.service is None:
             continue  # unreadable instances count in cpx_scrape_errors and cpx_instance_up
-        labels = '{service="%s"}' % prometheus_label(summary.service)
-        samples["cpx_service_instances"].append(labels + " %d" % summary.instances)
-        samples["cpx_service_healthy_instances"].append(labels + " %d" % summary.healthy)
-    samples["cpx_scrape_duration_seconds"].append(" " + _prometheus_number(snapshot.seconds))
-    samples["cpx_scrape_errors"].append(" %d" % sum(1 for i in instances if not i.readable))
+        service = (("service", summary.service),)
+        add("cpx_service_instances", service, "%d" % summary.instances)
+        add("cpx_service_healthy_instances", service, "%d" % summary.healthy)
+        add("cpx_service_min_healthy_instances", service, "%d" % policy.min_healthy_for(summary.service,
+                                                                                         summary.instances))
+        if summary.service in expected:
+            add("cpx_service_expected", service, "1")
+        if flagged is not None:
+            add("cpx_service_flagged", service, "%d" % (summary.service in flagged_services))
+        limits = thresholds.for_service(summary.service)
+        for resource, limit in (("cpu", limits.cpu), ("memory", limits.memory)):
+            add("cpx_service_threshold_ratio", service + (("resource", resource),), _prometheus_number(limit / 100.0))
+    for resource, limit in (("cpu", thresholds.cpu), ("memory", thresholds.memory)):
+        add("cpx_threshold_ratio", (("resource", resource),), _prometheus_number(limit / 100.0))
+    add("cpx_scrape_duration_seconds", (), _prometheus_number(snapshot.seconds))
+    add("cpx_scrape_errors", (), "%d" % sum(1 for i in instances if not i.readable))
     lines = []
     for name, help_text in PROMETHEUS_FAMILIES:
         if not samples[name]:
@@ -1653,21 +1975,28 @@ class Report:
 
     TITLES: Sequence[str] = ()  # the table's columns
     RIGHT: Sequence[bool] = ()  # which of them are right-aligned
-    WIDE_TITLES: Sequence[str] = ()  # the columns -o wide adds (all left-aligned)
+    WIDE_TITLES: Sequence[str] = ()  # the columns -o wide adds
+    WIDE_RIGHT: Sequence[bool] = ()  # which of them are right-aligned (none, unless said)
     FIELDS: Sequence[str] = ()  # the json/csv fields
     PER_INSTANCE = False  # Prometheus: the instance families too, or per service only
 
-    def __init__(self, snapshot: Snapshot, thresholds: Thresholds):
+    def __init__(self, snapshot: Snapshot, policy: Policy, shard: Optional[Shard] = None):
         self.snapshot = snapshot
-        self.thresholds = thresholds
+        self.policy = policy
+        self.thresholds = policy.thresholds()
+        self.shard = shard
 
     def rows(self, wide: bool = False) -> List[List[str]]:
         """The table's rows (with the wide columns when wide)."""
         raise NotImplementedError
 
     def records(self) -> List[Dict[str, Any]]:
-        """The json/csv records, each with the snapshot's time."""
-        return [dict(record, time=self.snapshot.started) for record in self.untimed_records()]
+        """The json/csv records, each with the snapshot's time, their fields in FIELDS' order."""
+        records = []
+        for record in self.untimed_records():
+            record["time"] = self.snapshot.started
+            records.append({name: record[name] for name in self.FIELDS})
+        return records
 
     def untimed_records(self) -> List[Dict[str, Any]]:
         """The json/csv records but their time."""
@@ -1695,7 +2024,7 @@ class Report:
         if not rows and empty is not None:
             return empty
         titles = tuple(self.TITLES) + (tuple(self.WIDE_TITLES) if wide else ())
-        right = tuple(self.RIGHT) + ((False,) * len(self.WIDE_TITLES) if wide else ())
+        right = tuple(self.RIGHT) + (tuple(self.WIDE_RIGHT or (False,) * len(self.WIDE_TITLES)) if wide else ())
         table = render_table(titles, rows, right, self.statuses(), options.color, options.headers)
         return table + self.footer() if options.headers else table
 
@@ -1708,8 +2037,12 @@ class Report:
     def as_csv(self, options: Options) -> str:
         return render_csv(self.FIELDS, self.records(), options.headers)
 
+    def flagged(self) -> Optional[Sequence[ServiceSummary]]:
+        """The services this command flags, for cpx_service_flagged; None when it judges none."""
+        return None
+
     def as_prometheus(self, options: Options) -> str:
-        return render_prometheus(self.snapshot, self.thresholds, self.PER_INSTANCE)
+        return render_prometheus(self.snapshot, self.policy, self.PER_INSTANCE, self.flagged(), self.shard)
 
 
 _REPORT_FORMATS = {"table": Report.as_table, "wide": Report.as_wide, "json": Report.as_json, "csv": Report.as_csv,
@@ -1725,19 +2058,21 @@ class InstancesReport(Report):
     FIELDS = INSTANCE_FIELDS
     PER_INSTANCE = True
 
-    def __init__(self, instances: Sequence[Instance], snapshot: Snapshot, thresholds: Thresholds):
-        super().__init__(snapshot, thresholds)
+    def __init__(self, instances: Sequence[Instance], snapshot: Snapshot, policy: Policy,
+                 shard: Optional[Shard] = None):
+        super().__init__(snapshot, policy, shard)
         self.instances = instances
 
     def rows(self, wide: bool = False) -> List[List[str]]:
         thresholds = self.thresholds
-        cpus = format_percents([i.cpu for i in self.instances], thresholds.cpu)
-        memories = format_percents([i.memory for i in self.instances], thresholds.memory)
+        limits = [thresholds.for_service(i.service) for i in self.instances]
+        cpus = format_percents([i.cpu for i in self.instances], [t.cpu for t in limits])
+        memories = format_percents([i.memory for i in self.instances], [t.memory for t in limits])
         rows = []
         for index, instance in enumerate(self.instances):
             row = [sanitize(instance.ip), service_label(instance.service), status_label(instance, thresholds),
-                   _marked(cpus[index], instance.cpu, thresholds.cpu),
-                   _marked(memories[index], instance.memory, thresholds.memory)]
+                   _marked(cpus[index], instance.cpu, limits[index].cpu),
+                   _marked(memories[index], instance.memory, limits[index].memory)]
             if wide:
                 reasons = instance_reasons(instance, thresholds)
                 row.append(", ".join(reasons) if reasons else "-")
@@ -1755,64 +2090,92 @@ class InstancesReport(Report):
 
 
 class SummariesReport(Report):
-    """status: a row per service, and the fleet's footer."""
+    """status: a row per service (an expected service with no instance too), and the fleet's footer."""
 
     TITLES = ("Service", "Instances", "Healthy", "Avg CPU", "Max CPU", "Avg Memory", "Max Memory")
     RIGHT = (False, True, True, True, True, True, True)
-    WIDE_TITLES = ("Max CPU at", "Max Memory at")
+    WIDE_TITLES = ("Min healthy", "Max CPU at", "Max Memory at")
+    WIDE_RIGHT = (True, False, False)
     FIELDS = SUMMARY_FIELDS
 
-    def __init__(self, summaries: Sequence[ServiceSummary], snapshot: Snapshot, thresholds: Thresholds):
-        super().__init__(snapshot, thresholds)
+    def __init__(self, summaries: Sequence[ServiceSummary], snapshot: Snapshot, policy: Policy,
+                 shard: Optional[Shard] = None):
+        super().__init__(snapshot, policy, shard)
         self.summaries = summaries
 
     def rows(self, wide: bool = False) -> List[List[str]]:
-        cpu, memory = self.thresholds.cpu, self.thresholds.memory
+        limits = [self.thresholds.for_service(s.service) for s in self.summaries]
+        cpu, memory = [t.cpu for t in limits], [t.memory for t in limits]
         columns = [format_percents([s.avg_cpu for s in self.summaries], cpu),
                    format_percents([s.max_cpu for s in self.summaries], cpu),
                    format_percents([s.avg_memory for s in self.summaries], memory),
                    format_percents([s.max_memory for s in self.summaries], memory)]
         rows = []
         for k, s in enumerate(self.summaries):
-            row = [service_label(s.service), str(s.instances), str(s.healthy), _marked(columns[0][k], s.avg_cpu, cpu),
-                   _marked(columns[1][k], s.max_cpu, cpu), _marked(columns[2][k], s.avg_memory, memory),
-                   _marked(columns[3][k], s.max_memory, memory)]
+            name = service_label(s.service) + (" (missing)" if not s.instances else "")
+            row = [name, str(s.instances), str(s.healthy), _marked(columns[0][k], s.avg_cpu, cpu[k]),
+                   _marked(columns[1][k], s.max_cpu, cpu[k]), _marked(columns[2][k], s.avg_memory, memory[k]),
+                   _marked(columns[3][k], s.max_memory, memory[k])]
             if wide:
-                row += [sanitize(s.max_cpu_ip or "-"), sanitize(s.max_memory_ip or "-")]
+                row += [str(self.policy.min_healthy_for(s.service, s.instances)), sanitize(s.max_cpu_ip or "-"),
+                        sanitize(s.max_memory_ip or "-")]
             rows.append(row)
         return rows
 
     def untimed_records(self) -> List[Dict[str, Any]]:
-        return [summary_record(s, self.thresholds) for s in self.summaries]
+        policy = self.policy
+        return [dict(summary_record(s, self.thresholds), min_healthy=policy.min_healthy_for(s.service, s.instances))
+                for s in self.summaries]
+
+    def statuses(self) -> Optional[List[str]]:
+        return [UNHEALTHY if not s.instances else "" for s in self.summaries]  # a missing service in red
 
     def footer(self) -> str:
         return fleet_footer(self.snapshot.instances, self.thresholds)
 
 
+def flag_problem(summary: ServiceSummary) -> str:
+    """Why unhealthy flags a service, in a word or two."""
+    if not summary.instances:
+        return "missing"
+    return "unreadable" if summary.service is None else "below minimum"
+
+
 class FlaggedReport(Report):
     """unhealthy: a row per flagged service, worst first; a sentence when there is none."""
 
-    TITLES = ("Service", "Healthy", "Instances")
-    RIGHT = (False, True, True)
+    TITLES = ("Service", "Healthy", "Instances", "Minimum", "Problem")
+    RIGHT = (False, True, True, True, False)
     FIELDS = FLAGGED_FIELDS
 
-    def __init__(self, flagged: Sequence[ServiceSummary], min_healthy: int, snapshot: Snapshot,
-                 thresholds: Thresholds):
-        super().__init__(snapshot, thresholds)
-        self.flagged = flagged
-        self.min_healthy = min_healthy
+    def __init__(self, flagged: Sequence[ServiceSummary], snapshot: Snapshot, policy: Policy,
+                 shard: Optional[Shard] = None):
+        super().__init__(snapshot, policy, shard)
+        self.services = flagged
 
     def rows(self, wide: bool = False) -> List[List[str]]:
-        return [[service_label(s.service), str(s.healthy), str(s.instances)] for s in self.flagged]
+        return [[service_label(s.service), str(s.healthy), str(s.instances),
+                 str(self.policy.min_healthy_for(s.service, s.instances)), flag_problem(s)] for s in self.services]
 
     def untimed_records(self) -> List[Dict[str, Any]]:
-        return [flagged_record(s) for s in self.flagged]
+        return [flagged_record(s, self.policy) for s in self.services]
 
     def statuses(self) -> Optional[List[str]]:
-        return [UNHEALTHY] * len(self.flagged)
+        return [UNHEALTHY] * len(self.services)
+
+    def flagged(self) -> Optional[Sequence[ServiceSummary]]:
+        return self.services
 
     def empty(self) -> Optional[str]:
-        return "Every service has at least %s.\n" % _plural(self.min_healthy, "healthy instance")
+        policy = self.policy
+        if not policy.services and isinstance(policy.min_healthy, HealthyCount):
+            return "Every service has at least %s.\n" % _plural(policy.min_healthy.count, "healthy instance")
+        text = "Every service has its minimum of healthy instances"
+        if policy.services:
+            count = len(policy.services)
+            text += ", and the %d expected %s" % (count, "service is present" if count == 1 else
+                                                  "services are all present")
+        return text + ".\n"
 
 
 # ---------------------------------------------------------------------------
@@ -1986,7 +2349,7 @@ def list_fleet(client: CpxClient, options: Options, deadline: float) -> List[str
     if servers.duplicates:
         warn(options, "/servers listed %s, each address requested once"
              % _plural(servers.duplicates, "duplicate entry", "duplicate entries"))
-    if not servers.ips:
+    if not servers.ips and not servers.other_shards:  # a shard with no instance of its own is no failure
         raise CpxUnavailable("GET %s/servers: no instance listed" % options.url)
     return servers.ips
 
@@ -2022,26 +2385,31 @@ def _known_services(instances: Iterable[Instance]) -> List[str]:
     return sorted({i.service for i in instances if i.service is not None})
 
 
-def _only_services(snapshot: Snapshot, patterns: Sequence[str]) -> Snapshot:
-    """The snapshot, or just the instances of the services that names or patterns mean."""
+def _chosen_services(snapshot: Snapshot, patterns: Sequence[str], expected: Sequence[str] = ()) -> Optional[Set[str]]:
+    """The services that names or patterns mean, among those seen and those expected; None
+    for no choice (every service)."""
     if not patterns:
-        return snapshot
+        return None
     unreadable = sum(1 for i in snapshot.instances if i.service is None)
-    wanted = set(resolve_services(patterns, _known_services(snapshot.instances), unreadable))
-    return replace(snapshot, instances=[i for i in snapshot.instances if i.service in wanted])
+    return set(resolve_services(patterns, _known_services(snapshot.instances) + list(expected), unreadable))
+
+
+def _only_services(snapshot: Snapshot, chosen: Optional[Set[str]]) -> Snapshot:
+    """The snapshot, or just the instances of the chosen services."""
+    if chosen is None:
+        return snapshot
+    return replace(snapshot, instances=[i for i in snapshot.instances if i.service in chosen])
 
 
 @dataclass(frozen=True)
 class SnapshotSettings:
     """What a snapshot command was asked, beyond the options: which services (names or
-    patterns) and statuses, which order, how many healthy instances a service needs, and
-    whether partial data is a failure."""
+    patterns) and statuses, which order, and whether partial data is a failure."""
 
     services: Tuple[str, ...] = ()
     statuses: Tuple[str, ...] = ()
     sort: str = "service"
     reverse: bool = False
-    min_healthy: int = DEFAULT_MIN_HEALTHY
     strict: bool = False
 
 
@@ -2074,31 +2442,40 @@ def _verdict(snapshot: Snapshot, settings: SnapshotSettings, flagged: bool = Fal
 def cmd_services(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
     """Every instance: IP, service, status, cpu, memory."""
     whole = take_snapshot(client, options)
-    snapshot = _only_services(whole, settings.services)
+    snapshot = _only_services(whole, _chosen_services(whole, settings.services, options.policy.expected))
     chosen = filter_statuses(snapshot.instances, settings.statuses, options.thresholds)
     instances = _ordered(sort_instances(chosen, settings.sort, options.thresholds), settings)
-    deliver(InstancesReport(instances, snapshot, options.thresholds).render(options), options)
+    deliver(InstancesReport(instances, snapshot, options.policy, options.shard).render(options), options)
     remember_services(whole, options)
     return _verdict(whole, settings)
+
+
+def fleet_summaries(snapshot: Snapshot, policy: Policy, chosen: Optional[Set[str]] = None) -> List[ServiceSummary]:
+    """A summary per service seen, and a row of 0 instances for each expected one that has none
+    (of the chosen services, when some are)."""
+    expected = [name for name in policy.expected if chosen is None or name in chosen]
+    return with_missing(summarize_services(snapshot.instances, policy.thresholds()), expected)
 
 
 def cmd_status(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
     """Per-service instance counts, healthy counts, averages and maxima."""
     whole = take_snapshot(client, options)
-    snapshot = _only_services(whole, settings.services)
-    summaries = _ordered(sort_summaries(summarize_services(snapshot.instances, options.thresholds), settings.sort),
-                         settings)
-    deliver(SummariesReport(summaries, snapshot, options.thresholds).render(options), options)
+    chosen = _chosen_services(whole, settings.services, options.policy.expected)
+    snapshot = _only_services(whole, chosen)
+    summaries = _ordered(sort_summaries(fleet_summaries(snapshot, options.policy, chosen), settings.sort), settings)
+    deliver(SummariesReport(summaries, snapshot, options.policy, options.shard).render(options), options)
     remember_services(whole, options)
     return _verdict(whole, settings)
 
 
 def cmd_unhealthy(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
-    """Services with fewer than --min-healthy healthy instances; exit 1 when any."""
+    """Services under their minimum of healthy instances, and expected ones that are missing; exit 1 when any."""
     snapshot = take_snapshot(client, options)
-    flagged = _ordered(flag_services(summarize_services(snapshot.instances, options.thresholds),
-                                     settings.min_healthy), settings)
-    deliver(FlaggedReport(flagged, settings.min_healthy, snapshot, options.thresholds).render(options), options)
+    if options.shard is not None:
+        warn(options, "--shard %s: this judges only the shard's own instances; judge the whole fleet on the "
+                      "shards' sum, in Prometheus (see the README)" % options.shard)
+    flagged = _ordered(flag_services(fleet_summaries(snapshot, options.policy), options.policy), settings)
+    deliver(FlaggedReport(flagged, snapshot, options.policy, options.shard).render(options), options)
     remember_services(snapshot, options)
     return _verdict(snapshot, settings, flagged=bool(flagged))
 
@@ -2350,15 +2727,16 @@ class InstanceTrack:
 class ServiceTrack:
     """A row of the whole-fleet view: one service (None: the "(unknown)" group) across the session."""
 
-    def __init__(self, service: Optional[str]):
+    def __init__(self, service: Optional[str], policy: Policy = Policy()):
         self.key = service
+        self.policy = policy  # the minimum of healthy instances
         self.last: Optional[ServiceSummary] = None
         self.healthy_share = Series()  # percent of its instances healthy: the sparkline
         self.healthy = RunningStats()  # healthy instances: the summary's min/avg/max
         self.cpu = Series()  # average cpu
         self.memory = Series()  # average memory
         self.samples = 0
-        self.flagged = 0  # samples with fewer than DEFAULT_MIN_HEALTHY healthy instances
+        self.flagged = 0  # samples under the policy's minimum of healthy instances
         self.gone = False
 
     def add(self, summary: Optional[ServiceSummary], thresholds: Thresholds) -> None:
@@ -2373,14 +2751,18 @@ class ServiceTrack:
         self.healthy.add(summary.healthy)
         self.last = summary
         self.samples += 1
-        self.flagged += summary.healthy < DEFAULT_MIN_HEALTHY
+        self.flagged += self.under_minimum(summary)
+
+    def under_minimum(self, summary: ServiceSummary) -> bool:
+        """Whether a sample has fewer healthy instances than the policy's minimum for the service."""
+        return summary.healthy < self.policy.min_healthy_for(self.key, summary.instances)
 
     def rank(self) -> Tuple:
         """Worst first: services under the minimum of healthy instances, then by share healthy."""
         if self.gone or self.last is None:
             return (2, 0.0, service_sort_key(self.key))
         last = self.last
-        return (int(last.healthy >= DEFAULT_MIN_HEALTHY), last.healthy / last.instances, service_sort_key(self.key))
+        return (int(not self.under_minimum(last)), last.healthy / last.instances, service_sort_key(self.key))
 
     def healthy_count(self, thresholds: Thresholds) -> int:
         return 0 if self.gone or self.last is None else self.last.healthy
@@ -2615,14 +2997,15 @@ class ServiceScope:
                               lambda t: _STATUS_RANK.get(t.status(thresholds), len(_STATUS_RANK)))  # Gone last
         readable = [t.last if t.status(thresholds) in (HEALTHY, UNHEALTHY) else None for t in tracks]
         cpu_values, memory_values = _values(readable, "cpu"), _values(readable, "memory")
-        cpus = format_percents(cpu_values, thresholds.cpu)
-        memories = format_percents(memory_values, thresholds.memory)
+        limits = thresholds.for_service(self.service)
+        cpus = format_percents(cpu_values, limits.cpu)
+        memories = format_percents(memory_values, limits.memory)
         rows, styles = [], []
         for index, track in enumerate(tracks):
             status, style = self._status_cell(track, state)
-            rows.append([sanitize(track.key), status, _marked(cpus[index], cpu_values[index], thresholds.cpu),
+            rows.append([sanitize(track.key), status, _marked(cpus[index], cpu_values[index], limits.cpu),
                          sparkline(track.cpu.recent, blocks),
-                         _marked(memories[index], memory_values[index], thresholds.memory),
+                         _marked(memories[index], memory_values[index], limits.memory),
                          sparkline(track.memory.recent, blocks)])
             styles.append(style)
         table = render_table(self.COLUMNS, rows, (False, False, True, False, True, False), styles, color)
@@ -2637,9 +3020,9 @@ class ServiceScope:
 
     def summary_table(self, state: TrackState, blocks: str) -> str:
         """Per instance: samples, min/avg/max, samples unhealthy, the session's trend."""
-        thresholds = state.thresholds
+        limits = state.thresholds.for_service(self.service)
         rows = [[sanitize(t.key) + (" (gone)" if t.gone else ""), str(t.samples),
-                 _min_avg_max(t.cpu.stats, "%", thresholds.cpu), _min_avg_max(t.memory.stats, "%", thresholds.memory),
+                 _min_avg_max(t.cpu.stats, "%", limits.cpu), _min_avg_max(t.memory.stats, "%", limits.memory),
                  str(t.unhealthy), sparkline(t.cpu.trend.values(), blocks),
                  sparkline(t.memory.trend.values(), blocks)] for t in state.tracks()]
         return render_table(self.SUMMARY_COLUMNS, rows, (False, True, True, True, True, False, False))
@@ -2664,13 +3047,15 @@ class FleetScope:
     COLUMNS = ("Service", "Instances", "Healthy", "Healthy trend", "Avg CPU", "Max CPU", "CPU trend",
                "Avg Memory", "Max Memory")
     SUMMARY_COLUMNS = ("Service", "Samples", "Healthy min/avg/max", "Avg CPU min/avg/max",
-                       "Avg Memory min/avg/max", "Under %d healthy" % DEFAULT_MIN_HEALTHY, "Healthy trend",
-                       "CPU trend")
+                       "Avg Memory min/avg/max", "Under minimum", "Healthy trend", "CPU trend")
     title = "fleet"
-    new_track = ServiceTrack
 
-    def __init__(self, thresholds: Thresholds):
-        self.thresholds = thresholds
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.thresholds = policy.thresholds()
+
+    def new_track(self, service: Optional[str]) -> ServiceTrack:
+        return ServiceTrack(service, self.policy)
 
     def to_read(self, membership: Membership, full: bool) -> List[str]:
         """The whole fleet, every sample."""
@@ -2707,42 +3092,44 @@ class FleetScope:
         tracks, hidden = _fit(state.tracks(), max_rows, ServiceTrack.rank)
         lasts = [None if t.gone else t.last for t in tracks]
         max_cpu, max_memory = _values(lasts, "max_cpu"), _values(lasts, "max_memory")
-        thresholds = state.thresholds
-        columns = [format_percents(_values(lasts, "avg_cpu"), thresholds.cpu),
-                   format_percents(_values(lasts, "avg_memory"), thresholds.memory),
-                   format_percents(max_cpu, thresholds.cpu), format_percents(max_memory, thresholds.memory)]
+        limits = [state.thresholds.for_service(t.key) for t in tracks]
+        cpu, memory = [t.cpu for t in limits], [t.memory for t in limits]
+        columns = [format_percents(_values(lasts, "avg_cpu"), cpu),
+                   format_percents(_values(lasts, "avg_memory"), memory),
+                   format_percents(max_cpu, cpu), format_percents(max_memory, memory)]
         rows, styles = [], []
         for index, track in enumerate(tracks):
             avg_cpu, avg_memory, top_cpu, top_memory = (column[index] for column in columns)
             rows.append([service_label(track.key) + (" (gone)" if track.gone else ""),
-                         *self._count_cells(lasts[index]), sparkline(track.healthy_share.recent, blocks), avg_cpu,
-                         _marked(top_cpu, max_cpu[index], self.thresholds.cpu), sparkline(track.cpu.recent, blocks),
-                         avg_memory, _marked(top_memory, max_memory[index], self.thresholds.memory)])
+                         *self._count_cells(track, lasts[index]), sparkline(track.healthy_share.recent, blocks),
+                         avg_cpu,
+                         _marked(top_cpu, max_cpu[index], cpu[index]), sparkline(track.cpu.recent, blocks),
+                         avg_memory, _marked(top_memory, max_memory[index], memory[index])])
             styles.append(self._style(track, lasts[index], state))
         table = render_table(self.COLUMNS, rows, (False, True, True, False, True, True, False, True, True),
                              styles, color)
         return table + _left_out(hidden, "more service")
 
     @staticmethod
-    def _count_cells(last: Optional[ServiceSummary]) -> List[str]:
+    def _count_cells(track: ServiceTrack, last: Optional[ServiceSummary]) -> List[str]:
         """Instances and healthy ones; a '!' under the minimum of healthy instances."""
         if last is None:
             return ["-", "-"]
-        return [str(last.instances), "%d%s" % (last.healthy, "!" if last.healthy < DEFAULT_MIN_HEALTHY else "")]
+        return [str(last.instances), "%d%s" % (last.healthy, "!" if track.under_minimum(last) else "")]
 
     @staticmethod
     def _style(track: ServiceTrack, last: Optional[ServiceSummary], state: TrackState) -> Optional[str]:
         if last is None or state.outage is not None:
             return "stale"
-        if last.healthy < DEFAULT_MIN_HEALTHY:
+        if track.under_minimum(last):
             return UNHEALTHY
         return UNKNOWN if track.key is None else None
 
     def summary_table(self, state: TrackState, blocks: str) -> str:
         """Per service: samples, healthy and average min/avg/max, samples flagged, the session's trend."""
         rows = [[service_label(t.key) + (" (gone)" if t.gone else ""), str(t.samples),
-                 _min_avg_max(t.healthy, ""), _min_avg_max(t.cpu.stats, "%", state.thresholds.cpu),
-                 _min_avg_max(t.memory.stats, "%", state.thresholds.memory),
+                 _min_avg_max(t.healthy, ""), _min_avg_max(t.cpu.stats, "%", state.thresholds.for_service(t.key).cpu),
+                 _min_avg_max(t.memory.stats, "%", state.thresholds.for_service(t.key).memory),
                  str(t.flagged), sparkline(t.healthy_share.trend.values(), blocks),
                  sparkline(t.cpu.trend.values(), blocks)] for t in state.tracks()]
         return render_table(self.SUMMARY_COLUMNS, rows, (False, True, True, True, True, True, False, False))
@@ -3063,7 +3450,7 @@ def cmd_track(client: CpxClient, options: Options, settings: TrackSettings) -> i
     --count samples, then summarize."""
     if options.output == "prometheus" or options.write is not None:
         raise UsageError("track streams: -o prometheus and --write are for services, status and unhealthy")
-    scope = FleetScope(options.thresholds) if settings.service is None else ServiceScope(
+    scope = FleetScope(options.policy) if settings.service is None else ServiceScope(
         settings.service, options.thresholds)
     membership = Membership()
     sample = first_sample(client, membership, scope, settings)
@@ -3442,6 +3829,27 @@ def _status_names(text: str) -> List[str]:
     return names
 
 
+def _shard(text: str) -> Shard:
+    """--shard K/N: slice K (1 to N) of N."""
+    match = re.match(r"([0-9]{1,6})/([0-9]{1,6})\Z", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError("%r is not K/N (shard K of N, such as 1/4)" % text)
+    index, count = int(match.group(1)), int(match.group(2))
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError("%r: K must be from 1 to N" % text)
+    return Shard(index, count)
+
+
+def _min_healthy_option(text: str) -> MinHealthy:
+    try:
+        minimum = parse_min_healthy(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    if isinstance(minimum, HealthyCount) and minimum.count < 1:
+        raise argparse.ArgumentTypeError("%r must be 1 or more" % text)
+    return minimum
+
+
 def _percent_option(text: str) -> float:
     try:
         return parse_percent(text)
@@ -3476,10 +3884,18 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                             "instance stop counting, in up to N more threads" % DEFAULT_WORKERS)
     group.add_argument("--concurrency", choices=("adaptive", "fixed"), default=default("adaptive"),
                        help="adaptive (default) or fixed at --workers")
-    group.add_argument("--cpu-threshold", type=_percent_option, default=default(DEFAULT_THRESHOLD),
-                       metavar="PCT", help="Unhealthy above this cpu (default %g)" % DEFAULT_THRESHOLD)
-    group.add_argument("--mem-threshold", type=_percent_option, default=default(DEFAULT_THRESHOLD),
-                       metavar="PCT", help="Unhealthy above this memory (default %g)" % DEFAULT_THRESHOLD)
+    group.add_argument("--cpu-threshold", type=_percent_option, default=default(None), metavar="PCT",
+                       help="Unhealthy above this cpu, for every service (default: the policy's, else %g)"
+                            % DEFAULT_THRESHOLD)
+    group.add_argument("--mem-threshold", type=_percent_option, default=default(None), metavar="PCT",
+                       help="Unhealthy above this memory, for every service (default: the policy's, else %g)"
+                            % DEFAULT_THRESHOLD)
+    group.add_argument("--policy", metavar="FILE", default=default(None),
+                       help="the fleet's policy (INI): expected services, their minimum of healthy instances "
+                            "and thresholds (default: $CPX_POLICY; an option given beats the file)")
+    group.add_argument("--shard", metavar="K/N", type=_shard, default=default(None),
+                       help="read only slice K of N of the fleet (a stable hash of each IP), for N exporters "
+                            "whose outputs Prometheus sums")
     group.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default=default("table"),
                        help="output format (default table)")
     group.add_argument("-q", "--quiet", action="store_true", default=default(False),
@@ -3556,8 +3972,9 @@ def build_parser() -> argparse.ArgumentParser:
         snapshot_command.add_argument("--strict", action="store_true",
                                       help="partial data is a failure: exit %d after the output when any instance "
                                            "could not be read (unhealthy: 1 when it flags)" % EXIT_PARTIAL)
-    unhealthy.add_argument("--min-healthy", type=_int_in(1, 1000000), default=DEFAULT_MIN_HEALTHY, metavar="N",
-                           help="flag services with fewer healthy instances than this (default %d)"
+    unhealthy.add_argument("--min-healthy", type=_min_healthy_option, default=None, metavar="N|PCT%",
+                           help="flag services with fewer healthy instances than this, a count or a share of "
+                                "their instances (50%%%%), for every service (default: the policy's, else %d)"
                                 % DEFAULT_MIN_HEALTHY)
 
     track = add("track", "a live view of one service, or of the whole fleet, until q or Ctrl+C",
@@ -3761,6 +4178,24 @@ def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
     return script
 
 
+def read_policy(path: str, source: str) -> Policy:
+    """The policy in a file (UTF-8 INI); UsageError, one line, when it cannot be read or is wrong."""
+    if not path:
+        raise UsageError("%s is empty: name a policy file" % source)
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(POLICY_SIZE_CAP + 1)
+    except OSError as error:
+        raise UsageError("cannot read policy %s: %s" % (sanitize(path), error.strerror or error))
+    if len(data) > POLICY_SIZE_CAP:
+        raise UsageError("policy %s: more than %s; is it the right file?" % (sanitize(path), _size(POLICY_SIZE_CAP)))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UsageError("policy %s, line %d: not UTF-8 text" % (sanitize(path), data[:error.start].count(b"\n") + 1))
+    return parse_policy(text, path)
+
+
 def use_color(stream: Any, mode: str, environ: Dict[str, str]) -> bool:
     """--color always: colour; never: none; auto: only on a terminal, and not with NO_COLOR set
     and non-empty, or TERM=dumb."""
@@ -3780,10 +4215,14 @@ def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Opti
         url, authorization = DEFAULT_URL, None
     interactive = sys.stdout is not None and sys.stdout.isatty() and environ.get("TERM") != "dumb"
     cache_home = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
+    policy_file = args.policy if args.policy is not None else environ.get("CPX_POLICY") or None
+    policy = read_policy(policy_file, "--policy" if args.policy is not None else "$CPX_POLICY") if policy_file \
+        is not None else Policy()
+    policy = policy.overridden(args.cpu_threshold, args.mem_threshold, getattr(args, "min_healthy", None))
     return Options(url=url, authorization=authorization, timeout=args.timeout,
                    deadline=args.deadline if args.deadline is not None else DEFAULT_DEADLINE,
                    retries=args.retries, workers=args.workers, adaptive=args.concurrency == "adaptive",
-                   thresholds=Thresholds(args.cpu_threshold, args.mem_threshold),
+                   policy=policy, shard=args.shard,
                    output=args.output, quiet=args.quiet, verbose=args.verbose,
                    # Never colour a file: --write's codes would be read by a collector, not a terminal.
                    color=args.write is None and use_color(sys.stdout, args.color, environ),
@@ -3808,8 +4247,7 @@ def snapshot_settings(args: argparse.Namespace) -> SnapshotSettings:
 
     return SnapshotSettings(services=flat(getattr(args, "service", None) or ()),
                             statuses=flat(getattr(args, "status", None) or ()),
-                            sort=getattr(args, "sort", "service"), reverse=args.reverse,
-                            min_healthy=getattr(args, "min_healthy", DEFAULT_MIN_HEALTHY), strict=args.strict)
+                            sort=getattr(args, "sort", "service"), reverse=args.reverse, strict=args.strict)
 
 
 def track_settings(args: argparse.Namespace) -> TrackSettings:

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import unittest
+import unittest.mock
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cpx_devops as cpx
@@ -205,6 +206,17 @@ def alone(test):
     measures the client's own speed, which the suite's other workers would take away."""
     test.alone = True
     return test
+
+
+def require_tool(test, name, package):
+    """Skip a test whose tool is missing here, but fail it in CI (.ci/run sets CI and installs
+    the tools): a check that CI skipped would pass unnoticed."""
+    if shutil.which(name):
+        return
+    message = "%s is missing (.ci/run installs it: Debian package %s)" % (name, package)
+    if os.environ.get("CI"):
+        test.fail(message + "; in CI a check that cannot run is a failure")
+    test.skipTest(message)
 
 
 def free_port():
@@ -438,7 +450,7 @@ class TrackStateTest(unittest.TestCase):
         self.assertIn(", 1 over the interval, ", cpx.render_track_summary(state, cpx.SPARK_ASCII))
 
     def test_the_fleet_view_ranks_services_worst_first(self):
-        scope = cpx.FleetScope(THRESHOLDS)
+        scope = cpx.FleetScope(cpx.Policy())
         state = cpx.TrackState(scope, THRESHOLDS, 1.0)
         readings = [cpx.Instance("10.0.0.%d" % k, service, cpu, 10.0) for k, (service, cpu) in enumerate([
             ("Fine", 10.0), ("Fine", 10.0), ("Fine", 10.0), ("Half", 10.0), ("Half", 10.0), ("Half", 95.0),
@@ -733,10 +745,13 @@ class AggregationTest(unittest.TestCase):
 
     def test_zero_healthy_service_is_flagged(self):
         summaries = cpx.summarize_services(sample_instances(), THRESHOLDS)
-        flagged = cpx.flag_services(summaries, 2)
+        def minimum(count):
+            return cpx.Policy(min_healthy=cpx.HealthyCount(count))
+
+        flagged = cpx.flag_services(summaries, minimum(2))
         self.assertEqual([(s.service, s.healthy) for s in flagged], [("TicketService", 0), ("AuthService", 1)])
-        self.assertEqual(cpx.flag_services(summaries, 1)[0].service, "TicketService")
-        self.assertEqual(len(cpx.flag_services(summaries, 3)), 3)
+        self.assertEqual(cpx.flag_services(summaries, minimum(1))[0].service, "TicketService")
+        self.assertEqual(len(cpx.flag_services(summaries, minimum(3))), 3)
 
     def test_failure_summary_groups_by_reason(self):
         instances = [cpx.Instance("10.58.1.%d" % k, "S", 1.0, 1.0) for k in range(1, 148)]
@@ -847,7 +862,7 @@ class RenderTest(unittest.TestCase):
     def test_json_and_csv_records(self):
         options = cpx.Options(output="json")
         instances = sample_instances()[:1]
-        report = cpx.InstancesReport(instances, cpx.Snapshot(instances, 0.1), THRESHOLDS)
+        report = cpx.InstancesReport(instances, cpx.Snapshot(instances, 0.1), cpx.Policy())
         records = json.loads(report.render(options))
         self.assertEqual(records, [{"ip": "10.0.0.10", "service": "UserService", "status": "Healthy",
                                     "cpu": 61, "memory": 4, "error": None, "reasons": [], "time": ""}])
@@ -1031,6 +1046,174 @@ class QueriesUnitTest(unittest.TestCase):
         for statuses, kept in (((), ["1", "2", "3"]), (("unhealthy",), ["1"]), (("healthy", "unknown"), ["2", "3"])):
             with self.subTest(case=statuses):
                 self.assertEqual([i.ip for i in cpx.filter_statuses(instances, statuses, THRESHOLDS)], kept)
+
+
+POLICY_TEXT = """\
+# what the fleet should look like
+[defaults]
+min_healthy = 1
+cpu_threshold = 85%
+
+[service:PaymentService]
+min_healthy = 50%   ; half of the instances it should have
+instances = 6
+
+[service:UserService]
+min_healthy = 3
+memory_threshold = 40
+
+[service:AuthService]
+"""
+
+
+def policy_error(text, source="fleet.ini"):
+    """The one-line message parse_policy gives for a bad policy text."""
+    try:
+        cpx.parse_policy(text, source)
+    except cpx.UsageError as error:
+        return str(error)
+    raise AssertionError("accepted: %r" % text)
+
+
+# The shard of each of these IPs, of 2 and of 7: the same on every Python (CI runs 3.7 to 3.13).
+SHARD_GOLDEN = (("10.58.1.1", 1, 5), ("10.58.1.2", 2, 5), ("10.58.4.254", 2, 3), ("192.168.0.1", 2, 3),
+                ("::1", 1, 5), ("0:0:0:0:0:0:0:1", 1, 5), ("2001:db8::17", 2, 4), ("fe80::1", 2, 6))
+
+
+class PolicyUnitTest(unittest.TestCase):
+    def test_a_policy_file_is_read_into_expected_services_minimums_and_thresholds(self):
+        policy = cpx.parse_policy(POLICY_TEXT, "fleet.ini")
+        self.assertEqual(policy.expected, ["PaymentService", "UserService", "AuthService"])
+        self.assertEqual((policy.cpu, policy.memory, policy.min_healthy), (85.0, 90.0, cpx.HealthyCount(1)))
+        self.assertEqual(policy.source, "fleet.ini")
+        # A share is of the larger of the instances seen and the count the policy gives.
+        self.assertEqual(policy.min_healthy_for("PaymentService", 2), 3)  # 50% of 6
+        self.assertEqual(policy.min_healthy_for("PaymentService", 9), 5)  # 50% of 9, rounded up
+        self.assertEqual(policy.min_healthy_for("UserService", 10), 3)
+        self.assertEqual(policy.min_healthy_for("AuthService", 10), 1)  # expected, with the defaults
+        self.assertEqual(policy.min_healthy_for("GeoService", 10), 1)  # not in the policy: the defaults
+        self.assertEqual(policy.min_healthy_for(None, 4), 1)
+        thresholds = policy.thresholds()
+        self.assertEqual((thresholds.cpu, thresholds.memory), (85.0, 90.0))
+        user = thresholds.for_service("UserService")
+        self.assertEqual((user.cpu, user.memory), (85.0, 40.0))  # its own memory, the default cpu
+        self.assertIs(thresholds.for_service("PaymentService"), thresholds)
+        self.assertIs(thresholds.for_service(None), thresholds)
+
+    def test_no_file_is_the_built_in_defaults(self):
+        policy = cpx.parse_policy("# nothing yet\n", "empty.ini")
+        self.assertEqual((policy.expected, policy.cpu, policy.memory), ([], 90.0, 90.0))
+        self.assertEqual(policy.min_healthy_for("X", 50), cpx.DEFAULT_MIN_HEALTHY)
+        self.assertEqual(cpx.Policy().thresholds(), cpx.Thresholds())
+
+    def test_a_share_is_rounded_up_exactly(self):
+        share = cpx.parse_min_healthy
+        cases = (("50%", 3, 2), ("50%", 4, 2), ("10%", 10, 1), ("33.3%", 3, 1), ("70%", 10, 7), ("100%", 7, 7),
+                 ("0%", 7, 0), ("1%", 1, 1), ("50 %", 0, 0), ("3", 0, 3))
+        for text, instances, required in cases:
+            with self.subTest(case=(text, instances)):
+                # 10% of 10 in floats is 1.0000000000000002, whose ceiling is 2: Fractions keep it 1.
+                self.assertEqual(share(text).required(instances), required)
+        self.assertEqual((str(share("50%")), str(share("33.3%")), str(share("7"))), ("50%", "33.3%", "7"))
+
+    def test_a_policy_is_refused_with_the_file_the_line_and_what_is_wrong(self):
+        cases = (
+            ("[defaults]\nmin_healthy = 2\nthis line has no equals sign\n",
+             "policy fleet.ini, line 3: not a [section], a key = value, or a comment: this line has no equals sign"),
+            ("[defaults]\n\n[service:A]\nmin_healty = 2\n",
+             "policy fleet.ini, line 4: unknown key 'min_healty' in [service:A]; did you mean 'min_healthy'?; it "
+             "takes min_healthy, instances, cpu_threshold, memory_threshold"),
+            ("[defaults]\ninstances = 3\n",
+             "policy fleet.ini, line 2: unknown key 'instances' in [defaults]; it takes min_healthy, cpu_threshold, "
+             "memory_threshold"),
+            ("[service:A]\n# a comment\nmin_healthy = 150%\n",
+             "policy fleet.ini, line 3: min_healthy: 150% is a percentage over 100"),
+            ("[defaults]\nmin_healthy = -1\n",
+             "policy fleet.ini, line 2: min_healthy: -1 is negative: a count is 0 or more"),
+            ("[service:A]\ninstances = -4\n",
+             "policy fleet.ini, line 2: instances: -4 is negative: a count is 1 or more"),
+            ("[service:A]\ncpu_threshold = 120\n",
+             "policy fleet.ini, line 2: cpu_threshold: '120' is not a percentage from 0 to 100"),
+            ("[service:A]\nmin_healthy = lots\n",
+             "policy fleet.ini, line 2: min_healthy: 'lots' is not a count (3) or a percentage of the instances (50%)"),
+            ("[service:A]\nmin_healthy = 5\ninstances = 3\n",
+             "policy fleet.ini, line 2: min_healthy 5 is more than its 3 instances: it could never be met"),
+            ("min_healthy = 2\n", "policy fleet.ini, line 1: a key before any [section]: min_healthy = 2"),
+            ("[defaults]\n[servce:A]\n",
+             "policy fleet.ini, line 2: unknown section [servce:A]; did you mean 'service:'?; a policy has "
+             "[defaults] and [service:NAME] sections"),
+            ("[service:A]\n[service:B]\n[service:A]\n", "policy fleet.ini, line 3: [service:A] is there twice"),
+            ("[service:A]\n[service: A ]\n", "policy fleet.ini, line 2: service A is there twice"),
+            ("[service:A]\nmin_healthy = 1\nmin_healthy = 2\n",
+             "policy fleet.ini, line 3: min_healthy in [service:A] is there twice"),
+            ("[service:  ]\n", "policy fleet.ini, line 1: [service:  ] names no service"),
+            ("[DEFAULT]\n", "policy fleet.ini, line 1: unknown section [DEFAULT]; did you mean 'defaults'?; a policy "
+                            "has [defaults] and [service:NAME] sections"),
+        )
+        for text, message in cases:
+            with self.subTest(case=text):
+                self.assertEqual(policy_error(text), message)
+                self.assertNotIn("\n", message)
+
+    def test_the_command_line_beats_the_file_for_every_service(self):
+        policy = cpx.parse_policy(POLICY_TEXT, "fleet.ini")
+        overridden = policy.overridden(cpu=50.0, min_healthy=cpx.HealthyCount(4))
+        self.assertEqual(overridden.min_healthy_for("UserService", 10), 4)
+        self.assertEqual(overridden.min_healthy_for("PaymentService", 10), 4)
+        user = overridden.thresholds().for_service("UserService")
+        self.assertEqual((user.cpu, user.memory), (50.0, 40.0))  # memory was not given: the file's stays
+        self.assertEqual(overridden.expected, policy.expected)
+        self.assertEqual(policy.overridden(), policy)
+
+    def test_per_service_thresholds_decide_status_and_reasons(self):
+        policy = cpx.parse_policy("[service:Hot]\ncpu_threshold = 95\n[service:Cool]\nmemory_threshold = 30\n", "p")
+        thresholds = policy.thresholds()
+        hot, cool, other = (cpx.Instance("10.0.0.1", "Hot", 93.0, 31.0), cpx.Instance("10.0.0.2", "Cool", 93.0, 31.0),
+                            cpx.Instance("10.0.0.3", "Other", 93.0, 31.0))
+        self.assertEqual([cpx.instance_status(i, thresholds) for i in (hot, cool, other)],
+                         [cpx.HEALTHY, cpx.UNHEALTHY, cpx.UNHEALTHY])
+        self.assertEqual([cpx.instance_reasons(i, thresholds) for i in (hot, cool, other)],
+                         [[], ["cpu", "memory"], ["cpu"]])
+        self.assertEqual(cpx.instance_record(hot, thresholds)["status"], cpx.HEALTHY)
+
+    def test_missing_expected_services_are_rows_of_zero_and_flagged_first(self):
+        policy = cpx.parse_policy("[defaults]\nmin_healthy = 1\n[service:Gone]\n[service:Alive]\nmin_healthy = 3\n",
+                                  "p")
+        instances = [cpx.Instance("10.0.0.%d" % k, "Alive", 10.0, 10.0) for k in (1, 2)]
+        instances += [cpx.Instance("10.0.0.3", "Sick", 99.0, 10.0), cpx.Instance("10.0.0.4", "Fine", 1.0, 1.0)]
+        summaries = cpx.with_missing(cpx.summarize_services(instances, policy.thresholds()), policy.expected)
+        self.assertEqual([(s.service, s.instances, s.healthy) for s in summaries],
+                         [("Alive", 2, 2), ("Fine", 1, 1), ("Gone", 0, 0), ("Sick", 1, 0)])
+        self.assertIsNone(summaries[2].avg_cpu)
+        flagged = cpx.flag_services(summaries, policy)
+        self.assertEqual([s.service for s in flagged], ["Gone", "Sick", "Alive"])
+        self.assertEqual([cpx.flag_problem(s) for s in flagged], ["missing", "below minimum", "below minimum"])
+        # A missing service is flagged whatever its minimum, 0 included.
+        zero = cpx.parse_policy("[service:Gone]\nmin_healthy = 0\n", "p")
+        self.assertEqual([s.service for s in cpx.flag_services(cpx.with_missing([], zero.expected), zero)], ["Gone"])
+        self.assertEqual(cpx.with_missing(summaries, ["Alive"]), summaries)
+
+
+class ShardUnitTest(unittest.TestCase):
+    def test_the_shard_of_an_ip_is_fixed_on_every_python(self):
+        for ip, of_two, of_seven in SHARD_GOLDEN:
+            with self.subTest(case=ip):
+                self.assertEqual((cpx.shard_of(ip, 2), cpx.shard_of(ip, 7)), (of_two, of_seven))
+                self.assertEqual(cpx.shard_of(ip, 1), 1)
+
+    def test_every_ip_is_in_exactly_one_shard_of_about_equal_size(self):
+        ips = ["10.%d.%d.%d" % (k // 65536, k // 256 % 256, k % 256) for k in range(10000)]
+        shards = [cpx.Shard(index, 4) for index in range(1, 5)]
+        sizes = [sum(1 for ip in ips if shard.holds(ip)) for shard in shards]
+        self.assertEqual(sum(sizes), len(ips))
+        for size in sizes:
+            self.assertLess(abs(size - 2500), 150, sizes)  # a binomial's spread is about 43
+        self.assertEqual(str(shards[2]), "3/4")
+
+    def test_one_address_in_any_spelling_is_in_one_shard(self):
+        spellings = ("2001:db8::1", "2001:DB8:0:0:0:0:0:1", "2001:0db8::0001")
+        self.assertEqual({cpx.shard_of(ip, 7) for ip in spellings}, {cpx.shard_of(spellings[0], 7)})
+        self.assertEqual(cpx.canonical_ip("2001:DB8:0:0:0:0:0:1"), "2001:db8::1")
 
 
 class ClientUnitTest(unittest.TestCase):
@@ -1597,10 +1780,10 @@ def without_times(text):
     return re.sub(ISO_UTC, "<time>", text)
 
 UNHEALTHY_TABLE = """\
-| Service       | Healthy | Instances |
-|---------------+---------+-----------|
-| TicketService |       0 |         2 |
-| AuthService   |       1 |         1 |
+| Service       | Healthy | Instances | Minimum | Problem       |
+|---------------+---------+-----------+---------+---------------|
+| TicketService |       0 |         2 |       2 | below minimum |
+| AuthService   |       1 |         1 |       2 | below minimum |
 """
 
 
@@ -1892,16 +2075,18 @@ class CliOutputTest(ServerTestCase):
         one = self.cli("status", "UserService", "-o", "json")
         self.assertEqual(untimed(json.loads(one.stdout)), [{
             "service": "UserService", "instances": 2, "healthy": 2, "avg_cpu": 32, "avg_memory": 23.5, "max_cpu": 61,
-            "max_memory": 43, "max_cpu_ip": "10.0.0.10", "max_memory_ip": "10.0.0.9"}])
+            "max_memory": 43, "max_cpu_ip": "10.0.0.10", "max_memory_ip": "10.0.0.9", "min_healthy": 2}])
         self.assertEqual(without_times(self.cli("status", "-o", "csv").stdout).splitlines()[2],
-                         "TicketService,2,0,52.75,63,93,95,10.0.0.2,10.0.0.3,<time>")
+                         "TicketService,2,0,52.75,63,93,95,10.0.0.2,10.0.0.3,<time>,2")
 
     def test_unhealthy_lists_the_zero_healthy_service_and_exits_1(self):
         result = self.cli("unhealthy")
         self.assertEqual((result.returncode, result.stdout, result.stderr), (1, UNHEALTHY_TABLE, ""))
         flagged = untimed(json.loads(self.cli("unhealthy", "-o", "json").stdout))
-        self.assertEqual(flagged, [{"service": "TicketService", "healthy": 0, "instances": 2},
-                                   {"service": "AuthService", "healthy": 1, "instances": 1}])
+        self.assertEqual(flagged, [{"service": "TicketService", "healthy": 0, "instances": 2, "min_healthy": 2,
+                                    "missing": False},
+                                   {"service": "AuthService", "healthy": 1, "instances": 1, "min_healthy": 2,
+                                    "missing": False}])
 
     def test_unhealthy_none_flagged(self):
         result = self.cli("unhealthy", "--min-healthy", "1", "--cpu-threshold", "99", "--mem-threshold", "99")
@@ -2300,28 +2485,51 @@ class PrometheusTest(ServerTestCase):
                 result = self.cli(command, "-o", "prometheus", "-q")
                 self.assertEqual(result.returncode, code, command)
                 names = {name for name, _ in parse_exposition(result.stdout)}
-                self.assertEqual(names, {"cpx_service_instances", "cpx_service_healthy_instances",
-                                         "cpx_scrape_duration_seconds", "cpx_scrape_errors"})
+                per_service = {"cpx_service_instances", "cpx_service_healthy_instances",
+                               "cpx_service_min_healthy_instances", "cpx_service_threshold_ratio",
+                               "cpx_threshold_ratio", "cpx_scrape_duration_seconds", "cpx_scrape_errors"}
+                # unhealthy's verdict is in its exposition too, not only in its exit status.
+                self.assertEqual(names, per_service | ({"cpx_service_flagged"} if command == "unhealthy" else set()))
 
-    @unittest.skipUnless(HAVE_PROMTOOL, "promtool is not installed (.ci/run installs it)")
     def test_promtool_finds_the_exposition_lint_clean(self):
+        require_tool(self, "promtool", "prometheus")
         for command in ("services", "status"):
             with self.subTest(case=command):
                 text = self.cli(command, "-o", "prometheus", "-q").stdout
                 checked = promtool("check", "metrics", stdin=text)
                 self.assertEqual((checked.returncode, checked.stdout), (0, ""), command)
 
-    @unittest.skipUnless(HAVE_PROMTOOL, "promtool is not installed (.ci/run installs it)")
     def test_the_alert_rules_pass_their_unit_tests(self):
-        # cpx_rules_test.yml: among others, CpxExportStale fires 5 minutes after the last write, not 10.
+        # cpx_rules_test.yml: every alert firing and not firing, the minimum read from the export,
+        # shards summed, a missing expected service, a vanishing one, a stale export.
+        require_tool(self, "promtool", "prometheus")
         checked = promtool("test", "rules", os.path.join(HERE, "cpx_rules_test.yml"))
-        self.assertEqual(checked.returncode, 0, checked.stdout)
+        self.assertEqual((checked.returncode, checked.stdout.split()[-1:]), (0, ["SUCCESS"]), checked.stdout)
+        with open(os.path.join(HERE, "cpx_rules.yml")) as rules:
+            alerts = set(re.findall(r"- alert: (\w+)", rules.read()))
+        with open(os.path.join(HERE, "cpx_rules_test.yml")) as tests:
+            tested = tests.read()
+        for alert in sorted(alerts):  # each alert has a case where it fires, and one where it does not
+            with self.subTest(case=alert):
+                self.assertRegex(tested, r"alertname: %s\n\s+exp_alerts:\n\s+- exp_labels" % alert)
+                self.assertRegex(tested, r"alertname: %s\n\s+exp_alerts: \[\]" % alert)
 
-    @unittest.skipUnless(HAVE_PROMTOOL, "promtool is not installed (.ci/run installs it)")
     def test_promtool_accepts_the_rules_file(self):
+        require_tool(self, "promtool", "prometheus")
         checked = promtool("check", "rules", os.path.join(HERE, "cpx_rules.yml"))
         self.assertEqual(checked.returncode, 0, checked.stdout)
-        self.assertIn("SUCCESS: 3 rules found", checked.stdout)
+        self.assertIn("SUCCESS: 9 rules found", checked.stdout)
+
+    def test_in_ci_a_check_whose_tool_is_missing_fails_instead_of_skipping(self):
+        probe = unittest.TestCase()
+        with unittest.mock.patch.dict(os.environ, {"CI": "true"}):
+            with self.assertRaisesRegex(AssertionError, "in CI a check that cannot run is a failure"):
+                require_tool(probe, "cpx-no-such-tool", "none")
+        with unittest.mock.patch.dict(os.environ):
+            os.environ.pop("CI", None)
+            with self.assertRaises(unittest.SkipTest):
+                require_tool(probe, "cpx-no-such-tool", "none")
+        require_tool(probe, "sh", "dash")  # present: neither
 
     def test_track_refuses_prometheus_and_write(self):
         for extra in (["-o", "prometheus"], ["--write", "x.prom"]):
@@ -2391,8 +2599,7 @@ class WriteTest(ServerTestCase):
     def test_the_file_is_synced_and_renamed_from_its_own_directory(self):
         # Seen from the kernel's side (strace): the temporary file is made next to the target,
         # even with $TMPDIR on another file system, and synced before it takes the target's place.
-        if not shutil.which("strace"):
-            self.skipTest("strace is missing: .ci/run installs it (Debian package strace)")
+        require_tool(self, "strace", "strace")
         import tempfile
         elsewhere = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.addCleanup(shutil.rmtree, elsewhere)
@@ -2599,8 +2806,8 @@ class SharperQueriesTest(ServerTestCase):
                 untimed(records)
                 moment = datetime.strptime(records[0]["time"].replace("+00:00", "+0000"), "%Y-%m-%dT%H:%M:%S.%f%z")
                 self.assertLessEqual(abs((moment - before).total_seconds()), 5)
-                header = self.cli(command, "-o", "csv").stdout.splitlines()[0]
-                self.assertTrue(header.endswith(",time"), header)
+                header = self.cli(command, "-o", "csv").stdout.splitlines()[0].split(",")
+                self.assertIn("time", header)
         # In UTC whatever this machine's time zone is (track's records keep the local offset).
         elsewhere = subprocess.run(TOOL + ["--url", self.server.url, "status", "-o", "json"], cwd=HERE,
                                    stdout=subprocess.PIPE, universal_newlines=True, timeout=60,
@@ -2688,6 +2895,267 @@ class SharperQueriesTest(ServerTestCase):
         self.assertIn("invalid choice: 'sometimes'", result.stderr)
 
 
+FLEET_POLICY = """\
+[defaults]
+min_healthy = 1
+
+[service:PaymentService]
+min_healthy = 2
+
+[service:UserService]
+min_healthy = 3
+
+[service:AuthService]
+"""
+
+POLICY_UNHEALTHY_TABLE = """\
+| Service        | Healthy | Instances | Minimum | Problem       |
+|----------------+---------+-----------+---------+---------------|
+| PaymentService |       0 |         0 |       2 | missing       |
+| TicketService  |       0 |         2 |       1 | below minimum |
+| UserService    |       2 |         2 |       3 | below minimum |
+"""
+
+
+class PolicyCliTest(ServerTestCase):
+    """--policy against the fixed fleet: PaymentService is expected and has no instance, UserService
+    (2 healthy) needs 3, TicketService (0 healthy) has the default 1, AuthService (1) is fine."""
+
+    def setUp(self):
+        super().setUp()
+        self.server.fleet(FIXED_FLEET)
+        folder = self.enterContext_tmp()
+        self.policy = os.path.join(folder, "fleet.ini")
+        with open(self.policy, "w") as policy:
+            policy.write(FLEET_POLICY)
+
+    def enterContext_tmp(self):
+        import tempfile
+        folder = tempfile.mkdtemp(prefix="cpx-policy-")
+        self.addCleanup(shutil.rmtree, folder, True)
+        return folder
+
+    def write_policy(self, text, name="other.ini"):
+        path = os.path.join(os.path.dirname(self.policy), name)
+        with open(path, "w") as policy:
+            policy.write(text)
+        return path
+
+    def test_unhealthy_flags_missing_and_below_minimum_services_in_every_format(self):
+        table = self.cli("--policy", self.policy, "unhealthy")
+        self.assertEqual((table.returncode, table.stdout, table.stderr), (1, POLICY_UNHEALTHY_TABLE, ""))
+        records = untimed(json.loads(self.cli("--policy", self.policy, "unhealthy", "-o", "json").stdout))
+        self.assertEqual(records, [
+            {"service": "PaymentService", "healthy": 0, "instances": 0, "min_healthy": 2, "missing": True},
+            {"service": "TicketService", "healthy": 0, "instances": 2, "min_healthy": 1, "missing": False},
+            {"service": "UserService", "healthy": 2, "instances": 2, "min_healthy": 3, "missing": False}])
+        rows = without_times(self.cli("--policy", self.policy, "unhealthy", "-o", "csv").stdout).splitlines()
+        self.assertEqual(rows, ["service,healthy,instances,time,min_healthy,missing",
+                                "PaymentService,0,0,<time>,2,true", "TicketService,0,2,<time>,1,false",
+                                "UserService,2,2,<time>,3,false"])
+        exported = self.cli("--policy", self.policy, "unhealthy", "-o", "prometheus")
+        self.assertEqual(exported.returncode, 1)
+        series = parse_exposition(exported.stdout)
+        for service, flagged, healthy, minimum in (("PaymentService", 1, 0, 2), ("TicketService", 1, 0, 1),
+                                                   ("UserService", 1, 2, 3), ("AuthService", 0, 1, 1)):
+            with self.subTest(case=service):
+                labels = (("service", service),)
+                self.assertEqual(series[("cpx_service_flagged", labels)], flagged)
+                self.assertEqual(series[("cpx_service_healthy_instances", labels)], healthy)
+                self.assertEqual(series[("cpx_service_min_healthy_instances", labels)], minimum)
+        expected = {labels: value for (name, labels), value in series.items() if name == "cpx_service_expected"}
+        self.assertEqual(expected, {(("service", "PaymentService"),): 1, (("service", "UserService"),): 1,
+                                    (("service", "AuthService"),): 1})
+        self.assertEqual(series[("cpx_service_instances", (("service", "PaymentService"),))], 0)
+
+    def test_without_a_policy_only_the_default_minimum_counts(self):
+        result = self.cli("unhealthy", "-o", "json")
+        self.assertEqual([r["service"] for r in json.loads(result.stdout)], ["TicketService", "AuthService"])
+        series = parse_exposition(self.cli("unhealthy", "-o", "prometheus").stdout)
+        self.assertFalse([key for key in series if key[0] == "cpx_service_expected"])
+        self.assertEqual(series[("cpx_service_min_healthy_instances", (("service", "UserService"),))], 2)
+        self.assertEqual(series[("cpx_threshold_ratio", (("resource", "cpu"),))], 0.9)
+
+    def test_nothing_flagged_says_so_with_a_policy(self):
+        easy = self.write_policy("[defaults]\nmin_healthy = 0\n[service:UserService]\n[service:AuthService]\n")
+        result = self.cli("--policy", easy, "unhealthy")
+        self.assertEqual((result.returncode, result.stdout), (0, "Every service has its minimum of healthy "
+                                                                 "instances, and the 2 expected services are all "
+                                                                 "present.\n"))
+
+    def test_status_lists_missing_expected_services_as_rows_of_zero(self):
+        result = self.cli("--policy", self.policy, "status")
+        self.assertEqual(result.returncode, 0)
+        self.assertIn("| PaymentService (missing) |         0 |       0 |       - |       - |          - |"
+                      "          - |", result.stdout)
+        records = {r["service"]: r for r in untimed(json.loads(self.cli("--policy", self.policy, "status",
+                                                                         "-o", "json").stdout))}
+        self.assertEqual(records["PaymentService"], {
+            "service": "PaymentService", "instances": 0, "healthy": 0, "avg_cpu": None, "avg_memory": None,
+            "max_cpu": None, "max_memory": None, "max_cpu_ip": None, "max_memory_ip": None, "min_healthy": 2})
+        self.assertEqual(records["UserService"]["min_healthy"], 3)
+        # Asked for by name, a missing expected service is a row, not an unknown name.
+        one = self.cli("--policy", self.policy, "status", "Payment*", "-o", "csv", "--no-headers")
+        self.assertEqual(without_times(one.stdout), "PaymentService,0,0,,,,,,,<time>,2\n")
+        self.assertEqual(self.cli("status", "PaymentService").returncode, 2)  # no policy: unknown
+
+    def test_a_vanished_service_keeps_its_series(self):
+        fleet = dict(FIXED_FLEET)
+        fleet["10.0.0.20"] = instance("PaymentService", "10%", "10%")
+        self.server.fleet(fleet)
+        before = parse_exposition(self.cli("--policy", self.policy, "services", "-o", "prometheus").stdout)
+        self.assertEqual(before[("cpx_service_healthy_instances", (("service", "PaymentService"),))], 1)
+        self.server.fleet(FIXED_FLEET)  # every PaymentService instance leaves /servers
+        after = parse_exposition(self.cli("--policy", self.policy, "services", "-o", "prometheus").stdout)
+        payment = (("service", "PaymentService"),)
+        for family, value in (("cpx_service_healthy_instances", 0), ("cpx_service_instances", 0),
+                              ("cpx_service_expected", 1), ("cpx_service_min_healthy_instances", 2)):
+            with self.subTest(case=family):
+                self.assertEqual(after[(family, payment)], value)
+        without = parse_exposition(self.cli("services", "-o", "prometheus").stdout)
+        self.assertNotIn(("cpx_service_healthy_instances", payment), without)  # why a policy is needed
+
+    def test_per_service_thresholds_and_the_command_line_beating_the_file(self):
+        lenient = self.write_policy("[service:TicketService]\ncpu_threshold = 95\nmemory_threshold = 96\n")
+        records = untimed(json.loads(self.cli("--policy", lenient, "services", "-o", "json").stdout))
+        ticket = [r for r in records if r["service"] == "TicketService"]
+        self.assertEqual([(r["status"], r["reasons"]) for r in ticket], [(cpx.HEALTHY, [])] * 2)
+        table = self.cli("--policy", lenient, "services").stdout
+        self.assertIn("| 10.0.0.2  | TicketService | Healthy | 93.0% |    31% |", table)  # no '!' under 95
+        user = [r for r in records if r["service"] == "UserService"]
+        self.assertEqual([r["status"] for r in user], [cpx.HEALTHY] * 2)
+        exported = parse_exposition(self.cli("--policy", lenient, "status", "-o", "prometheus").stdout)
+        self.assertEqual(exported[("cpx_service_threshold_ratio", (("service", "TicketService"),
+                                                                   ("resource", "cpu")))], 0.95)
+        self.assertEqual(exported[("cpx_service_threshold_ratio", (("service", "UserService"),
+                                                                   ("resource", "cpu")))], 0.9)
+        strict = untimed(json.loads(self.cli("--policy", lenient, "--cpu-threshold", "50", "services",
+                                             "-o", "json").stdout))
+        # cpu 93 is over the command line's 50; memory 95 stays under the file's 96 (no --mem-threshold).
+        self.assertEqual([r["status"] for r in strict if r["service"] == "TicketService"],
+                         [cpx.UNHEALTHY, cpx.HEALTHY])
+        self.assertEqual([r["reasons"] for r in strict if r["service"] == "UserService"], [[], ["cpu"]])
+        # --min-healthy beats every minimum of the file too.
+        result = self.cli("--policy", self.policy, "unhealthy", "--min-healthy", "1", "-o", "json")
+        self.assertEqual([(r["service"], r["min_healthy"]) for r in json.loads(result.stdout)],
+                         [("PaymentService", 1), ("TicketService", 1)])
+
+    def test_the_policy_comes_from_cpx_policy_unless_policy_is_given(self):
+        from_env = self.cli("unhealthy", "-o", "json", env={"CPX_POLICY": self.policy})
+        self.assertEqual(len(json.loads(from_env.stdout)), 3)
+        other = self.write_policy("[defaults]\nmin_healthy = 0\n")
+        given = self.cli("--policy", other, "unhealthy", "-o", "json", env={"CPX_POLICY": self.policy})
+        self.assertEqual((given.returncode, json.loads(given.stdout)), (0, []))
+        self.assertEqual(self.cli("unhealthy", "-o", "json", env={"CPX_POLICY": ""}).returncode, 1)
+
+    def test_a_bad_policy_is_one_line_and_exit_2_before_any_request(self):
+        bad = self.write_policy("[defaults]\nmin_healthy = 2\n\n[service:A]\nmin_healthy = 150%\n", "bad.ini")
+        cases = ((["--policy", bad], "cpx_devops: error: policy %s, line 5: min_healthy: 150%% is a percentage "
+                                     "over 100\n" % bad),
+                 (["--policy", bad + ".none"], "cpx_devops: error: cannot read policy %s.none: No such file or "
+                                                "directory\n" % bad),
+                 (["--policy", os.path.dirname(bad)], "cpx_devops: error: cannot read policy %s: Is a directory\n"
+                                                      % os.path.dirname(bad)),
+                 (["--policy", ""], "cpx_devops: error: --policy is empty: name a policy file\n"))
+        for args, message in cases:
+            with self.subTest(case=args):
+                result = self.cli(*(args + ["status"]))
+                self.assertEqual((result.returncode, result.stdout, result.stderr), (2, "", message))
+        latin = os.path.join(os.path.dirname(bad), "latin.ini")
+        with open(latin, "wb") as policy:
+            policy.write(b"[service:A]\n# caf\xe9\n")
+        result = self.cli("unhealthy", env={"CPX_POLICY": latin})
+        self.assertEqual((result.returncode, result.stderr),
+                         (2, "cpx_devops: error: policy %s, line 2: not UTF-8 text\n" % latin))
+        self.assertEqual(self.server.count("/servers"), 0)
+
+
+def sharded_records(servers, seed, shards, command=("services", "-o", "json")):
+    """The records of each shard of a fresh seeded simulator (every instance read once, as in an
+    unsharded run of another fresh one), without their times."""
+    simulator = cpx.start_simulator(servers=servers, seed=seed)
+    try:
+        results = [run_cli("--url", simulator.url, *(list(command) + (["--shard", "%d/%d" % (k, shards)]
+                                                                      if shards else [])))
+                   for k in range(1, (shards or 1) + 1)]
+    finally:
+        simulator.shutdown()
+        simulator.server_close()
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    return [untimed(json.loads(result.stdout)) for result in results]
+
+
+class ShardCliTest(ServerTestCase):
+    def test_the_shards_together_are_the_whole_fleet_every_ip_once(self):
+        (whole,) = sharded_records(150, README_SEED, 0)
+        self.assertEqual(len(whole), 150)
+        for count in (1, 2, 3, 7):
+            with self.subTest(case=count):
+                slices = sharded_records(150, README_SEED, count)
+                union = [record for records in slices for record in records]
+                self.assertEqual(len({r["ip"] for r in union}), len(union))  # no IP twice
+                self.assertEqual(sorted(union, key=lambda r: cpx.ip_sort_key(r["ip"])),
+                                 sorted(whole, key=lambda r: cpx.ip_sort_key(r["ip"])))
+                if count > 1:
+                    self.assertTrue(all(0 < len(records) < 150 for records in slices), [len(s) for s in slices])
+
+    def test_every_series_of_a_shard_carries_its_shard_label(self):
+        self.server.fleet(FIXED_FLEET)
+        text = self.cli("--shard", "2/3", "status", "-o", "prometheus").stdout
+        series = parse_exposition(text)
+        self.assertTrue(series)
+        for name, labels in series:
+            self.assertEqual(dict(labels).get("shard"), "2/3", name)
+        self.assertIn(("cpx_scrape_errors", (("shard", "2/3"),)), series)
+        self.assertIn(("cpx_threshold_ratio", (("resource", "cpu"), ("shard", "2/3"))), series)
+        unsharded = parse_exposition(self.cli("status", "-o", "prometheus").stdout)
+        self.assertIn(("cpx_scrape_errors", ()), unsharded)
+
+    def test_shards_read_only_their_instances(self):
+        self.server.fleet(FIXED_FLEET)
+        mine = [ip for ip in FIXED_FLEET if cpx.shard_of(ip, 2) == 1]
+        result = self.cli("--shard", "1/2", "services", "-o", "json")
+        self.assertEqual(sorted(r["ip"] for r in json.loads(result.stdout)), sorted(mine))
+        self.assertEqual(sorted(p[1:] for p in self.server.paths() if p != "/servers"), sorted(mine))
+
+    def test_a_shard_with_no_instance_of_its_own_is_no_failure(self):
+        ip = "10.0.0.9"
+        self.server.fleet({ip: FIXED_FLEET[ip]})
+        other = "%d/2" % (3 - cpx.shard_of(ip, 2))
+        result = self.cli("--shard", other, "services", "-o", "json")
+        self.assertEqual((result.returncode, json.loads(result.stdout), result.stderr), (0, [], ""))
+        self.server.fleet({})
+        self.assertEqual(self.cli("--shard", other, "services").returncode, 3)  # an empty list still is
+
+    def test_unhealthy_under_a_shard_warns_that_it_judges_a_slice(self):
+        self.server.fleet(FIXED_FLEET)
+        result = self.cli("--shard", "1/1", "unhealthy")
+        self.assertIn("cpx_devops: warning: --shard 1/1: this judges only the shard's own instances", result.stderr)
+        self.assertEqual(self.cli("--shard", "1/1", "-q", "unhealthy").stderr, "")
+
+    def test_a_bad_shard_is_a_usage_error(self):
+        for text, message in (("0/4", "K must be from 1 to N"), ("5/4", "K must be from 1 to N"),
+                              ("1/0", "K must be from 1 to N"), ("a/b", "is not K/N"), ("2", "is not K/N")):
+            with self.subTest(case=text):
+                result = self.cli("--shard", text, "services")
+                self.assertEqual(result.returncode, 2)
+                self.assertIn(message, result.stderr)
+                self.assertEqual(len(result.stderr.splitlines()), 1)
+
+    def test_the_oldest_and_newest_python_agree_on_every_shard(self):
+        code = ("import sys; sys.path.insert(0, %r); import cpx_devops as c; print([[c.shard_of(ip, n) for n in "
+                "(2, 7)] for ip in %r])" % (HERE, [ip for ip, _, _ in SHARD_GOLDEN]))
+        golden = [[of_two, of_seven] for _, of_two, of_seven in SHARD_GOLDEN]
+        pythons = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3.[0-9]*")))
+        pythons = [p for p in pythons if re.search(r"python3\.(7|[1-9][0-9])$", p)] or [sys.executable]
+        for python in {pythons[0], pythons[-1], sys.executable}:
+            with self.subTest(case=python):
+                printed = subprocess.run([python, "-c", code], stdout=subprocess.PIPE, universal_newlines=True,
+                                         timeout=60, env=cli_env())
+                self.assertEqual(json.loads(printed.stdout), golden)
+
+
 class CompletionTest(unittest.TestCase):
     """Issue 13: the completion scripts, run by the shells themselves."""
 
@@ -2758,8 +3226,7 @@ class CompletionTest(unittest.TestCase):
                 self.assertEqual(set(self.bash_complete("cpx-devops", name, "--")), expected)
 
     def test_zsh_registers_it_and_offers_the_same_words(self):
-        if not shutil.which("zsh"):
-            self.skipTest("zsh is not installed (.ci/run installs it)")
+        require_tool(self, "zsh", "zsh")
         script = self.script("zsh")
         setup = "autoload -U +X compinit && compinit -u; source %s; " % script
         self.assertIn("_cpx_devops", self.shell(["zsh", "-fc", setup + "print -r -- $_comps[cpx-devops]"]))
@@ -2769,8 +3236,7 @@ class CompletionTest(unittest.TestCase):
         self.assertEqual(offered, list(cpx.SUMMARY_SORT_KEYS))
 
     def test_fish_completes_commands_choices_and_services(self):
-        if not shutil.which("fish"):
-            self.skipTest("fish is not installed (.ci/run installs it)")
+        require_tool(self, "fish", "fish")
         script = self.script("fish")
         for line, offered in (("cpx-devops st", ["status"]), ("cpx-devops status --sort ", list(cpx.SUMMARY_SORT_KEYS)),
                               ("cpx-devops services --status ", list(cpx.STATUS_FILTERS)),
@@ -3061,8 +3527,8 @@ class ConventionsTest(ServerTestCase):
         self.assertEqual(csv_lines[0], "10.0.0.4,AuthService,Healthy,10,20,,,<time>")
         self.assertEqual(len(csv_lines), 6)
         self.assertEqual(len(self.cli("status", "--no-headers", "-q").stdout.splitlines()), 4)
-        for command, first in (("status", "AuthService,1,1,10,20,10,20,10.0.0.4,10.0.0.4,<time>"),
-                               ("unhealthy", "TicketService,0,2,<time>")):
+        for command, first in (("status", "AuthService,1,1,10,20,10,20,10.0.0.4,10.0.0.4,<time>,2"),
+                               ("unhealthy", "TicketService,0,2,<time>,2,false")):
             with self.subTest(command=command):
                 lines = without_times(self.cli(command, "-o", "csv", "--no-headers", "-q").stdout).splitlines()
                 self.assertEqual(lines[0], first)
@@ -3165,10 +3631,12 @@ class CliFailureTest(ServerTestCase):
         self.assertEqual(summaries["UserService"], {"service": "UserService", "instances": 3, "healthy": 2,
                                                     "avg_cpu": 32, "avg_memory": 23.5, "max_cpu": 61,
                                                     "max_memory": 43, "max_cpu_ip": "10.0.0.10",
-                                                    "max_memory_ip": "10.0.0.9"})  # the unreadable one left out
+                                                    "max_memory_ip": "10.0.0.9", "min_healthy": 2})
+        # (the unreadable one left out)
         self.assertEqual(summaries[None]["instances"], 1)
         unhealthy = self.cli("unhealthy", "--min-healthy", "1", "-o", "json", "-q")
-        self.assertIn({"service": None, "healthy": 0, "instances": 1}, untimed(json.loads(unhealthy.stdout)))
+        self.assertIn({"service": None, "healthy": 0, "instances": 1, "min_healthy": 1, "missing": False},
+                      untimed(json.loads(unhealthy.stdout)))
 
     def test_hostile_values_become_unknown_with_a_reason(self):
         bad = {"10.0.1.1": Reply("<html><body>502 Bad Gateway</body></html>"), "10.0.1.2": Reply(b""),
