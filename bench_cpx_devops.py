@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Developer tools of cpx_devops, kept out of the tool and its tests. Standard library only.
 
-  python3 bench_cpx_devops.py bench [--quick] [--only TEXT]   the README's performance table
-                                                             (make bench; asserts nothing)
+  python3 bench_cpx_devops.py bench [--quick] [--only TEXT]   the README's performance table, and one
+                                                             shard against the whole fleet (--only
+                                                             sharding); make bench; asserts nothing
   python3 bench_cpx_devops.py readme                         rewrite the README's example outputs
                                                              from a seeded simulator
 """
@@ -148,6 +149,32 @@ def bench_shape(shape):
             "%.3f" % (cpu / shape.size * 1000), "%.1f" % memory, detail)
 
 
+SHARD_FLEET = 10000
+SHARD_COUNT = 4
+
+
+def bench_shards(repeats=5):
+    """One shard of SHARD_COUNT against the whole fleet of SHARD_FLEET instances (20 ms each),
+    interleaved, on the same simulator: the table rows."""
+    simulator, url = start_simulator_process(SHARD_FLEET, 20, [], seed=BENCH_SEED)
+    runs = [("whole fleet", []), ("--shard 1/%d" % SHARD_COUNT, ["--shard", "1/%d" % SHARD_COUNT])]
+    times = {label: [] for label, _ in runs}
+    read = {}
+    try:
+        for _ in range(repeats):
+            for label, options in runs:
+                elapsed, out = measure(["--url", url] + options + ["services", "-o", "json"])
+                times[label].append(elapsed)
+                read[label] = len(json.loads(out))
+        usage = {label: measure_usage(["--url", url] + options + ["services", "-o", "json"])
+                 for label, options in runs}
+    finally:
+        finish(simulator)
+    whole = median(times["whole fleet"])
+    return [(label, str(read[label]), "%.2f" % median(times[label]), "%.2f" % (median(times[label]) / whole),
+             "%.2f" % usage[label][0], "%.1f" % usage[label][1]) for label, _ in runs]
+
+
 def bench(quick=False, only=None):
     """Print the benchmark table of the README (only: the shapes whose label contains it)."""
     import platform
@@ -172,7 +199,16 @@ def bench(quick=False, only=None):
             continue
         rows.append(bench_shape(shape))
         print("  measured %s x %d" % (shape.label, shape.size), file=sys.stderr, flush=True)
-    print(cpx.render_table(header, rows, (False, True, True, True, True, True, True, True, True, False)), end="")
+    if rows:
+        print(cpx.render_table(header, rows, (False, True, True, True, True, True, True, True, True, False)), end="")
+    if not quick and (only is None or only in "sharding"):
+        shard_rows = bench_shards()
+        print("sharding: services -o json on %d instances at 20 ms, medians of 5 runs, interleaved; CPU s and "
+              "peak MB of one more run each" % SHARD_FLEET)
+        print(cpx.render_table(("run", "instances read", "median s", "of the whole", "CPU s", "peak MB"),
+                               shard_rows, (False, True, True, True, True, True)), end="")
+    if not rows:
+        return
     print("medians of 5 runs (3 for 10,000 instances, hanging instances and track); ratio = default / best "
           "fixed; lost: healthy instances that came out Unknown (the most in one run; for track, rows over "
           "all samples), with the default and with the best fixed count; CPU and peak MB: one run with the "

@@ -9,19 +9,21 @@ Usage:
   cpx_devops.py [global options] services [--service NAME,PATTERN...] [--status STATUS...]
                                           [--sort KEY] [--reverse] [--strict]
   cpx_devops.py [global options] status [SERVICE...] [--sort KEY] [--reverse] [--strict]
-  cpx_devops.py [global options] unhealthy [--min-healthy N] [--reverse] [--strict]
+  cpx_devops.py [global options] unhealthy [--min-healthy N|PCT%] [--reverse] [--strict]
   cpx_devops.py [global options] track [SERVICE | --all] [-n SECONDS] [-c COUNT]
   cpx_devops.py completion bash|zsh|fish
   cpx_devops.py simulate [--port 8080] [--servers 150] [--latency-ms 0] [--seed N]
                          [--fail-fraction F] [--hang-fraction F] [--slow-fraction F --slow-ms MS]
 
 Global options include --url (or $CPX_URL), -o table|wide|json|csv|prometheus,
---write FILE (atomic), --color, --timeout, --deadline, --retries, --workers;
-see --help.
+--write FILE (atomic), --policy FILE (or $CPX_POLICY), --shard K/N, --color,
+--timeout, --deadline, --retries, --workers; see --help.
 
 Health rule: an instance is Unhealthy when its cpu or its memory is strictly
-above its threshold (90% each by default), Unknown when it could not be read
-or its data is invalid, Healthy otherwise.
+above its threshold (90% each by default, or its service's in a policy),
+Unknown when it could not be read or its data is invalid, Healthy otherwise.
+A service needs a minimum of healthy instances (2 by default, or its policy's);
+a policy's expected services are flagged when they have no instance.
 
 """
 
@@ -85,11 +87,12 @@ EXIT_TERMINATED = 143
 # README's table are made from (or checked against) it.
 EXIT_STATUSES = (
     (EXIT_OK, "success; for `unhealthy`, no service flagged"),
-    (EXIT_FLAGGED, "`unhealthy` flagged at least one service"),
+    (EXIT_FLAGGED, "`unhealthy` flagged at least one service (under its minimum, or expected and missing)"),
     (EXIT_USAGE, "usage error: a bad option or value, an unknown service name or command, a URL that "
                  "cannot be requested (not http/https, a space, a bad host), a `--write` FILE that cannot be "
                  "written (checked before any request: a directory, FIFO, device or socket, a missing or "
-                 "read-only directory); stdout closed (`>&-`) without `--write`; a Python older than 3.7"),
+                 "read-only directory); a policy file that cannot be read or is wrong (one line: the file, the line, "
+                 "what); stdout closed (`>&-`) without `--write`; a Python older than 3.7"),
     (EXIT_UNAVAILABLE, "CPX unavailable: the server list could not be read or is not a list, it lists "
                        "no instance, or no instance at all could be read; or no readable instance has "
                        "the service asked for while some instances could not be read (it may be among "
@@ -167,6 +170,7 @@ ENVIRONMENT_HELP = """\
 environment:
   CPX_URL         base URL of the CPX API when --url is not given
                   (default %s)
+  CPX_POLICY      the policy file when --policy is not given
   NO_COLOR        when set and non-empty, no colour with --color auto (the default)
   TERM=dumb       no colour with --color auto
   XDG_CACHE_HOME  where a run on a terminal leaves the service names for shell
@@ -4071,7 +4075,7 @@ def completion_table(parser: argparse.ArgumentParser) -> Dict[str, CompletedComm
                 choices = STATUS_FILTERS if action.dest == "status" else [str(c) for c in action.choices or ()]
                 command.options.append(CompletedOption(action.option_strings, "choice", choices))
             else:
-                value = {"write": "file", "service": "service"}.get(action.dest, "other")
+                value = {"write": "file", "policy": "file", "service": "service"}.get(action.dest, "other")
                 command.options.append(CompletedOption(action.option_strings, value))
         return command
 

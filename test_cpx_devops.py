@@ -1194,6 +1194,17 @@ class PolicyUnitTest(unittest.TestCase):
         self.assertEqual(cpx.with_missing(summaries, ["Alive"]), summaries)
 
 
+class PolicyTrackUnitTest(unittest.TestCase):
+    def test_the_fleet_view_flags_under_each_service_s_own_minimum(self):
+        scope = cpx.FleetScope(cpx.parse_policy("[service:Big]\nmin_healthy = 3\n", "p"))
+        three = cpx.ServiceSummary("Big", 4, 2, 10.0, 10.0)
+        self.assertTrue(scope.new_track("Big").under_minimum(three))  # 2 < its 3
+        self.assertFalse(scope.new_track("Small").under_minimum(cpx.ServiceSummary("Small", 4, 2, 10.0, 10.0)))
+        self.assertTrue(cpx.FleetScope(cpx.Policy()).new_track("Small").under_minimum(
+            cpx.ServiceSummary("Small", 1, 1, 1.0, 1.0)))  # 1 < the default 2
+        self.assertEqual(cpx.FleetScope.SUMMARY_COLUMNS[5], "Under minimum")
+
+
 class ShardUnitTest(unittest.TestCase):
     def test_the_shard_of_an_ip_is_fixed_on_every_python(self):
         for ip, of_two, of_seven in SHARD_GOLDEN:
@@ -3040,6 +3051,14 @@ class PolicyCliTest(ServerTestCase):
         self.assertEqual([(r["service"], r["min_healthy"]) for r in json.loads(result.stdout)],
                          [("PaymentService", 1), ("TicketService", 1)])
 
+    def test_track_follows_the_policy_s_thresholds(self):
+        lenient = self.write_policy("[service:TicketService]\ncpu_threshold = 95\nmemory_threshold = 96\n")
+        result = self.cli("--policy", lenient, "track", "TicketService", "-n", "0.1", "-c", "1", "-o", "json")
+        self.assertEqual([json.loads(line)["status"] for line in result.stdout.splitlines()], [cpx.HEALTHY] * 2)
+        fleet = self.cli("--policy", lenient, "track", "-n", "0.1", "-c", "1", "-o", "json")
+        ticket = [json.loads(line) for line in fleet.stdout.splitlines() if "TicketService" in line]
+        self.assertEqual(ticket[0]["healthy"], 2)
+
     def test_the_policy_comes_from_cpx_policy_unless_policy_is_given(self):
         from_env = self.cli("unhealthy", "-o", "json", env={"CPX_POLICY": self.policy})
         self.assertEqual(len(json.loads(from_env.stdout)), 3)
@@ -3134,6 +3153,14 @@ class ShardCliTest(ServerTestCase):
         self.assertIn("cpx_devops: warning: --shard 1/1: this judges only the shard's own instances", result.stderr)
         self.assertEqual(self.cli("--shard", "1/1", "-q", "unhealthy").stderr, "")
 
+    def test_track_reads_only_its_shard_too(self):
+        self.server.fleet(FIXED_FLEET)
+        mine = [ip for ip in FIXED_FLEET if cpx.shard_of(ip, 3) == 2]
+        result = self.cli("--shard", "2/3", "track", "-n", "0.1", "-c", "1", "-o", "json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(sum(json.loads(line)["instances"] for line in result.stdout.splitlines()), len(mine))
+        self.assertEqual(sorted(p[1:] for p in self.server.paths() if p != "/servers"), sorted(mine))
+
     def test_a_bad_shard_is_a_usage_error(self):
         for text, message in (("0/4", "K must be from 1 to N"), ("5/4", "K must be from 1 to N"),
                               ("1/0", "K must be from 1 to N"), ("a/b", "is not K/N"), ("2", "is not K/N")):
@@ -3212,6 +3239,8 @@ class CompletionTest(unittest.TestCase):
                                (("cpx-devops", "track", "Pa"), ["PaymentService", "PayoutService"]),
                                (("cpx-devops", "completion", ""), ["bash", "zsh", "fish"]),
                                (("cpx-devops", "services", "--write", "fl"), ["fleet.prom"]),
+                               (("cpx-devops", "--policy", "fl"), ["fleet.prom"]),
+                               (("cpx-devops", "--shard", ""), []),
                                (("cpx-devops", "--timeout", ""), [])):
             with self.subTest(case=words):
                 self.assertEqual(sorted(self.bash_complete(*words)), sorted(offered))
@@ -4095,7 +4124,7 @@ class CliMiscTest(unittest.TestCase):
 README_SEED = 42
 _VARIABLE = [  # what differs from run to run: compared as placeholders
     (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d|Z)", "<time>"),
-    (r"cpx_scrape_duration_seconds \S+", "cpx_scrape_duration_seconds <seconds>"),
+    (r"(cpx_scrape_duration_seconds(?:\{[^}]*\})?) \S+", r"\1 <seconds>"),
 ]
 
 
@@ -4171,6 +4200,20 @@ class ReadmeTest(unittest.TestCase):
         self.assertEqual(fields["unhealthy"], list(cpx.FLAGGED_FIELDS))
         self.assertEqual(fields["track SERVICE"], list(cpx.ServiceScope.FIELDS) + ["reasons"])
         self.assertEqual(fields["track"], list(cpx.FleetScope.FIELDS))
+
+    def test_the_policy_and_recording_rules_shown_are_the_files(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+            text = readme.read()
+        shown = text.split("$ cat cpx_policy.ini\n", 1)[1].split("```", 1)[0]
+        with open(os.path.join(HERE, "cpx_policy.ini"), encoding="utf-8") as policy:
+            self.assertEqual(shown, policy.read())
+        cpx.parse_policy(shown, "cpx_policy.ini")  # and it is a valid policy
+        records = re.findall(r"( +- record: .*\n +expr: .*\n)", text)
+        self.assertEqual(len(records), 4)
+        with open(os.path.join(HERE, "cpx_rules.yml"), encoding="utf-8") as rules:
+            rules_text = rules.read()
+        for record in records:
+            self.assertIn(record, rules_text)
 
     def test_every_example_prints_what_the_readme_shows(self):
         examples = readme_examples()
