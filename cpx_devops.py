@@ -370,6 +370,30 @@ def parse_server_list(payload: Any) -> ServerList:
     return ServerList(ips, rejected, duplicates)
 
 
+def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (delta or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if _ASCII_DIGITS.match(value):  # not str.isdigit(): it says yes to '²', which float() refuses
+        return float(value)
+    if any(ord(char) > 127 for char in value):  # an HTTP date is ASCII
+        return None
+    try:
+        from email.utils import parsedate_to_datetime
+
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment is None:
+        return None
+    current = time.time() if now is None else now
+    try:
+        return max(0.0, moment.timestamp() - current)
+    except (OverflowError, OSError, ValueError):  # a date no clock can reach
+        return None
+
+
 def canonical_ip(ip: str) -> str:
     """One spelling per address ('0:0::1' is '::1'): what a shard is chosen from."""
     return ipaddress.ip_address(ip).compressed
@@ -458,6 +482,10 @@ class Policy:
     min_healthy: MinHealthy = HealthyCount(DEFAULT_MIN_HEALTHY)
     services: Tuple[ExpectedService, ...] = ()
     source: Optional[str] = None  # the file it came from
+    by_name: Dict[str, ExpectedService] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "by_name", {s.name: s for s in self.services})
 
     def overridden(self, cpu: Optional[float] = None, memory: Optional[float] = None,
                    min_healthy: Optional[MinHealthy] = None) -> "Policy":
@@ -486,11 +514,11 @@ class Policy:
         """The healthy instances a service of this many instances needs. A share is of the larger
         of those instances and the policy's count for it: an instance that vanished or could not
         be read (so has no service) does not lower the bar."""
-        for expected in self.services:
-            if expected.name == service:
-                rule = expected.min_healthy or self.min_healthy
-                return rule.required(max(instances, expected.instances or 0))
-        return self.min_healthy.required(instances)
+        expected = self.by_name.get(service) if service is not None else None
+        if expected is None:
+            return self.min_healthy.required(instances)
+        rule = expected.min_healthy or self.min_healthy
+        return rule.required(max(instances, expected.instances or 0))
 
 
 POLICY_DEFAULTS = "defaults"
@@ -641,36 +669,13 @@ class Options:
     service_cache: Optional[str] = None  # where the services seen go, for shell completion (terminals only)
     policy: Policy = field(default_factory=Policy)  # thresholds, minimums, expected services
     shard: Optional[Shard] = None
+    authorization: Optional[str] = field(default=None, repr=False)  # from credentials in the URL
 
     @property
     def thresholds(self) -> Thresholds:
         """Every service's thresholds, from the policy."""
         return self.policy.thresholds()
-    authorization: Optional[str] = field(default=None, repr=False)  # from credentials in the URL
 
-
-def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
-    """Seconds to wait from a Retry-After header (delta or HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if _ASCII_DIGITS.match(value):  # not str.isdigit(): it says yes to '²', which float() refuses
-        return float(value)
-    if any(ord(char) > 127 for char in value):  # an HTTP date is ASCII
-        return None
-    try:
-        from email.utils import parsedate_to_datetime
-
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if moment is None:
-        return None
-    current = time.time() if now is None else now
-    try:
-        return max(0.0, moment.timestamp() - current)
-    except (OverflowError, OSError, ValueError):  # a date no clock can reach
-        return None
 
 
 # ---------------------------------------------------------------------------
@@ -782,6 +787,14 @@ def with_missing(summaries: Iterable[ServiceSummary], expected: Iterable[str]) -
     present = {s.service for s in summaries}
     missing = [ServiceSummary(name, 0, 0, None, None) for name in expected if name not in present]
     return sorted(summaries + missing, key=lambda s: service_sort_key(s.service)) if missing else summaries
+
+
+def fleet_summaries(instances: Iterable[Instance], policy: Policy,
+                    chosen: Optional[Set[str]] = None) -> List[ServiceSummary]:
+    """A summary per service seen, and a row of 0 instances for each expected one that has none
+    (of the chosen services, when some are)."""
+    expected = [name for name in policy.expected if chosen is None or name in chosen]
+    return with_missing(summarize_services(instances, policy.thresholds()), expected)
 
 
 def flag_services(summaries: Iterable[ServiceSummary], policy: Policy) -> List[ServiceSummary]:
@@ -1919,11 +1932,12 @@ def _labels(pairs: Sequence[Tuple[str, Optional[str]]]) -> str:
 
 
 def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = True,
-                      flagged: Optional[Sequence[ServiceSummary]] = None, shard: Optional[Shard] = None) -> str:
+                      flagged: Optional[Sequence[ServiceSummary]] = None, shard: Optional[Shard] = None,
+                      chosen: Optional[Set[str]] = None) -> str:
     """The text exposition format: HELP and TYPE per family, escaped labels, no timestamps.
-    Every service the policy expects has its series, instances or not, so none vanishes;
-    flagged (unhealthy's verdict) adds cpx_service_flagged; under --shard every series has a
-    shard label, so that the shards' slices never collide and sum by (service)."""
+    Every service the policy expects (of the chosen ones, if any) has its series, instances
+    or not, so none vanishes; flagged (unhealthy's verdict) adds cpx_service_flagged; under
+    --shard every series has a shard label, so that the shards' slices never collide."""
     thresholds = policy.thresholds()
     tail = (("shard", str(shard)),) if shard is not None else ()
     samples: Dict[str, List[str]] = {name: [] for name, _ in PROMETHEUS_FAMILIES}
@@ -1944,7 +1958,7 @@ def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = T
             samples["cpx_instance_up"].append(labels + "%d" % instance.readable)
     expected = set(policy.expected)
     flagged_services = {s.service for s in flagged or ()}
-    for summary in with_missing(summarize_services(instances, thresholds), policy.expected):
+    for summary in fleet_summaries(instances, policy, chosen):
         if summary.service is None:
             continue  # unreadable instances count in cpx_scrape_errors and cpx_instance_up
         service = (("service", summary.service),)
@@ -1984,11 +1998,13 @@ class Report:
     FIELDS: Sequence[str] = ()  # the json/csv fields
     PER_INSTANCE = False  # Prometheus: the instance families too, or per service only
 
-    def __init__(self, snapshot: Snapshot, policy: Policy, shard: Optional[Shard] = None):
-        self.snapshot = snapshot
+    def __init__(self, snapshot: Snapshot, policy: Policy, shard: Optional[Shard] = None,
+                 chosen: Optional[Set[str]] = None):
+        self.snapshot = snapshot  # its instances: those of the chosen services (all, when None)
         self.policy = policy
         self.thresholds = policy.thresholds()
         self.shard = shard
+        self.chosen = chosen
 
     def rows(self, wide: bool = False) -> List[List[str]]:
         """The table's rows (with the wide columns when wide)."""
@@ -2046,7 +2062,8 @@ class Report:
         return None
 
     def as_prometheus(self, options: Options) -> str:
-        return render_prometheus(self.snapshot, self.policy, self.PER_INSTANCE, self.flagged(), self.shard)
+        return render_prometheus(self.snapshot, self.policy, self.PER_INSTANCE, self.flagged(), self.shard,
+                                 self.chosen)
 
 
 _REPORT_FORMATS = {"table": Report.as_table, "wide": Report.as_wide, "json": Report.as_json, "csv": Report.as_csv,
@@ -2063,8 +2080,8 @@ class InstancesReport(Report):
     PER_INSTANCE = True
 
     def __init__(self, instances: Sequence[Instance], snapshot: Snapshot, policy: Policy,
-                 shard: Optional[Shard] = None):
-        super().__init__(snapshot, policy, shard)
+                 shard: Optional[Shard] = None, chosen: Optional[Set[str]] = None):
+        super().__init__(snapshot, policy, shard, chosen)
         self.instances = instances
 
     def rows(self, wide: bool = False) -> List[List[str]]:
@@ -2103,8 +2120,8 @@ class SummariesReport(Report):
     FIELDS = SUMMARY_FIELDS
 
     def __init__(self, summaries: Sequence[ServiceSummary], snapshot: Snapshot, policy: Policy,
-                 shard: Optional[Shard] = None):
-        super().__init__(snapshot, policy, shard)
+                 shard: Optional[Shard] = None, chosen: Optional[Set[str]] = None):
+        super().__init__(snapshot, policy, shard, chosen)
         self.summaries = summaries
 
     def rows(self, wide: bool = False) -> List[List[str]]:
@@ -2446,19 +2463,13 @@ def _verdict(snapshot: Snapshot, settings: SnapshotSettings, flagged: bool = Fal
 def cmd_services(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
     """Every instance: IP, service, status, cpu, memory."""
     whole = take_snapshot(client, options)
-    snapshot = _only_services(whole, _chosen_services(whole, settings.services, options.policy.expected))
-    chosen = filter_statuses(snapshot.instances, settings.statuses, options.thresholds)
-    instances = _ordered(sort_instances(chosen, settings.sort, options.thresholds), settings)
-    deliver(InstancesReport(instances, snapshot, options.policy, options.shard).render(options), options)
+    chosen = _chosen_services(whole, settings.services, options.policy.expected)
+    snapshot = _only_services(whole, chosen)
+    shown = filter_statuses(snapshot.instances, settings.statuses, options.thresholds)
+    instances = _ordered(sort_instances(shown, settings.sort, options.thresholds), settings)
+    deliver(InstancesReport(instances, snapshot, options.policy, options.shard, chosen).render(options), options)
     remember_services(whole, options)
     return _verdict(whole, settings)
-
-
-def fleet_summaries(snapshot: Snapshot, policy: Policy, chosen: Optional[Set[str]] = None) -> List[ServiceSummary]:
-    """A summary per service seen, and a row of 0 instances for each expected one that has none
-    (of the chosen services, when some are)."""
-    expected = [name for name in policy.expected if chosen is None or name in chosen]
-    return with_missing(summarize_services(snapshot.instances, policy.thresholds()), expected)
 
 
 def cmd_status(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
@@ -2466,8 +2477,9 @@ def cmd_status(client: CpxClient, options: Options, settings: SnapshotSettings) 
     whole = take_snapshot(client, options)
     chosen = _chosen_services(whole, settings.services, options.policy.expected)
     snapshot = _only_services(whole, chosen)
-    summaries = _ordered(sort_summaries(fleet_summaries(snapshot, options.policy, chosen), settings.sort), settings)
-    deliver(SummariesReport(summaries, snapshot, options.policy, options.shard).render(options), options)
+    summaries = _ordered(sort_summaries(fleet_summaries(snapshot.instances, options.policy, chosen), settings.sort),
+                         settings)
+    deliver(SummariesReport(summaries, snapshot, options.policy, options.shard, chosen).render(options), options)
     remember_services(whole, options)
     return _verdict(whole, settings)
 
@@ -2478,7 +2490,7 @@ def cmd_unhealthy(client: CpxClient, options: Options, settings: SnapshotSetting
     if options.shard is not None:
         warn(options, "--shard %s: this judges only the shard's own instances; judge the whole fleet on the "
                       "shards' sum, in Prometheus (see the README)" % options.shard)
-    flagged = _ordered(flag_services(fleet_summaries(snapshot, options.policy), options.policy), settings)
+    flagged = _ordered(flag_services(fleet_summaries(snapshot.instances, options.policy), options.policy), settings)
     deliver(FlaggedReport(flagged, snapshot, options.policy, options.shard).render(options), options)
     remember_services(snapshot, options)
     return _verdict(snapshot, settings, flagged=bool(flagged))

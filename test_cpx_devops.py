@@ -1108,11 +1108,11 @@ class PolicyUnitTest(unittest.TestCase):
 
     def test_a_share_is_rounded_up_exactly(self):
         share = cpx.parse_min_healthy
-        cases = (("50%", 3, 2), ("50%", 4, 2), ("10%", 10, 1), ("33.3%", 3, 1), ("70%", 10, 7), ("100%", 7, 7),
+        cases = (("50%", 3, 2), ("50%", 4, 2), ("7%", 100, 7), ("14%", 50, 7), ("33.3%", 3, 1), ("100%", 7, 7),
                  ("0%", 7, 0), ("1%", 1, 1), ("50 %", 0, 0), ("3", 0, 3))
         for text, instances, required in cases:
             with self.subTest(case=(text, instances)):
-                # 10% of 10 in floats is 1.0000000000000002, whose ceiling is 2: Fractions keep it 1.
+                # 7% of 100 in floats (0.07 * 100) is 7.000000000000001, whose ceiling is 8: Fractions keep 7.
                 self.assertEqual(share(text).required(instances), required)
         self.assertEqual((str(share("50%")), str(share("33.3%")), str(share("7"))), ("50%", "33.3%", "7"))
 
@@ -1177,17 +1177,18 @@ class PolicyUnitTest(unittest.TestCase):
         self.assertEqual(cpx.instance_record(hot, thresholds)["status"], cpx.HEALTHY)
 
     def test_missing_expected_services_are_rows_of_zero_and_flagged_first(self):
-        policy = cpx.parse_policy("[defaults]\nmin_healthy = 1\n[service:Gone]\n[service:Alive]\nmin_healthy = 3\n",
-                                  "p")
+        policy = cpx.parse_policy("[defaults]\nmin_healthy = 1\n[service:Vanished]\n[service:Alive]\n"
+                                  "min_healthy = 3\n", "p")
         instances = [cpx.Instance("10.0.0.%d" % k, "Alive", 10.0, 10.0) for k in (1, 2)]
         instances += [cpx.Instance("10.0.0.3", "Sick", 99.0, 10.0), cpx.Instance("10.0.0.4", "Fine", 1.0, 1.0)]
         summaries = cpx.with_missing(cpx.summarize_services(instances, policy.thresholds()), policy.expected)
         self.assertEqual([(s.service, s.instances, s.healthy) for s in summaries],
-                         [("Alive", 2, 2), ("Fine", 1, 1), ("Gone", 0, 0), ("Sick", 1, 0)])
-        self.assertIsNone(summaries[2].avg_cpu)
+                         [("Alive", 2, 2), ("Fine", 1, 1), ("Sick", 1, 0), ("Vanished", 0, 0)])
+        self.assertIsNone(summaries[3].avg_cpu)
         flagged = cpx.flag_services(summaries, policy)
-        self.assertEqual([s.service for s in flagged], ["Gone", "Sick", "Alive"])
+        self.assertEqual([s.service for s in flagged], ["Vanished", "Sick", "Alive"])  # missing first of the zeros
         self.assertEqual([cpx.flag_problem(s) for s in flagged], ["missing", "below minimum", "below minimum"])
+        self.assertEqual(cpx.flag_problem(cpx.ServiceSummary(None, 3, 0, None, None)), "unreadable")
         # A missing service is flagged whatever its minimum, 0 included.
         zero = cpx.parse_policy("[service:Gone]\nmin_healthy = 0\n", "p")
         self.assertEqual([s.service for s in cpx.flag_services(cpx.with_missing([], zero.expected), zero)], ["Gone"])
@@ -3009,6 +3010,12 @@ class PolicyCliTest(ServerTestCase):
         one = self.cli("--policy", self.policy, "status", "Payment*", "-o", "csv", "--no-headers")
         self.assertEqual(without_times(one.stdout), "PaymentService,0,0,,,,,,,<time>,2\n")
         self.assertEqual(self.cli("status", "PaymentService").returncode, 2)  # no policy: unknown
+        # The services asked for, and only those, in every format.
+        for command in (("status", "UserService"), ("services", "--service", "UserService")):
+            with self.subTest(case=command):
+                exported = parse_exposition(self.cli("--policy", self.policy, "-o", "prometheus", *command).stdout)
+                self.assertEqual({dict(labels).get("service") for name, labels in exported
+                                  if name.startswith("cpx_service_")}, {"UserService"})
 
     def test_a_vanished_service_keeps_its_series(self):
         fleet = dict(FIXED_FLEET)
@@ -3055,6 +3062,8 @@ class PolicyCliTest(ServerTestCase):
         lenient = self.write_policy("[service:TicketService]\ncpu_threshold = 95\nmemory_threshold = 96\n")
         result = self.cli("--policy", lenient, "track", "TicketService", "-n", "0.1", "-c", "1", "-o", "json")
         self.assertEqual([json.loads(line)["status"] for line in result.stdout.splitlines()], [cpx.HEALTHY] * 2)
+        table = self.cli("--policy", lenient, "track", "TicketService", "-n", "0.1", "-c", "1")
+        self.assertIn("| 10.0.0.2 | Healthy | 93.0% |", table.stdout)  # no '!': 93 is under its own 95
         fleet = self.cli("--policy", lenient, "track", "-n", "0.1", "-c", "1", "-o", "json")
         ticket = [json.loads(line) for line in fleet.stdout.splitlines() if "TicketService" in line]
         self.assertEqual(ticket[0]["healthy"], 2)
