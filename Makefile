@@ -59,7 +59,7 @@ lint: ## type-check (mypy) and lint (ruff) from a throwaway venv in .lint/
 	$(RUFF) $(PYFILES)
 	$(LINT_DIR)/bin/mypy --no-incremental $(PYFILES)
 
-bench: check-python ## the performance table of the README (about 15 minutes; asserts nothing)
+bench: check-python ## the performance tables of the README, sharding included (about 16 minutes; asserts nothing)
 	@$(PY) bench_cpx_devops.py bench
 
 install: check-python ## install cpx-devops in PREFIX/bin (~/.local), and its bash completion where bash-completion looks
