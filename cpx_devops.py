@@ -2406,13 +2406,23 @@ def _known_services(instances: Iterable[Instance]) -> List[str]:
     return sorted({i.service for i in instances if i.service is not None})
 
 
-def _chosen_services(snapshot: Snapshot, patterns: Sequence[str], expected: Sequence[str] = ()) -> Optional[Set[str]]:
-    """The services that names or patterns mean, among those seen and those expected; None
-    for no choice (every service)."""
+def _chosen_services(snapshot: Snapshot, patterns: Sequence[str], options: Options) -> Optional[Set[str]]:
+    """The services that names or patterns mean, among those seen and those the policy expects;
+    None for no choice (every service). Under --shard, a name this slice has no instance of
+    may be another slice's: a warning and no row, not a usage error."""
     if not patterns:
         return None
     unreadable = sum(1 for i in snapshot.instances if i.service is None)
-    return set(resolve_services(patterns, _known_services(snapshot.instances) + list(expected), unreadable))
+    known = _known_services(snapshot.instances) + options.policy.expected
+    if options.shard is None:
+        return set(resolve_services(patterns, known, unreadable))
+    chosen: Set[str] = set()
+    for pattern in patterns:
+        try:
+            chosen.update(resolve_services([pattern], known, unreadable))
+        except UsageError:
+            warn(options, "--shard %s: no instance of %r in this shard" % (options.shard, sanitize(pattern)))
+    return chosen
 
 
 def _only_services(snapshot: Snapshot, chosen: Optional[Set[str]]) -> Snapshot:
@@ -2463,7 +2473,7 @@ def _verdict(snapshot: Snapshot, settings: SnapshotSettings, flagged: bool = Fal
 def cmd_services(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
     """Every instance: IP, service, status, cpu, memory."""
     whole = take_snapshot(client, options)
-    chosen = _chosen_services(whole, settings.services, options.policy.expected)
+    chosen = _chosen_services(whole, settings.services, options)
     snapshot = _only_services(whole, chosen)
     shown = filter_statuses(snapshot.instances, settings.statuses, options.thresholds)
     instances = _ordered(sort_instances(shown, settings.sort, options.thresholds), settings)
@@ -2475,7 +2485,7 @@ def cmd_services(client: CpxClient, options: Options, settings: SnapshotSettings
 def cmd_status(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
     """Per-service instance counts, healthy counts, averages and maxima."""
     whole = take_snapshot(client, options)
-    chosen = _chosen_services(whole, settings.services, options.policy.expected)
+    chosen = _chosen_services(whole, settings.services, options)
     snapshot = _only_services(whole, chosen)
     summaries = _ordered(sort_summaries(fleet_summaries(snapshot.instances, options.policy, chosen), settings.sort),
                          settings)

@@ -3089,6 +3089,10 @@ class PolicyCliTest(ServerTestCase):
             with self.subTest(case=args):
                 result = self.cli(*(args + ["status"]))
                 self.assertEqual((result.returncode, result.stdout, result.stderr), (2, "", message))
+        huge = self.write_policy("# padding\n" * 120000, "huge.ini")
+        result = self.cli("--policy", huge, "status")
+        self.assertEqual((result.returncode, result.stderr), (2, "cpx_devops: error: policy %s: more than 1 MiB; is it "
+                                                                 "the right file?\n" % huge))
         latin = os.path.join(os.path.dirname(bad), "latin.ini")
         with open(latin, "wb") as policy:
             policy.write(b"[service:A]\n# caf\xe9\n")
@@ -3155,6 +3159,15 @@ class ShardCliTest(ServerTestCase):
         self.assertEqual((result.returncode, json.loads(result.stdout), result.stderr), (0, [], ""))
         self.server.fleet({})
         self.assertEqual(self.cli("--shard", other, "services").returncode, 3)  # an empty list still is
+
+    def test_a_service_of_another_slice_is_no_usage_error_under_a_shard(self):
+        self.server.fleet(FIXED_FLEET)
+        auth = "%d/2" % (3 - cpx.shard_of("10.0.0.4", 2))  # the slice without AuthService's one instance
+        result = self.cli("--shard", auth, "status", "AuthService", "-o", "json")
+        self.assertEqual((result.returncode, json.loads(result.stdout)), (0, []))
+        self.assertEqual(result.stderr, "cpx_devops: warning: --shard %s: no instance of 'AuthService' in this "
+                                        "shard\n" % auth)
+        self.assertEqual(self.cli("status", "AuthServic").returncode, 2)  # unsharded, still a typo
 
     def test_unhealthy_under_a_shard_warns_that_it_judges_a_slice(self):
         self.server.fleet(FIXED_FLEET)
