@@ -2936,12 +2936,12 @@ class PolicyCliTest(ServerTestCase):
     def setUp(self):
         super().setUp()
         self.server.fleet(FIXED_FLEET)
-        folder = self.enterContext_tmp()
+        folder = self.temporary_folder()
         self.policy = os.path.join(folder, "fleet.ini")
         with open(self.policy, "w") as policy:
             policy.write(FLEET_POLICY)
 
-    def enterContext_tmp(self):
+    def temporary_folder(self):
         import tempfile
         folder = tempfile.mkdtemp(prefix="cpx-policy-")
         self.addCleanup(shutil.rmtree, folder, True)
