@@ -2191,6 +2191,8 @@ class FlaggedReport(Report):
         policy = self.policy
         if not policy.services and isinstance(policy.min_healthy, HealthyCount):
             return "Every service has at least %s.\n" % _plural(policy.min_healthy.count, "healthy instance")
+        if not policy.services:
+            return "Every service has at least %s of its instances healthy.\n" % policy.min_healthy
         text = "Every service has its minimum of healthy instances"
         if policy.services:
             count = len(policy.services)

@@ -3068,6 +3068,23 @@ class PolicyCliTest(ServerTestCase):
         ticket = [json.loads(line) for line in fleet.stdout.splitlines() if "TicketService" in line]
         self.assertEqual(ticket[0]["healthy"], 2)
 
+    def test_min_healthy_as_a_share_of_each_service_s_instances(self):
+        # UserService 2 of 2 healthy, TicketService 0 of 2, AuthService 1 of 1: 50% is 1 of 2, 1 of 1.
+        result = self.cli("unhealthy", "--min-healthy", "50%", "-o", "json")
+        self.assertEqual([(r["service"], r["min_healthy"]) for r in json.loads(result.stdout)],
+                         [("TicketService", 1)])
+        everyone = self.cli("unhealthy", "--min-healthy", "100%")
+        self.assertEqual(everyone.returncode, 1)
+        self.assertIn("| TicketService |       0 |         2 |       2 | below minimum |", everyone.stdout)
+        self.server.fleet({ip: FIXED_FLEET[ip] for ip in ("10.0.0.10", "10.0.0.9", "10.0.0.4")})
+        none = self.cli("unhealthy", "--min-healthy", "50%")
+        self.assertEqual((none.returncode, none.stdout), (0, "Every service has at least 50% of its instances "
+                                                            "healthy.\n"))
+        for text in ("150%", "-1", "0", "half"):
+            with self.subTest(case=text):
+                refused = self.cli("unhealthy", "--min-healthy", text)
+                self.assertEqual((refused.returncode, len(refused.stderr.splitlines())), (2, 1), refused.stderr)
+
     def test_the_policy_comes_from_cpx_policy_unless_policy_is_given(self):
         from_env = self.cli("unhealthy", "-o", "json", env={"CPX_POLICY": self.policy})
         self.assertEqual(len(json.loads(from_env.stdout)), 3)
@@ -3196,8 +3213,10 @@ class ShardCliTest(ServerTestCase):
         code = ("import sys; sys.path.insert(0, %r); import cpx_devops as c; print([[c.shard_of(ip, n) for n in "
                 "(2, 7)] for ip in %r])" % (HERE, [ip for ip, _, _ in SHARD_GOLDEN]))
         golden = [[of_two, of_seven] for _, of_two, of_seven in SHARD_GOLDEN]
-        pythons = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3.[0-9]*")))
-        pythons = [p for p in pythons if re.search(r"python3\.(7|[1-9][0-9])$", p)] or [sys.executable]
+        # By version, not by name: "3.10" sorts before "3.7" as text. 3.6 is not supported.
+        found = {int(m.group(1)): path for path in glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3*"))
+                 for m in [re.search(r"python3\.([0-9]+)$", path)] if m and int(m.group(1)) >= 7}
+        pythons = [found[minor] for minor in sorted(found)] or [sys.executable]
         for python in {pythons[0], pythons[-1], sys.executable}:
             with self.subTest(case=python):
                 printed = subprocess.run([python, "-c", code], stdout=subprocess.PIPE, universal_newlines=True,
