@@ -2,9 +2,12 @@
 PYTHON ?= python3
 PREFIX ?= $(HOME)/.local
 # `make install PREFIX=~/.local` from a shell that leaves the ~ alone still works.
-BINDIR = $(patsubst ~%,$(HOME)%,$(PREFIX))/bin
-# bash-completion's folder for a user's own completions; used only where it exists.
-COMPLETIONDIR ?= $(or $(XDG_DATA_HOME),$(HOME)/.local/share)/bash-completion/completions
+prefix = $(patsubst ~%,$(HOME)%,$(PREFIX))
+BINDIR = $(prefix)/bin
+LIBDIR = $(prefix)/lib/cpx-devops
+# Where bash-completion looks: a system prefix's share folder; for a prefix inside the user's
+# home, the user's data home. DESTDIR goes before every path install writes or uninstall removes.
+COMPLETIONDIR ?= $(if $(filter $(HOME)/%,$(prefix)/),$(or $(XDG_DATA_HOME),$(HOME)/.local/share),$(prefix)/share)/bash-completion/completions
 # A pyenv shim for a version that is installed but not selected fails to run:
 # fall back to that version's own binary, so `make test PYTHON=python3.7` works.
 PY := $(shell p='$(PYTHON)'; if "$$p" -c '' >/dev/null 2>&1; then echo "$$p"; else \
@@ -62,16 +65,22 @@ lint: ## type-check (mypy) and lint (ruff) from a throwaway venv in .lint/
 bench: check-python ## the performance tables of the README, sharding included (about 16 minutes; asserts nothing)
 	@$(PY) bench_cpx_devops.py bench
 
-install: check-python ## install cpx-devops in PREFIX/bin (~/.local), and its bash completion where bash-completion looks
-	install -d "$(DESTDIR)$(BINDIR)"
-	install -m 0755 cpx_devops.py "$(DESTDIR)$(BINDIR)/cpx-devops"
-	@echo "installed $(DESTDIR)$(BINDIR)/cpx-devops"
-	@if [ -d "$(COMPLETIONDIR)" ]; then \
-	  $(PY) cpx_devops.py completion bash > "$(COMPLETIONDIR)/cpx-devops" && \
-	  echo "installed bash completion $(COMPLETIONDIR)/cpx-devops (new shells complete cpx-devops)"; \
-	else \
-	  echo "bash completion not installed: no $(COMPLETIONDIR); add 'source <(cpx-devops completion bash)' to ~/.bashrc"; \
-	fi
+# The installed command is a launcher that runs the module from lib/cpx-devops beside its bin
+# folder, byte-compiled here: a script is compiled on every run, a module once.
+install: check-python ## install cpx-devops in PREFIX (~/.local): bin/cpx-devops, lib/cpx-devops, bash completion
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(COMPLETIONDIR)"
+	install -m 0644 cpx_devops.py "$(DESTDIR)$(LIBDIR)/cpx_devops.py"
+	$(PY) -m py_compile "$(DESTDIR)$(LIBDIR)/cpx_devops.py"
+	$(PY) -c 'import sys; print("#!" + sys.executable)' > "$(DESTDIR)$(BINDIR)/cpx-devops"
+	printf '%s\n' '# cpx-devops: cpx_devops from ../lib/cpx-devops, byte-compiled by make install.' \
+	  'import os, runpy, sys' \
+	  'sys.path.insert(0, os.path.join(os.path.dirname(os.path.realpath(__file__)), os.pardir, "lib", "cpx-devops"))' \
+	  'runpy.run_module("cpx_devops", run_name="__main__")' >> "$(DESTDIR)$(BINDIR)/cpx-devops"
+	chmod 0755 "$(DESTDIR)$(BINDIR)/cpx-devops"
+	$(PY) cpx_devops.py completion bash > "$(DESTDIR)$(COMPLETIONDIR)/cpx-devops"
+	@echo "installed $(DESTDIR)$(BINDIR)/cpx-devops, and bash completion in $(DESTDIR)$(COMPLETIONDIR)"
 
-uninstall: ## remove PREFIX/bin/cpx-devops and its bash completion
-	rm -f "$(DESTDIR)$(BINDIR)/cpx-devops" "$(COMPLETIONDIR)/cpx-devops"
+uninstall: ## remove what install wrote (the same PREFIX and DESTDIR)
+	rm -f "$(DESTDIR)$(BINDIR)/cpx-devops" "$(DESTDIR)$(LIBDIR)/cpx_devops.py" \
+	  "$(DESTDIR)$(LIBDIR)"/__pycache__/cpx_devops.*.pyc "$(DESTDIR)$(COMPLETIONDIR)/cpx-devops"
+	rmdir "$(DESTDIR)$(LIBDIR)/__pycache__" "$(DESTDIR)$(LIBDIR)" 2>/dev/null || true

@@ -10,6 +10,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -225,7 +226,9 @@ def update_readme():
     path = os.path.join(HERE, "README.md")
     with open(path, encoding="utf-8") as readme:
         lines = readme.read().splitlines()
+    import tempfile
     simulator, url = start_simulator_process(150, 0, [], seed=README_SEED)
+    folder = tempfile.mkdtemp()
     out, inside, skipping = [], False, False
     try:
         for line in lines:
@@ -233,9 +236,11 @@ def update_readme():
                 inside, skipping = not inside, False
             elif inside and line.startswith("$ "):
                 skipping = False
-                if line.startswith("$ python3 cpx_devops.py") and " simulate" not in line:
+                if line.startswith("$ printf "):
+                    run_readme_command(line[2:], url, folder)
+                elif line.startswith("$ python3 cpx_devops.py") and " simulate" not in line:
                     out.append(line)
-                    out.extend(run_readme_command(line[2:], url))
+                    out.extend(run_readme_command(line[2:], url, folder))
                     skipping = True
                     continue
             elif skipping:
@@ -243,6 +248,7 @@ def update_readme():
             out.append(line)
     finally:
         finish(simulator)
+        shutil.rmtree(folder)
     with open(path, "w", encoding="utf-8") as readme:
         readme.write("\n".join(out) + "\n")
 

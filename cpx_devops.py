@@ -52,7 +52,6 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 import argparse
 import csv
 import difflib
-import fnmatch
 import functools
 import io
 import ipaddress
@@ -147,6 +146,8 @@ BACKOFF_CAP = 2.0
 RETRY_AFTER_CAP = 10.0
 MAX_SERVICE_NAME = 256
 POLICY_SIZE_CAP = 1024 * 1024  # a policy is written by hand: more is the wrong file
+SERVICE_CACHE = ("cpx_devops", "services")  # below the cache home: the service names shell completion offers
+SERVICE_CACHE_CAP = 256 * 1024
 IPS_LISTED_PER_REASON = 5
 
 MIN_INTERVAL = 0.1
@@ -337,35 +338,46 @@ def _instance_from(ip: str, payload: Any) -> Instance:
     return Instance(ip, service=service, cpu=values["cpu"], memory=values["memory"])
 
 
-def is_ip_address(entry: Any) -> bool:
-    """True for a plain IPv4/IPv6 address string, safe to put in a request path."""
+_CANONICAL_IPV4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?!\Z)|\Z)){4}\Z")
+
+
+def address_key(entry: Any) -> Optional[Any]:
+    """One key per address for a plain IPv4/IPv6 address string (safe to put in a request
+    path), else None: '::1' and '0:0:0:0:0:0:0:1' share one. Only the canonical IPv4 form is
+    taken ('010.1.1.1' is refused, which older Pythons' ipaddress reads as an address)."""
     if not isinstance(entry, str) or not _IP_CHARACTERS.match(entry):
-        return False
+        return None
+    if ":" not in entry:
+        return entry if _CANONICAL_IPV4.match(entry) else None
     try:
-        address = ipaddress.ip_address(entry)
-    except ValueError:
-        return False
-    # Older Pythons read "010.1.1.1" as an address; only the canonical IPv4 form is taken.
-    return address.version == 6 or str(address) == entry
+        return socket.inet_pton(socket.AF_INET6, entry)
+    except (OSError, ValueError):
+        return None
 
 
 def parse_server_list(payload: Any) -> ServerList:
-    """Validate a /servers answer: a JSON list of IP strings (ValueError if not a list)."""
+    """Validate a /servers answer: a JSON list of IP strings (ValueError if not a list). Each
+    spelling is looked at once, however often it is listed: 400,000 entries naming 200
+    addresses cost what 200 do. An address listed twice is requested (and shown) as first
+    listed, the spelling the server knows it by."""
     if not isinstance(payload, list):
         raise ValueError("not a JSON list")
-    seen = set()
+    spellings: Set[str] = set()
+    addresses: Set[Any] = set()
     ips, rejected, duplicates = [], [], 0
     for entry in payload:
-        if not is_ip_address(entry):
+        if isinstance(entry, str):
+            if entry in spellings:
+                duplicates += 1
+                continue
+            spellings.add(entry)
+        key = address_key(entry)
+        if key is None:
             rejected.append(entry)
-            continue
-        # Compared as addresses: '::1' and '0:0:0:0:0:0:0:1' are one instance, requested
-        # (and shown) as first listed, the spelling the server knows it by.
-        address = ipaddress.ip_address(entry)
-        if address in seen:
+        elif key in addresses:
             duplicates += 1
         else:
-            seen.add(address)
+            addresses.add(key)
             ips.append(entry)
     return ServerList(ips, rejected, duplicates)
 
@@ -383,7 +395,7 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
         from email.utils import parsedate_to_datetime
 
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # OverflowError: a year past any clock (fuzzing)
         return None
     if moment is None:
         return None
@@ -565,60 +577,56 @@ def _policy_value(key: str, text: str) -> Any:
         raise ValueError("%r is not a percentage from 0 to 100" % text)
 
 
-def _policy_lines(text: str) -> Dict[Tuple[str, Optional[str]], int]:
-    """Where each [section] and each key in it is (1-based), for messages: configparser keeps
-    no line numbers once it has read a file."""
-    lines: Dict[Tuple[str, Optional[str]], int] = {}
-    section = ""
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped[0] in "#;" or line[:1].isspace():
-            continue
-        header = re.match(r"\[(.+)\]", stripped)
-        if header:
-            section = header.group(1)
-            lines.setdefault((section, None), number)
-        else:
-            key = re.split(r"[=:]", stripped, maxsplit=1)[0].strip().lower()
-            lines.setdefault((section, key), number)
-    return lines
+_POLICY_LINE_ENDS = re.compile(r"\r\n|\r|\n")  # LF, CRLF and lone CR alike; a form feed is in a line
+_POLICY_HEADER_END = re.compile(r"\]\s*(?:[#;]|\Z)")  # the first ']' that only a comment follows
+_POLICY_KEY = re.compile(r"([^=:]*)[=:](.*)", re.DOTALL)  # key = value, or key: value
+_POLICY_COMMENT = re.compile(r"(?:\A|\s)[#;]")  # a comment after a value starts after white space
 
 
 def parse_policy(text: str, source: str) -> Policy:
     """A policy file's text (INI): a [defaults] section and a [service:NAME] section per
-    expected service. UsageError naming the file, the line and what is wrong."""
-    import configparser
+    expected service; '#' and ';' start comments. Read line by line, in one pass, by hand:
+    configparser keeps no line numbers, reads a lone CR as no line end, and reads a name
+    with ']' differently from one Python to the next. UsageError naming the file, the line
+    and what is wrong, for anything it cannot read."""
+    def fail(line: int, message: str) -> NoReturn:
+        raise UsageError("policy %s, line %d: %s" % (sanitize(source), line, sanitize(message)))
 
-    def fail(line: Optional[int], message: str) -> NoReturn:
-        where = "%s, line %d" % (source, line) if line else source
-        raise UsageError("policy %s: %s" % (sanitize(where), sanitize(message)))
-
-    # No interpolation ('%' is a share, not a reference); no special [DEFAULT] section.
-    parser = configparser.ConfigParser(interpolation=None, default_section="\0", strict=True,
-                                       inline_comment_prefixes=("#", ";"))
-    try:
-        parser.read_string(text)
-    except configparser.MissingSectionHeaderError as error:
-        fail(error.lineno, "a key before any [section]: %s" % error.line.strip())
-    except configparser.ParsingError as error:
-        number = error.errors[0][0]
-        fail(number, "not a [section], a key = value, or a comment: %s" % text.splitlines()[number - 1].strip())
-    except (configparser.DuplicateSectionError, configparser.DuplicateOptionError) as error:
-        what = "[%s]" % error.section if isinstance(error, configparser.DuplicateSectionError) else \
-            "%s in [%s]" % (error.option, error.section)
-        fail(error.lineno, "%s is there twice" % what)
-    except configparser.Error as error:
-        fail(None, str(error).splitlines()[0])
-    lines = _policy_lines(text)
+    sections: List[Tuple[str, int, Dict[str, Tuple[str, int]]]] = []  # (name, line, key -> (value, line))
+    seen: Dict[str, int] = {}
+    keys: Optional[Dict[str, Tuple[str, int]]] = None
+    for number, line in enumerate(_POLICY_LINE_ENDS.split(text), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        if stripped[0] == "[":
+            end = _POLICY_HEADER_END.search(stripped)
+            if end is None:
+                fail(number, "a [section] line ends with its ']', and only a comment may follow: %s" % stripped)
+            section = stripped[1:end.start()]
+            if section in seen:
+                fail(number, "[%s] is there twice" % section)
+            seen[section] = number
+            keys = {}
+            sections.append((section, number, keys))
+            continue
+        if keys is None:
+            fail(number, "a key before any [section]: %s" % stripped)
+        pair = _POLICY_KEY.match(stripped)
+        if pair is None:
+            fail(number, "not a [section], a key = value, or a comment: %s" % stripped)
+        key, value = pair.group(1).strip().lower(), pair.group(2)
+        if key in keys:
+            fail(number, "%s in [%s] is there twice" % (key, sections[-1][0]))
+        keys[key] = (_POLICY_COMMENT.split(value, 1)[0].strip(), number)
     values: Dict[str, Any] = {}
-    services: List[ExpectedService] = []
-    for section in parser.sections():
-        line = lines.get((section, None))
+    services: Dict[str, ExpectedService] = {}
+    for section, line, keys in sections:
         if section.startswith(POLICY_SERVICE):
             kind, name = POLICY_SERVICE, section[len(POLICY_SERVICE):].strip()
             if not name:
                 fail(line, "[%s] names no service" % section)
-            if name in (s.name for s in services):
+            if name in services:
                 fail(line, "service %s is there twice" % name)
         elif section == POLICY_DEFAULTS:
             kind, name = POLICY_DEFAULTS, ""
@@ -626,8 +634,7 @@ def parse_policy(text: str, source: str) -> Policy:
             fail(line, "unknown section [%s]%s; a policy has [defaults] and [service:NAME] sections"
                  % (section, _suggestion(section.lower(), [POLICY_DEFAULTS, POLICY_SERVICE], 0.5)))
         read: Dict[str, Any] = {}
-        for key, text_value in parser.items(section):
-            key_line = lines.get((section, key), line)
+        for key, (text_value, key_line) in keys.items():
             if key not in POLICY_KEYS[kind]:
                 fail(key_line, "unknown key %r in [%s]%s; it takes %s" % (key, section, _suggestion(
                     key, POLICY_KEYS[kind]), ", ".join(POLICY_KEYS[kind])))
@@ -637,16 +644,17 @@ def parse_policy(text: str, source: str) -> Policy:
                 fail(key_line, "%s: %s" % (key, error))
         minimum = read.get("min_healthy")
         if isinstance(minimum, HealthyCount) and read.get("instances", minimum.count) < minimum.count:
-            fail(lines.get((section, "min_healthy"), line), "min_healthy %d is more than its %d instances: it "
-                 "could never be met" % (minimum.count, read["instances"]))
+            fail(keys["min_healthy"][1], "min_healthy %d is more than its %d instances: it could never be met"
+                 % (minimum.count, read["instances"]))
         if kind == POLICY_DEFAULTS:
             values = read
         else:
-            services.append(ExpectedService(name, minimum, read.get("instances"), read.get("cpu_threshold"),
-                                            read.get("memory_threshold")))
+            services[name] = ExpectedService(name, minimum, read.get("instances"), read.get("cpu_threshold"),
+                                             read.get("memory_threshold"))
     defaults = Policy()
     return Policy(cpu=values.get("cpu_threshold", defaults.cpu), memory=values.get("memory_threshold", defaults.memory),
-                  min_healthy=values.get("min_healthy", defaults.min_healthy), services=tuple(services), source=source)
+                  min_healthy=values.get("min_healthy", defaults.min_healthy), services=tuple(services.values()),
+                  source=source)
 
 
 @dataclass(frozen=True)
@@ -866,6 +874,72 @@ def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str
 _GLOB = re.compile(r"[*?[]")
 
 
+def _glob_class(body: str) -> str:
+    """The regex of a pattern's [seq] or [!seq], by fnmatch's rules: ranges a-z, a reversed
+    range matching nothing; every character escaped, so none is read as regex syntax."""
+    negate = body[:1] == "!"
+    body = body[negate:]
+    items, k = [], 0
+    while k < len(body):
+        if body[k + 1:k + 2] == "-" and k + 2 < len(body):
+            if body[k] <= body[k + 2]:
+                items.append("%s-%s" % (re.escape(body[k]), re.escape(body[k + 2])))
+            k += 3
+        else:
+            items.append(re.escape(body[k]))
+            k += 1
+    if not items:
+        return "." if negate else "(?!)"
+    return "[%s%s]" % ("^" if negate else "", "".join(items))
+
+
+@functools.lru_cache(maxsize=64)
+def glob_parts(pattern: str) -> List[Tuple[Any, int]]:
+    """A shell-style pattern (* ? [seq] [!seq]) as its '*'-separated parts: each a regex with
+    no repetition, and the number of characters it matches. fnmatch's regexes backtrack
+    (on Python 3.7 and 3.8, '*a*a*a*a*b' takes minutes against a long name); these cannot."""
+    parts: List[Tuple[Any, int]] = []
+    regex, length, k = "", 0, 0
+    while k < len(pattern):
+        char, k = pattern[k], k + 1
+        end = -1
+        if char == "[":
+            start = k + (pattern[k:k + 1] == "!")
+            end = pattern.find("]", start + (pattern[start:start + 1] == "]"))
+        if char == "*":
+            parts.append((re.compile(regex, re.DOTALL), length))
+            regex, length = "", 0
+            continue
+        if char == "?":
+            regex += "."
+        elif end >= 0:
+            regex, k = regex + _glob_class(pattern[k:end]), end + 1
+        else:
+            regex += re.escape(char)
+        length += 1
+    return parts + [(re.compile(regex, re.DOTALL), length)]
+
+
+def glob_match(name: str, pattern: str) -> bool:
+    """Whether name matches the shell-style pattern, in time linear in the name for each of
+    the pattern's parts: the first part at the start, the last at the end, and each between
+    at its leftmost place after the one before (the greedy match is the right one for '*')."""
+    parts = glob_parts(pattern)
+    (first, first_length), (last, last_length) = parts[0], parts[-1]
+    if len(parts) == 1:
+        return first.fullmatch(name) is not None
+    if first.match(name) is None:
+        return False
+    position = first_length
+    for regex, _ in parts[1:-1]:
+        found = regex.search(name, position)
+        if found is None:
+            return False
+        position = found.end()
+    start = len(name) - last_length
+    return start >= position and last.fullmatch(name, start) is not None
+
+
 def resolve_services(patterns: Sequence[str], known: Iterable[str], unreadable: int = 0) -> List[str]:
     """The known services that names and shell-style patterns ('Pay*') mean, in the order asked,
     each once. A name resolves as resolve_service() does; a pattern matches case-sensitively,
@@ -875,8 +949,8 @@ def resolve_services(patterns: Sequence[str], known: Iterable[str], unreadable: 
     for pattern in patterns:
         matched: List[str] = []
         if _GLOB.search(pattern):
-            matched = [s for s in known if fnmatch.fnmatchcase(s, pattern)] or [
-                s for s in known if fnmatch.fnmatchcase(s.lower(), pattern.lower())]
+            matched = [s for s in known if glob_match(s, pattern)] or [
+                s for s in known if glob_match(s.lower(), pattern.lower())]
         if not matched:
             matched = [resolve_service(pattern, known, unreadable)]
         chosen += [service for service in matched if service not in chosen]
@@ -1083,7 +1157,7 @@ class Watchdog:
 
 
 def _build_opener(watchdog: Watchdog):
-    """One urllib opener for the process: http(s) only, no cross-host redirects, and every
+    """One urllib opener for the process: http(s) only, redirects within one origin, and every
     connection handed to the watchdog guarding its request."""
     import urllib.request
     from urllib.parse import urljoin, urlsplit
@@ -1112,16 +1186,24 @@ def _build_opener(watchdog: Watchdog):
     class GuardedHTTPHandler(GuardedConnections, urllib.request.HTTPHandler):
         pass
 
-    class SameHostRedirects(urllib.request.HTTPRedirectHandler):
-        """Follow a redirect only to the same host and port, over http or https."""
+    def origin(url: str) -> Tuple[str, Optional[str], Optional[int]]:
+        parts = urlsplit(url)
+        return parts.scheme.lower(), parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+
+    class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+        """Follow a redirect only to the same scheme, host and port (https to http never), so
+        that the request's Authorization goes nowhere but where the user sent it."""
 
         def http_error_302(self, req, fp, code, msg, headers):
             location = headers.get("Location") or headers.get("URI")
             if location:
-                old, new = urlsplit(req.full_url), urlsplit(urljoin(req.full_url, location))
-                if new.scheme not in ("http", "https") or new.netloc != old.netloc:
+                try:
+                    same = origin(urljoin(req.full_url, location)) == origin(req.full_url)
+                except ValueError:  # a port that is not a number
+                    same = False
+                if not same:
                     fp.close()
-                    raise FetchError("redirected to %s, not followed" % sanitize(location)[:200])
+                    raise FetchError("redirected to %s, not followed" % sanitize(_redacted(location))[:200])
             return super().http_error_302(req, fp, code, msg, headers)
 
         http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
@@ -1131,7 +1213,7 @@ def _build_opener(watchdog: Watchdog):
     opener = urllib.request.OpenerDirector()
     handlers = [urllib.request.ProxyHandler(), urllib.request.UnknownHandler(),
                 GuardedHTTPHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                SameHostRedirects(), urllib.request.HTTPErrorProcessor()]
+                SameOriginRedirects(), urllib.request.HTTPErrorProcessor()]
     if hasattr(urllib.request, "HTTPSHandler"):
         class GuardedHTTPSHandler(GuardedConnections, urllib.request.HTTPSHandler):
             pass
@@ -1624,6 +1706,9 @@ class CpxClient:
             servers = parse_server_list(payload)
         except ValueError as error:
             raise CpxUnavailable("GET %s: %s" % (url, error))
+        if time.monotonic() >= deadline:
+            raise CpxUnavailable("GET %s: the deadline passed while its %s were read; no instance was read"
+                                 % (url, _plural(len(payload), "entry", "entries")))
         shard = self.options.shard
         if shard is None:
             return servers
@@ -2265,7 +2350,12 @@ def emit(text: str) -> None:
 
 
 _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO or pipe"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def file_kind(mode: int) -> Optional[str]:
+    """What a file of this mode is when it is not a regular file ("a FIFO or pipe"...), else None."""
+    return next((kind for is_kind, kind in _FILE_KINDS if is_kind(mode)), None)
 
 
 def write_target(path: str) -> Tuple[str, Optional[os.stat_result]]:
@@ -2282,10 +2372,9 @@ def write_target(path: str) -> Tuple[str, Optional[os.stat_result]]:
         status = None
     except OSError as error:  # a symlink loop, a permission denied on the way
         raise UsageError("cannot write %s: %s" % (sanitize(path), error.strerror or error))
-    if status is not None:
-        for is_kind, kind in _FILE_KINDS:
-            if is_kind(status.st_mode):
-                raise UsageError("cannot write %s: it is %s, not a regular file" % (sanitize(path), kind))
+    kind = file_kind(status.st_mode) if status is not None else None
+    if kind:
+        raise UsageError("cannot write %s: it is %s, not a regular file" % (sanitize(path), kind))
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
     if not os.path.isdir(directory):
@@ -2329,7 +2418,7 @@ def write_atomically(path: str, text: str) -> None:
             os.fsync(stream.fileno())
         if old is not None:
             os.chmod(temporary, stat.S_IMODE(old.st_mode))
-            if os.geteuid() == 0:
+            if getattr(os, "geteuid", lambda: None)() == 0:  # POSIX only: Windows has no owners to keep
                 os.chown(temporary, old.st_uid, old.st_gid)
         else:
             # mkstemp makes the file 0600; a collector running as another user must be able to read it.
@@ -2446,17 +2535,58 @@ class SnapshotSettings:
     strict: bool = False
 
 
+def completable(name: str) -> bool:
+    """Whether shell completion may offer a service name: not one read as an option (a leading
+    '-'), and nothing a terminal must not be sent (control and format characters)."""
+    return bool(name) and not name.startswith("-") and not _UNSAFE_TEXT.search(name)
+
+
 def remember_services(snapshot: Snapshot, options: Options) -> None:
-    """On a terminal, keep the services seen where shell completion reads them; silently not
-    when that cannot be done (a read-only home, say): completion is a convenience."""
+    """Keep the services seen where shell completion reads them: in a folder of the user's own
+    (made 0700), through a temporary file and a rename, at most SERVICE_CACHE_CAP bytes. A
+    folder or file that is not the user's own, or not what it should be (a symlink, say), is
+    left alone, and so is any failure: completion is a convenience. Limit: the folders above
+    the cache's own are trusted (a home, or a sticky /tmp)."""
     if options.service_cache is None:
         return
+    folder = os.path.dirname(options.service_cache)
+    text, size = [], 0
+    for name in _known_services(snapshot.instances):
+        line = name + "\n"
+        size += len(line.encode("utf-8", "replace"))
+        if size > SERVICE_CACHE_CAP:
+            break
+        if completable(name):
+            text.append(line)
+    temporary = None
     try:
-        os.makedirs(os.path.dirname(options.service_cache), exist_ok=True)
-        write_atomically(options.service_cache, "".join(sanitize(name) + "\n"
-                                                        for name in _known_services(snapshot.instances)))
-    except (OSError, OutputFailed, UsageError):
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        mine = getattr(os, "geteuid", lambda: None)()
+        found = os.lstat(folder)
+        if not stat.S_ISDIR(found.st_mode) or found.st_mode & 0o022 or mine not in (None, found.st_uid):
+            return
+        try:
+            if not stat.S_ISREG(os.lstat(options.service_cache).st_mode):
+                return
+        except FileNotFoundError:
+            pass
+        handle, temporary = _temporary_beside(options.service_cache)
+        with os.fdopen(handle, "w", encoding="utf-8", errors="replace") as stream:
+            stream.write("".join(text))
+        os.replace(temporary, options.service_cache)
+        temporary = None
+    except OSError:
         pass
+    finally:
+        if temporary is not None:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
 
 
 def _ordered(rows: List[Any], settings: SnapshotSettings) -> List[Any]:
@@ -3714,6 +3844,12 @@ def _simulator_classes() -> Tuple[Any, Any]:
             self.stopping.set()
             super().server_close()
 
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # A client that hangs up mid-answer (or sends rubbish) is the client's business:
+            # no traceback. Anything else is the simulator's bug, and is shown.
+            if not isinstance(sys.exc_info()[1], OSError):
+                super().handle_error(request, client_address)
+
 
     class SingleThreadedSimulatorServer(SimulatorServer):
         """The reference server: one request at a time, a listen backlog of 5."""
@@ -4110,68 +4246,105 @@ def completion_table(parser: argparse.ArgumentParser) -> Dict[str, CompletedComm
     return table
 
 
-_SERVICE_CACHE = "${XDG_CACHE_HOME:-$HOME/.cache}/cpx_devops/services"
+# Service names come from the cache a snapshot run on a terminal leaves (SERVICE_CACHE, below the
+# cache home); with CPX_COMPLETE_LIVE set, a `status` run refreshes it first. They are CPX's
+# words, so each shell only compares them, as plain strings, with what was typed (no compgen -W,
+# no eval, no unquoted expansion) and inserts them quoted; a cache that is not the user's own
+# regular file is not read.
+_SHELL_PROLOGUES = {
+    "bash": ("# bash completion for cpx_devops, made by `cpx_devops.py completion bash` from its parser.\n"
+             "_cpx_devops_words() {  # the words given that begin with what was typed\n"
+             "    local word\n"
+             '    for word in "$@"; do [[ $word == "$cur"* ]] && COMPREPLY+=("$word"); done\n'
+             "}\n"
+             "_cpx_devops_files() {\n"
+             "    local file\n"
+             "    compopt -o filenames 2>/dev/null\n"
+             '    while IFS= read -r file; do COMPREPLY+=("$file"); done < <(compgen -f -- "$cur")\n'
+             "}\n"
+             "_cpx_devops_services() {\n"
+             "    local name quoted typed=${cur#[\\\"\\']} cache=${XDG_CACHE_HOME:-$HOME/.cache}/%(cache)s\n"
+             "    typed=${typed//\\\\/}\n"
+             '    [ -n "${CPX_COMPLETE_LIVE:-}" ] && "${COMP_WORDS[0]}" -q status >/dev/null 2>&1\n'
+             '    [ -f "$cache" ] && [ ! -L "$cache" ] && [ -O "$cache" ] || return\n'
+             "    while IFS= read -r name; do\n"
+             '        case $name in ""|-*|*[[:cntrl:]]*) continue;; esac\n'
+             '        [[ $name == "$typed"* ]] && printf -v quoted %%q "$name" && COMPREPLY+=("$quoted")\n'
+             '    done < "$cache"\n'
+             "}\n"
+             "_cpx_devops() {\n"
+             "    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} command= i\n"
+             "    COMPREPLY=()\n"
+             "    for ((i = 1; i < COMP_CWORD; i++)); do\n"
+             "        case ${COMP_WORDS[i]} in %(commands)s) command=${COMP_WORDS[i]}; break;; esac\n"
+             "    done\n"),
+    "zsh": ("# zsh completion for cpx_devops, made by `cpx_devops.py completion zsh` from its parser.\n"
+            "# It needs zsh's completion system: 'autoload -Uz compinit && compinit' in ~/.zshrc, before it.\n"
+            "if (( ! $+functions[compdef] )); then\n"
+            "    print -u2 \"cpx_devops: add 'autoload -Uz compinit && compinit' to ~/.zshrc, before this script\"\n"
+            "    return 1\n"
+            "fi\n"
+            "_cpx_devops_words() { compadd -- \"$@\" }\n"
+            "_cpx_devops_files() { _files }\n"
+            "_cpx_devops_services() {\n"
+            "    emulate -L zsh\n"
+            "    local cache=${XDG_CACHE_HOME:-$HOME/.cache}/%(cache)s\n"
+            "    local -a names\n"
+            '    [[ -n ${CPX_COMPLETE_LIVE:-} ]] && "${words[1]}" -q status >/dev/null 2>&1\n'
+            "    [[ -f $cache && ! -L $cache && -O $cache ]] || return\n"
+            '    names=("${(@f)$(<$cache)}")\n'
+            '    compadd -- "${(@)names:#(|-*|*[[:cntrl:]]*)}"\n'
+            "}\n"
+            "_cpx_devops() {\n"
+            "    emulate -L zsh\n"
+            "    local cur=${words[CURRENT]} prev=${words[CURRENT-1]} command= i\n"
+            "    for ((i = 2; i < CURRENT; i++)); do\n"
+            "        case ${words[i]} in %(commands)s) command=${words[i]}; break;; esac\n"
+            "    done\n"),
+}
+_SHELL_EPILOGUES = {"bash": "}\ncomplete -F _cpx_devops %(names)s\n", "zsh": "}\ncompdef _cpx_devops %(names)s\n"}
 
 
-def _bash_completion(table: Dict[str, CompletedCommand]) -> str:
-    services = '$(_cpx_devops_services "${COMP_WORDS[0]}")'
-    lines = [
-        "# bash completion for cpx_devops, made by `cpx_devops.py completion bash` from its parser.",
-        "# Service names: those the last snapshot shown on a terminal left in",
-        "# %s (no request per keystroke);" % _SERVICE_CACHE,
-        "# with CPX_COMPLETE_LIVE=1 set, those a `status` run against CPX finds.",
-        "_cpx_devops_services() {",
-        '    if [ -n "${CPX_COMPLETE_LIVE:-}" ]; then',
-        '        "$1" -q status -o csv --no-headers 2>/dev/null | cut -d, -f1',
-        "    else",
-        '        cat "%s" 2>/dev/null' % _SERVICE_CACHE,
-        "    fi",
-        "}",
-        "_cpx_devops() {",
-        "    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} command= words= i",
-        "    for ((i = 1; i < COMP_CWORD; i++)); do",
-        "        case ${COMP_WORDS[i]} in",
-        "            %s) command=${COMP_WORDS[i]}; break;;" % "|".join(name for name in table if name),
-        "        esac",
-        "    done",
-        '    case "$command/$prev" in',
-    ]
+def _case_completion(table: Dict[str, CompletedCommand], shell: str) -> str:
+    """bash's or zsh's script: one function, shared but for the prologue, that completes an
+    option's value by `command/previous word`, else the command's options or positional words."""
+    replies = {"file": "_cpx_devops_files", "service": "_cpx_devops_services", "other": ":"}
+    by_reply: Dict[str, List[Tuple[str, str]]] = OrderedDict()  # reply -> (command, option) pairs
+    meanings: Dict[str, Set[str]] = {}  # option -> its replies in every command
     for name, command in table.items():
         for option in command.options:
-            patterns = "|".join("%s/%s" % (name, spelling) for spelling in option.spellings)
-            reply = {"choice": 'COMPREPLY=($(compgen -W "%s" -- "$cur"))' % " ".join(option.choices),
-                     "file": 'COMPREPLY=($(compgen -f -- "$cur"))',
-                     "service": 'COMPREPLY=($(compgen -W "%s" -- "$cur"))' % services,
-                     "other": "COMPREPLY=()"}.get(option.value)
-            if reply:
-                lines.append("        %s) %s; return;;" % (patterns, reply))
-    # Options when the word begins with '-' (or nothing else fits), else the command's positional words.
+            if option.value != "none":
+                reply = replies.get(option.value) or "_cpx_devops_words " + " ".join(option.choices)
+                for spelling in option.spellings:
+                    by_reply.setdefault(reply, []).append((name, spelling))
+                    meanings.setdefault(spelling, set()).add(reply)
+    lines = [_SHELL_PROLOGUES[shell].rstrip("\n") % {"cache": "/".join(SERVICE_CACHE),
+                                        "commands": "|".join(name for name in table if name)},
+             '    case "$command/$prev" in']
+    for reply, pairs in by_reply.items():  # an option that means one thing everywhere: */option
+        patterns = OrderedDict(("*/" + spelling if len(meanings[spelling]) == 1 else name + "/" + spelling, None)
+                               for name, spelling in pairs)
+        lines.append("        %s) %s; return;;" % ("|".join(patterns), reply))
     lines += ["    esac", '    case "$command" in']
     for name, command in table.items():
-        options = " ".join(spelling for option in command.options for spelling in option.spellings)
-        positional = services if list(command.positional) == ["@services"] else " ".join(command.positional)
-        lines.append("        '%s') words=\"%s\"; [[ $cur == -* ]] || words=\"%s\";;"
-                     % (name, options, positional) if positional else "        '%s') words=\"%s\";;" % (name, options))
-    lines += ["    esac",
-              '    COMPREPLY=($(compgen -W "$words" -- "$cur"))',
-              "}",
-              "complete -F _cpx_devops %s" % " ".join(COMPLETED_NAMES)]
-    return "\n".join(lines) + "\n"
+        options = "_cpx_devops_words " + " ".join(s for option in command.options for s in option.spellings)
+        positional = ("_cpx_devops_services" if list(command.positional) == ["@services"] else
+                      "_cpx_devops_words " + " ".join(command.positional))
+        lines.append("        '%s') %s;;" % (name, 'if [[ $cur == -* ]]; then %s; else %s; fi' % (
+            options, positional) if command.positional else options))
+    lines.append("    esac")
+    return "\n".join(lines) + "\n" + _SHELL_EPILOGUES[shell] % {"names": " ".join(COMPLETED_NAMES)}
 
 
 def _fish_completion(table: Dict[str, CompletedCommand]) -> str:
     lines = ["# fish completion for cpx_devops, made by `cpx_devops.py completion fish` from its parser.",
-             "# Service names as in bash's: the cache the last snapshot on a terminal left, or",
-             "# with CPX_COMPLETE_LIVE set, a `status` run.",
              "function __cpx_devops_services",
-             "    if set -q CPX_COMPLETE_LIVE",
-             "        set -l program (commandline -opc)[1]",
-             "        $program -q status -o csv --no-headers 2>/dev/null | string split -f1 ,",
-             "    else if set -q XDG_CACHE_HOME",
-             "        cat $XDG_CACHE_HOME/cpx_devops/services 2>/dev/null",
-             "    else",
-             "        cat $HOME/.cache/cpx_devops/services 2>/dev/null",
-             "    end",
+             "    set -l cache $HOME/.cache/%s" % "/".join(SERVICE_CACHE),
+             "    set -q XDG_CACHE_HOME; and set cache $XDG_CACHE_HOME/%s" % "/".join(SERVICE_CACHE),
+             "    set -l program (commandline -opc)[1]",
+             "    set -q CPX_COMPLETE_LIVE; and $program -q status >/dev/null 2>&1",
+             "    test -f $cache -a ! -L $cache -a -O $cache; or return",
+             "    string match -rv -- '^$|^-|[[:cntrl:]]' <$cache",
              "end"]
     commands = [name for name in table if name]
     for program in COMPLETED_NAMES:
@@ -4195,23 +4368,23 @@ def _fish_completion(table: Dict[str, CompletedCommand]) -> str:
 
 
 def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
-    """The completion script for bash, zsh (bash's, through bashcompinit) or fish."""
+    """The completion script for bash, zsh or fish."""
     table = completion_table(parser)
-    if shell == "fish":
-        return _fish_completion(table)
-    script = _bash_completion(table)
-    if shell == "zsh":
-        return ("# zsh completion for cpx_devops: bash's, through zsh's bashcompinit.\n"
-                "autoload -U +X bashcompinit && bashcompinit\n" + script)
-    return script
+    return _fish_completion(table) if shell == "fish" else _case_completion(table, shell)
 
 
 def read_policy(path: str, source: str) -> Policy:
-    """The policy in a file (UTF-8 INI); UsageError, one line, when it cannot be read or is wrong."""
+    """The policy in a file (UTF-8 INI); UsageError, one line, when it cannot be read or is wrong.
+    Only a regular file is read: opened without blocking, so that a FIFO is refused at once."""
     if not path:
         raise UsageError("%s is empty: name a policy file" % source)
     try:
-        with open(path, "rb") as stream:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        kind = file_kind(os.fstat(descriptor).st_mode)
+        if kind:
+            os.close(descriptor)
+            raise UsageError("cannot read policy %s: it is %s, not a regular file" % (sanitize(path), kind))
+        with os.fdopen(descriptor, "rb") as stream:
             data = stream.read(POLICY_SIZE_CAP + 1)
     except OSError as error:
         raise UsageError("cannot read policy %s: %s" % (sanitize(path), error.strerror or error))
@@ -4220,7 +4393,8 @@ def read_policy(path: str, source: str) -> Policy:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        raise UsageError("policy %s, line %d: not UTF-8 text" % (sanitize(path), data[:error.start].count(b"\n") + 1))
+        line = len(_POLICY_LINE_ENDS.split(data[:error.start].decode("ascii", "replace")))
+        raise UsageError("policy %s, line %d: not UTF-8 text" % (sanitize(path), line))
     return parse_policy(text, path)
 
 
@@ -4242,7 +4416,9 @@ def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Opti
     else:
         url, authorization = DEFAULT_URL, None
     interactive = sys.stdout is not None and sys.stdout.isatty() and environ.get("TERM") != "dumb"
-    cache_home = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
+    cache_home = environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(cache_home):  # as the XDG spec says: a relative one is ignored
+        cache_home = os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
     policy_file = args.policy if args.policy is not None else environ.get("CPX_POLICY") or None
     policy = read_policy(policy_file, "--policy" if args.policy is not None else "$CPX_POLICY") if policy_file \
         is not None else Policy()
@@ -4256,7 +4432,8 @@ def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Opti
                    color=args.write is None and use_color(sys.stdout, args.color, environ),
                    interactive=interactive,
                    headers=not args.no_headers, write=args.write,
-                   service_cache=os.path.join(cache_home, "cpx_devops", "services") if interactive else None)
+                   service_cache=os.path.join(cache_home, *SERVICE_CACHE)
+                   if interactive or environ.get("CPX_COMPLETE_LIVE") else None)
 
 
 COMMANDS = {"services": cmd_services, "status": cmd_status, "unhealthy": cmd_unhealthy}

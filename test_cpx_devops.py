@@ -11,6 +11,7 @@ The benchmark and the README rewriter are in bench_cpx_devops.py.
 """
 
 import contextlib
+import csv
 import glob
 import io
 import json
@@ -3099,8 +3100,8 @@ class PolicyCliTest(ServerTestCase):
                                      "over 100\n" % bad),
                  (["--policy", bad + ".none"], "cpx_devops: error: cannot read policy %s.none: No such file or "
                                                 "directory\n" % bad),
-                 (["--policy", os.path.dirname(bad)], "cpx_devops: error: cannot read policy %s: Is a directory\n"
-                                                      % os.path.dirname(bad)),
+                 (["--policy", os.path.dirname(bad)], "cpx_devops: error: cannot read policy %s: it is a directory, "
+                                                      "not a regular file\n" % os.path.dirname(bad)),
                  (["--policy", ""], "cpx_devops: error: --policy is empty: name a policy file\n"))
         for args, message in cases:
             with self.subTest(case=args):
@@ -3295,15 +3296,17 @@ class CompletionTest(unittest.TestCase):
                 self.assertTrue(expected)
                 self.assertEqual(set(self.bash_complete("cpx-devops", name, "--")), expected)
 
-    def test_zsh_registers_it_and_offers_the_same_words(self):
+    def test_zsh_registers_it_and_completes_choices_and_services(self):
         require_tool(self, "zsh", "zsh")
         script = self.script("zsh")
-        setup = "autoload -U +X compinit && compinit -u; source %s; " % script
+        setup = "autoload -U +X compinit && compinit -u -D; source %s; " % script
         self.assertIn("_cpx_devops", self.shell(["zsh", "-fc", setup + "print -r -- $_comps[cpx-devops]"]))
-        # zsh's own matcher narrows the words down to what was typed: the script gives them all.
-        offered = self.shell(["zsh", "-fc", setup + "setopt ksharrays; COMP_WORDS=(cpx-devops status --sort ''); "
-                              "COMP_CWORD=3; _cpx_devops; print -rl -- ${COMPREPLY[@]}"]).split()
-        self.assertEqual(offered, list(cpx.SUMMARY_SORT_KEYS))
+        env = cli_env({"XDG_CACHE_HOME": os.path.join(self.directory, "cache"), "HOME": self.directory})
+        for typed, completed in (("cpx-devops status --sort i", ["cpx-devops", "status", "--sort", "instances"]),
+                                 ("cpx_devops.py --url x track Au", ["cpx_devops.py", "--url", "x", "track",
+                                                                     "AuthService"])):
+            with self.subTest(case=typed):
+                self.assertEqual(zsh_completed_words(script, typed, env), completed)
 
     def test_fish_completes_commands_choices_and_services(self):
         require_tool(self, "fish", "fish")
@@ -3366,8 +3369,11 @@ class HostileCornersCliTest(ServerTestCase):
         records = {r["ip"]: r for r in json.loads(self.cli("services", "-o", "json").stdout)}
         self.assertEqual([records[ip]["cpu"] for ip in sorted(records)], [90.004, 99.999, 0, 12.5])
         self.assertEqual(records["10.0.0.3"]["memory"], 90.001)
-        self.assertIn("10.0.0.1,A,Unhealthy,90.004,4,", self.cli("services", "-o", "csv").stdout)
-        self.assertNotIn("-0", self.cli("services", "-o", "csv").stdout)
+        rows = list(csv.DictReader(io.StringIO(self.cli("services", "-o", "csv").stdout)))
+        self.assertEqual(rows[0]["cpu"], "90.004")
+        # -0.0 is shown as 0, never "-0": the value columns only (the time column holds a date).
+        self.assertEqual([(row["cpu"], row["memory"]) for row in rows],
+                         [("90.004", "4"), ("99.999", "10"), ("0", "90.001"), ("12.5", "3")])
         series = parse_exposition(self.cli("services", "-o", "prometheus").stdout)
         self.assertGreater(series[("cpx_instance_memory_ratio", (("ip", "10.0.0.3"), ("service", "A")))], 0.9)
         status = self.cli("status", "--cpu-threshold", "50.6").stdout.splitlines()
@@ -4110,22 +4116,17 @@ class CliMiscTest(unittest.TestCase):
         installed = subprocess.run(make + ["install"], cwd=HERE, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, universal_newlines=True)
         self.assertEqual(installed.returncode, 0, installed.stdout)
-        self.assertIn("bash completion not installed: no %s; add 'source <(cpx-devops completion bash)' to "
-                      "~/.bashrc" % completions, installed.stdout)  # no folder of bash-completion's: says how
         tool = os.path.join(prefix, "bin", "cpx-devops")
         self.assertTrue(os.access(tool, os.X_OK))
         version = subprocess.run([tool, "--version"], stdout=subprocess.PIPE, universal_newlines=True)
         self.assertEqual(version.stdout.strip(), "cpx-devops " + cpx.__version__)
-        os.makedirs(completions)
-        installed = subprocess.run(make + ["install"], cwd=HERE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, universal_newlines=True)
-        script = os.path.join(completions, "cpx-devops")
-        self.assertIn("installed bash completion %s" % script, installed.stdout)
-        with open(script) as completion:
+        # The module was byte-compiled at install: the launcher runs it from its cache.
+        cached = glob.glob(os.path.join(prefix, "lib", "cpx-devops", "__pycache__", "cpx_devops.*.pyc"))
+        self.assertEqual(len(cached), 1)
+        with open(os.path.join(completions, "cpx-devops")) as completion:
             self.assertEqual(completion.read(), run_cli("completion", "bash").stdout)
         subprocess.run(make + ["uninstall"], cwd=HERE, check=True)
-        self.assertFalse(os.path.exists(tool))
-        self.assertFalse(os.path.exists(script))
+        self.assertEqual([name for _, _, names in os.walk(prefix) for name in names], [])
 
     def test_simulate_serves_the_cpx_api_until_interrupted(self):
         process = spawn_cli("simulate", "--port", "0", "--servers", "40", "--seed", "3")
@@ -4171,7 +4172,8 @@ _VARIABLE = [  # what differs from run to run: compared as placeholders
 
 def readme_examples():
     """(command, expected output lines) for every `$ python3 cpx_devops.py ...` in the README's
-    code blocks, in order; `simulate` itself is left out (the test runs one)."""
+    code blocks, in order (`simulate` left out: the test runs one), and (command, None) for each
+    `$ printf ...` that writes a file for them."""
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
         text = readme.read()
     examples, inside, current = [], False, None
@@ -4186,6 +4188,8 @@ def readme_examples():
             if line.startswith("$ python3 cpx_devops.py") and " simulate" not in line:
                 current = (line[2:], [])
                 examples.append(current)
+            elif line.startswith("$ printf "):
+                examples.append((line[2:], None))  # a step that writes a file the next example reads
         elif current is not None:
             current[1].append(line)
     return examples
@@ -4201,11 +4205,13 @@ def normalize(lines):
     return out
 
 
-def run_readme_command(command, url):
-    """Run a README command as the README shows it (a shell line), stderr merged into stdout."""
+def run_readme_command(command, url, folder):
+    """Run a README command as the README shows it (a shell line), stderr merged into stdout, in
+    folder, where the repository's policy example lies too."""
     import shlex
-    shell_line = command.replace("python3 cpx_devops.py", shlex.quote(sys.executable) + " cpx_devops.py", 1)
-    result = subprocess.run(["bash", "-c", "{ %s; } 2>&1" % shell_line], cwd=HERE, stdout=subprocess.PIPE,
+    shutil.copy(os.path.join(HERE, "cpx_policy.ini"), folder)
+    shell_line = command.replace("python3 cpx_devops.py", "%s %s" % (shlex.quote(sys.executable), shlex.quote(CLI)), 1)
+    result = subprocess.run(["bash", "-c", "{ %s; } 2>&1" % shell_line], cwd=folder, stdout=subprocess.PIPE,
                             universal_newlines=True, env=cli_env({"CPX_URL": url, "PYTHONIOENCODING": "utf-8"}),
                             timeout=60)
     return result.stdout.splitlines()
@@ -4263,10 +4269,577 @@ class ReadmeTest(unittest.TestCase):
         self.addCleanup(simulator.server_close)
         self.addCleanup(simulator.shutdown)
         url = simulator.url
+        import tempfile
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
         for command, expected in examples:
+            if expected is None:  # a step that prepares the next example
+                run_readme_command(command, url, folder)
+                continue
             with self.subTest(case=(command, expected)):
-                actual = run_readme_command(command, url)
+                actual = run_readme_command(command, url, folder)
                 self.assertEqual(normalize(actual), normalize(expected), "README example: $ " + command)
+
+
+# ---------------------------------------------------------------------------
+# Untrusted data stays data (issue 20): completion, cache, redirects, policy, patterns
+# ---------------------------------------------------------------------------
+
+# Names a hostile instance could report: each must reach the user's shell as one literal word.
+HOSTILE_NAMES = ("$(touch pwned)", "`touch pwned2`", "*", "/**/*", "$((6*7))", "Pay Service", "Pay'quote",
+                 'Pay"dq', "Pay$HOME", "Payé", "a;touch pwned3", "!!")
+NEVER_OFFERED = ("--write=/tmp/x", "-rf", "a\x01b", "tab\tname")  # a leading '-', a control character
+
+
+class CompletionSafetyTest(unittest.TestCase):
+    """Service names are compared as plain strings and inserted quoted, by the real shells."""
+
+    def setUp(self):
+        import tempfile
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.cache = os.path.join(self.directory, "cache")
+        os.makedirs(os.path.join(self.cache, "cpx_devops"), mode=0o700)
+        self.write_cache(HOSTILE_NAMES + NEVER_OFFERED)
+
+    def write_cache(self, names):
+        with open(os.path.join(self.cache, "cpx_devops", "services"), "w", encoding="utf-8") as cache:
+            cache.write("".join(name + "\n" for name in names))
+
+    def env(self, extra=None):
+        return cli_env(dict({"XDG_CACHE_HOME": self.cache, "HOME": self.directory}, **(extra or {})))
+
+    def script(self, shell):
+        path = os.path.join(self.directory, "completion." + shell)
+        with open(path, "w") as script:
+            script.write(run_cli("completion", shell).stdout)
+        return path
+
+    def run_shell(self, command, env=None):
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                                timeout=60, cwd=self.directory, env=env or self.env())
+        self.assertEqual(result.stderr, "")
+        return result.stdout
+
+    def assertNothingRan(self):
+        self.assertEqual(sorted(name for name in os.listdir(self.directory) if name.startswith("pwned")), [])
+
+    def bash_words(self, typed, env=None, program="cpx-devops"):
+        """What bash inserts for `program status TYPED<Tab>`, each evaluated back by bash into the
+        words it stands for (one line per candidate: the number of words, then the words)."""
+        line = ('source %s; COMP_WORDS=(%s status "$1"); COMP_CWORD=2; _cpx_devops; '
+                'for reply in "${COMPREPLY[@]}"; do eval "set -- $reply"; printf "%%s\\x1f" "$#" "$@"; '
+                'printf "\\n"; done' % (self.script("bash"), program))
+        out = self.run_shell(["bash", "-c", line, "_", typed], env)
+        return [tuple(line.split("\x1f")[1:-1]) for line in out.splitlines() if line.split("\x1f")[0] == "1"], \
+            [line for line in out.splitlines() if line.split("\x1f")[0] != "1"]
+
+    def test_bash_offers_hostile_names_as_literal_words_and_runs_nothing(self):
+        # Catches: compgen -W "$(names)" (expands $(...), `...`, $((...)) and globs), or a name not quoted.
+        words, not_single = self.bash_words("")
+        self.assertEqual(not_single, [])
+        self.assertEqual(sorted(w[0] for w in words), sorted(HOSTILE_NAMES))
+        self.assertEqual(self.bash_words("Pay")[0], [("Pay Service",), ("Pay'quote",), ('Pay"dq',), ("Pay$HOME",),
+                                                      ("Payé",)])
+        self.assertEqual(self.bash_words("'Pay ")[0], [("Pay Service",)])  # an opening quote typed
+        self.assertEqual(self.bash_words("$")[0], [("$(touch pwned)",), ("$((6*7))",)])
+        self.assertNothingRan()
+
+    def test_zsh_inserts_hostile_names_quoted_and_runs_nothing(self):
+        require_tool(self, "zsh", "zsh")
+        script = self.script("zsh")
+        for typed, inserted in (("\\$\\(t", "$(touch pwned)"), ("\\`", "`touch pwned2`"), ("\\$\\(\\(", "$((6*7))"),
+                                ("Pay\\ ", "Pay Service"), ("/", "/**/*"), ("a\\;", "a;touch pwned3")):
+            with self.subTest(case=inserted):
+                self.assertEqual(zsh_completed_words(script, "cpx-devops status " + typed, self.env()),
+                                 ["cpx-devops", "status", inserted])
+        self.assertNothingRan()
+
+    def test_zsh_without_compinit_says_in_one_line_what_to_add(self):
+        require_tool(self, "zsh", "zsh")
+        result = subprocess.run(["zsh", "-f", "-c", "source %s; echo after $?" % self.script("zsh")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+        self.assertEqual(result.stdout, "after 1\n")
+        self.assertEqual(result.stderr, "cpx_devops: add 'autoload -Uz compinit && compinit' to ~/.zshrc, before this "
+                                        "script\n")
+
+    def test_fish_offers_hostile_names_as_literal_words_and_runs_nothing(self):
+        require_tool(self, "fish", "fish")
+        line = ("source %s; for word in (complete --escape -C'cpx-devops status '); eval set -l got $word; "
+                "printf '%%s\\x1f' (count $got) $got; printf '\\n'; end" % self.script("fish"))
+        out = self.run_shell(["fish", "--no-config", "-c", line])
+        self.assertEqual(sorted(out.splitlines()), sorted("1\x1f%s\x1f" % name for name in HOSTILE_NAMES))
+        self.assertNothingRan()
+
+    def test_live_names_are_read_by_a_status_run_and_offered_alike(self):
+        # CPX_COMPLETE_LIVE=1: the program typed runs `status`, which refreshes the cache first.
+        server = ControlledServer().fleet({"10.0.0.%d" % (k + 1): instance(name, "1%", "1%")
+                                           for k, name in enumerate(("$(touch pwned)", "Live*", "-x", "Fresh"))})
+        self.addCleanup(server.close)
+        program = os.path.join(self.directory, "cpx-devops")
+        with open(program, "w") as launcher:
+            launcher.write("#!/bin/sh\ncd %s && exec %s \"$@\"\n" % (HERE, " ".join(TOOL)))
+        os.chmod(program, 0o755)
+        env = self.env({"CPX_COMPLETE_LIVE": "1", "CPX_URL": server.url})
+        words, _ = self.bash_words("", env, program)
+        self.assertEqual(sorted(w[0] for w in words), ["$(touch pwned)", "Fresh", "Live*"])
+        self.assertNothingRan()
+
+    def test_a_cache_that_is_not_the_users_own_regular_file_is_not_read(self):
+        cache = os.path.join(self.cache, "cpx_devops", "services")
+        elsewhere = os.path.join(self.directory, "elsewhere")
+        os.rename(cache, elsewhere)
+        os.symlink(elsewhere, cache)
+        self.assertEqual(self.bash_words(""), ([], []))
+        if shutil.which("fish"):
+            self.assertEqual(self.run_shell(["fish", "--no-config", "-c", "source %s; complete -C'cpx-devops status '"
+                                             % self.script("fish")]), "")
+
+
+def zsh_completed_words(script, typed, env):
+    """Type `typed`, then Tab, in a real interactive zsh (compinit, then the script) on a pseudo-
+    terminal; returns the words of the line zsh completed, as zsh itself parses them."""
+    import pty
+    master, slave = pty.openpty()
+    out = os.path.join(os.path.dirname(script), "zsh-buffer")
+    process = subprocess.Popen(["zsh", "-f", "-i"], stdin=slave, stdout=slave, stderr=slave, env=env,
+                               cwd=os.path.dirname(script), preexec_fn=os.setsid)
+    os.close(slave)
+    # ^X runs `show`: it writes the words of the line after completion, then exits.
+    setup = ("PS1='RE''ADY> '; autoload -Uz compinit && compinit -u -D; source %s\n"
+             "show() { print -rl -- \"${(Q@)${(z)BUFFER}}\" > %s; BUFFER=exit; zle accept-line }; "
+             "zle -N show; bindkey '^X' show\n" % (script, out))
+    os.write(master, setup.encode())
+    seen, typed_yet = b"", False
+    give_up = time.monotonic() + 30
+    import select
+    while process.poll() is None and time.monotonic() < give_up:
+        if select.select([master], [], [], 0.5)[0]:
+            try:
+                seen += os.read(master, 65536)
+            except OSError:
+                break
+        if not typed_yet and seen.count(b"READY> ") >= 2:  # the prompt after the setup's second line
+            os.write(master, typed.encode("utf-8") + b"\t\x18")  # keys run in order: Tab, then ^X
+            typed_yet = True
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=10)
+    os.close(master)
+    try:
+        with open(out, encoding="utf-8") as words:
+            return words.read().splitlines()
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)
+
+
+class ServiceCacheTest(ServerTestCase):
+    """The cache completion reads: the user's own folder, a temporary file then a rename, bounded."""
+
+    def setUp(self):
+        super().setUp()
+        import tempfile
+        self.home = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.home)
+        self.folder = os.path.join(self.home, "cpx_devops")
+        self.cache = os.path.join(self.folder, "services")
+
+    def remember(self, names):
+        instances = [cpx.Instance("10.0.%d.%d" % divmod(k, 250), name, 1.0, 1.0) for k, name in enumerate(names)]
+        cpx.remember_services(cpx.Snapshot(instances, 0.0), cpx.Options(service_cache=self.cache))
+
+    def test_the_folder_is_made_0700_and_only_completable_names_are_kept(self):
+        self.remember(("B", "A", "Auth\u202eService") + NEVER_OFFERED)
+        self.assertEqual(stat_mode(self.folder), 0o700)  # catches: os.makedirs with the umask's mode
+        with open(self.cache, encoding="utf-8") as cache:
+            self.assertEqual(cache.read(), "A\nB\n")
+        self.assertEqual(os.listdir(self.folder), ["services"])  # the temporary file was renamed
+
+    def test_a_symlink_in_its_place_is_never_followed(self):
+        os.makedirs(self.folder, mode=0o700)
+        target = os.path.join(self.home, "precious")
+        with open(target, "w") as precious:
+            precious.write("keep\n")
+        os.symlink(target, self.cache)
+        self.remember(("A",))
+        with open(target) as precious:
+            self.assertEqual(precious.read(), "keep\n")  # catches: writing through the link
+        self.assertTrue(os.path.islink(self.cache))
+
+    def test_a_folder_others_can_write_or_a_symlinked_folder_is_left_alone(self):
+        elsewhere = os.path.join(self.home, "elsewhere")
+        os.makedirs(elsewhere)
+        os.symlink(elsewhere, self.folder)
+        self.remember(("A",))
+        self.assertEqual(os.listdir(elsewhere), [])
+        os.unlink(self.folder)
+        os.makedirs(self.folder)
+        os.chmod(self.folder, 0o777)
+        self.remember(("A",))
+        self.assertEqual(os.listdir(self.folder), [])
+
+    def test_its_size_is_bounded(self):
+        self.remember(["Service%05d-%s" % (k, "x" * 200) for k in range(3000)])
+        self.assertLessEqual(os.path.getsize(self.cache), cpx.SERVICE_CACHE_CAP)
+        self.assertGreater(os.path.getsize(self.cache), cpx.SERVICE_CACHE_CAP - 300)
+
+
+def stat_mode(path):
+    import stat
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def self_signed_certificate(directory):
+    """A certificate and key for 127.0.0.1 (openssl), and the path of the pair."""
+    pem = os.path.join(directory, "loopback.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", pem, "-out", pem + ".crt"], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=60)
+    with open(pem, "a") as pair, open(pem + ".crt") as certificate:
+        pair.write(certificate.read())
+    return pem
+
+
+class RedirectOriginTest(ServerTestCase):
+    """Redirects stay on the scheme, host and port the user gave; so does the credential."""
+
+    def test_https_redirected_to_http_is_not_followed_and_the_password_goes_nowhere(self):
+        require_tool(self, "openssl", "openssl")
+        import ssl
+        import tempfile
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        pem = self_signed_certificate(directory)
+        plain = Recorded(Reply(["10.0.0.1"]))
+        self.server.routes["/servers"] = plain  # the http side, on another port
+        secure = ControlledServer({"/servers": Reply("", 302, {"Location": self.server.url + "/servers"})})
+        self.addCleanup(secure.close)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pem)
+        secure.server.socket = context.wrap_socket(secure.server.socket, server_side=True)
+        url = "https://user:s3cret@127.0.0.1:%d" % secure.port
+        result = subprocess.run(TOOL + ["--url", url, "services"], cwd=HERE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                                env=cli_env({"SSL_CERT_FILE": pem + ".crt"}))
+        self.assertEqual(result.returncode, 3, result.stderr)
+        self.assertIn("redirected to %s/servers, not followed" % self.server.url, result.stderr)
+        self.assertEqual(plain.headers, [])  # catches: comparing host and port only, not the scheme
+        self.assertNotIn("s3cret", result.stderr)
+
+    def test_same_origin_is_scheme_host_and_port(self):
+        self.server.routes["/servers"] = Reply("", 302, {"Location": self.server.url.replace("http:", "https:")})
+        with self.assertRaises(cpx.CpxUnavailable) as caught:
+            client_for(self.server.url).list_servers(time.monotonic() + 10)
+        self.assertIn("not followed", str(caught.exception))
+        for location in ("HTTP://127.0.0.1:%d/v2/servers" % self.server.port, "/v2/servers"):
+            with self.subTest(case=location):
+                self.server.routes["/servers"] = Reply("", 307, {"Location": location})
+                self.server.routes["/v2/servers"] = Reply(["10.0.0.1"])
+                client = client_for(self.server.url)
+                self.addCleanup(client.close)
+                self.assertEqual(client.list_servers(time.monotonic() + 10).ips, ["10.0.0.1"])
+
+    def test_a_credential_in_a_redirect_location_is_never_shown(self):
+        self.server.routes["/servers"] = Reply("", 302, {"Location": "http://admin:hunter2@127.0.0.2:1/x"})
+        result = self.cli("services")
+        self.assertEqual(result.returncode, 3)
+        self.assertNotIn("hunter2", result.stderr)
+        self.assertIn("redirected to http://***@127.0.0.2:1/x, not followed", result.stderr)
+
+
+class PolicyFileTest(ServerTestCase):
+    """The policy parser reads all of a file or names the line it refuses."""
+
+    def test_what_configparser_dropped_is_now_an_error_with_its_line(self):
+        for text, message in (
+                ("[service:X] min_healthy = 5\n", "policy fleet.ini, line 1: a [section] line ends with its ']', and "
+                                                  "only a comment may follow: [service:X] min_healthy = 5"),
+                ("[defaults\n", "policy fleet.ini, line 1: a [section] line ends with its ']', and only a comment "
+                                "may follow: [defaults"),
+                ("[defaults]\nmin_healthy = 1\n\x0c\n[service:A]\nbogus = 1\n",
+                 "policy fleet.ini, line 5: unknown key 'bogus' in [service:A]; it takes min_healthy, instances, "
+                 "cpu_threshold, memory_threshold"),
+                ("[defaults]\nmin_healthy = 1 \x0c 2\n", "policy fleet.ini, line 2: min_healthy: '1 \\x0c 2' is not "
+                                                          "a count (3) or a percentage of the instances (50%)"),
+                ("[defaults]\r\rcpu_threshold = 1\rcpu_threshold = 2\r",
+                 "policy fleet.ini, line 4: cpu_threshold in [defaults] is there twice")):
+            with self.subTest(case=text):
+                self.assertEqual(policy_error(text), message)
+
+    def test_line_endings_lf_crlf_and_lone_cr_are_read_alike(self):
+        lf = cpx.parse_policy(POLICY_TEXT, "fleet.ini")
+        self.assertEqual(cpx.parse_policy(POLICY_TEXT.replace("\n", "\r\n"), "fleet.ini"), lf)
+        self.assertEqual(cpx.parse_policy(POLICY_TEXT.replace("\n", "\r"), "fleet.ini"), lf)  # configparser: no keys
+        self.assertEqual(cpx.parse_policy("[defaults]  ; comment [x]\nmin_healthy: 4 # four\n", "p").min_healthy,
+                         cpx.HealthyCount(4))
+
+    def test_a_section_name_with_a_bracket_is_read_the_same_on_every_python(self):
+        policy = cpx.parse_policy("[service:Odd]Name] # a comment ] too\nmin_healthy = 0\n", "p")
+        self.assertEqual(policy.expected, ["Odd]Name"])  # 3.7's configparser read "Odd", 3.13's "Odd]Name] # ..."
+
+    def test_only_a_regular_file_is_read(self):
+        import tempfile
+        directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, directory)
+        fifo = os.path.join(directory, "policy.fifo")
+        os.mkfifo(fifo)
+        for path, kind in ((fifo, "a FIFO or pipe"), (directory, "a directory"), (os.devnull, "a character device")):
+            with self.subTest(case=kind):
+                result = subprocess.run(TOOL + ["--url", self.server.url, "--policy", path, "status"], cwd=HERE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                                        env=cli_env(), timeout=30)  # catches: a FIFO opened to block for ever
+                self.assertEqual((result.returncode, result.stderr), (2, "cpx_devops: error: cannot read policy %s: "
+                                 "it is %s, not a regular file\n" % (path, kind)))
+        self.assertEqual(self.server.paths(), [])
+
+    def test_parsing_is_linear(self):
+        text = "".join("[service:S%d]\nmin_healthy = 1\n" % k for k in range(20000))
+        started = time.monotonic()
+        self.assertEqual(len(cpx.parse_policy(text, "p").services), 20000)
+        # Quadratic, this took over 20 s; linear, about 0.1 s: a margin no load closes.
+        self.assertLess(time.monotonic() - started, 5)
+
+
+class LinearInputTest(ServerTestCase):
+    """Patterns and server lists cost time linear in their size, within the deadline."""
+
+    def test_a_backtracking_pattern_cannot_outlive_the_deadline(self):
+        self.server.fleet({"10.0.0.%d" % k: instance("a" * 250 + str(k), "1%", "1%") for k in range(1, 40)})
+        started = time.monotonic()
+        result = self.cli("--deadline", "2", "services", "--service", "*a*a*a*a*a*a*a*a*a*a*a*b")
+        # fnmatch's regex on 3.7 and 3.8: over 40 s; the greedy parts: a few ms. A margin no load closes.
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("unknown service '*a*a*a*a*a*a*a*a*a*a*a*b'", result.stderr)
+
+    def test_glob_match_agrees_with_fnmatch(self):
+        import fnmatch
+        import random
+        rng = random.Random(20)
+        for _ in range(5000):
+            pattern = "".join(rng.choice("ab*?[]!-^\\") for _ in range(rng.randint(0, 8)))
+            name = "".join(rng.choice("ab]-!^\\*") for _ in range(rng.randint(0, 8)))
+            self.assertEqual(cpx.glob_match(name, pattern), fnmatch.fnmatchcase(name, pattern), (name, pattern))
+
+    def test_a_server_list_of_a_million_entries_naming_200_costs_what_200_do(self):
+        ips = ["10.1.%d.%d" % divmod(k, 250) for k in range(200)]
+        self.server.fleet({ip: instance("A", "1%", "1%") for ip in ips})
+        self.server.routes["/servers"] = Reply([ips[k % 200] for k in range(1000000)])
+        # Per entry, this took 11 s and the deadline with it: every instance Unknown (deadline).
+        result = self.cli("--deadline", "5", "-q", "services", "-o", "json")
+        self.assertEqual((result.returncode, len(json.loads(result.stdout))), (0, 200))
+
+    def test_a_deadline_spent_on_the_server_list_says_so(self):
+        self.server.routes["/servers"] = Reply(["10.%d.%d.%d" % (k >> 16, (k >> 8) & 255, k & 255)
+                                                for k in range(800000)])
+        result = self.cli("--deadline", "0.3", "services")
+        self.assertEqual(result.returncode, 3)
+        self.assertRegex(result.stderr, r"^cpx_devops: error: CPX unavailable: GET http://127\.0\.0\.1:\d+/servers: "
+                                        r"(no answer within the deadline|the deadline passed while its 800000 entries "
+                                        r"were read; no instance was read)\n$")  # not "1000000 ... could not be read"
+
+
+class SimulatorHangUpTest(unittest.TestCase):
+    def test_clients_that_hang_up_mid_answer_cause_no_traceback(self):
+        process = spawn_cli("simulate", "--port", "0", "--servers", "60000", "--seed", "3")
+        self.addCleanup(finish, process)
+        line = process.stderr.readline()
+        port = int(line.split("listening on http://127.0.0.1:")[1].split()[0])
+        import struct
+        for k in range(12):  # a 1 MB answer, and the client gone at once or after a few bytes; or half a request
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(b"GET /servers HTTP/1.1\r\nHost: x\r\n\r\n" if k % 3 else b"GET /serv")
+                if k % 3 and k % 2:
+                    client.recv(100)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # The simulator still answers, and said nothing of those clients.
+        import urllib.request
+        with urllib.request.urlopen("http://127.0.0.1:%d/10.58.1.1" % port, timeout=10) as answer:
+            self.assertEqual(answer.status, 200)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=10)
+        self.assertEqual((process.returncode, err), (130, ""))  # catches: socketserver's handle_error traceback
+
+
+class InstallTest(unittest.TestCase):
+    """make install and uninstall: every file under DESTDIR and PREFIX, nothing else touched."""
+
+    def setUp(self):
+        import tempfile
+        self.root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.root)
+        self.home = os.path.join(self.root, "home")
+        os.makedirs(self.home)
+
+    def make(self, *args):
+        env = cli_env({"HOME": self.home})
+        env.pop("XDG_DATA_HOME", None)
+        result = subprocess.run(["make", "-s"] + list(args), cwd=HERE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, universal_newlines=True, env=env, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stdout)
+        return result.stdout
+
+    def files(self, top):
+        return sorted(os.path.relpath(os.path.join(folder, name), top)
+                      for folder, _, names in os.walk(top) for name in names)
+
+    def test_a_staged_system_install_writes_only_under_destdir(self):
+        stage = os.path.join(self.root, "stage")
+        self.make("install", "DESTDIR=" + stage, "PREFIX=/usr")
+        installed = self.files(stage)
+        self.assertIn("usr/share/bash-completion/completions/cpx-devops", installed)  # catches: into the home
+        self.assertIn("usr/bin/cpx-devops", installed)
+        self.assertEqual(self.files(self.home), [])
+        self.make("uninstall", "DESTDIR=" + stage, "PREFIX=/usr")
+        self.assertEqual(self.files(stage), [])
+
+    def test_a_prefix_in_the_home_puts_completion_in_the_users_data_home(self):
+        prefix = os.path.join(self.home, "opt")
+        self.make("install", "PREFIX=" + prefix)
+        self.assertIn(".local/share/bash-completion/completions/cpx-devops", self.files(self.home))
+        self.make("uninstall", "PREFIX=" + prefix)
+        self.assertEqual(self.files(self.home), [])
+
+    def test_uninstall_removes_only_what_install_wrote(self):
+        prefix = os.path.join(self.root, "usr")
+        keep = os.path.join(self.home, ".local", "share", "bash-completion", "completions", "cpx-devops")
+        os.makedirs(os.path.dirname(keep))
+        with open(keep, "w") as other:
+            other.write("# another install's\n")
+        neighbour = os.path.join(prefix, "bin", "other-tool")
+        os.makedirs(os.path.dirname(neighbour))
+        with open(neighbour, "w"):
+            pass
+        self.make("install", "PREFIX=" + prefix)
+        self.make("uninstall", "PREFIX=" + prefix)
+        self.assertEqual(self.files(prefix), ["bin/other-tool"])
+        self.assertTrue(os.path.exists(keep))  # catches: uninstall removing the home's completion file
+
+
+class FuzzTest(unittest.TestCase):
+    """Seeded fuzzing of every parser of outside input: each input parses or raises the documented
+    error, and nothing else, each within a time bound (a margin no load closes)."""
+
+    SEED = 20261203
+    BOUND = 2.0  # seconds for one input: every parser here takes microseconds
+
+    def setUp(self):
+        import random
+        self.rng = random.Random(self.SEED)
+        self.tried = 0
+
+    def mutations(self, seeds, count, alphabet):
+        """count inputs: the seeds, then each mutated (characters inserted, deleted, repeated)."""
+        rng = self.rng
+        for k in range(count):
+            text = seeds[k % len(seeds)]
+            for _ in range(rng.randint(0, 4)):
+                where = rng.randint(0, len(text))
+                choice = rng.random()
+                if choice < 0.4:
+                    text = text[:where] + rng.choice(alphabet) + text[where:]
+                elif choice < 0.7:
+                    text = text[:where] + text[where + 1:]
+                else:
+                    text = text[:where] + text[where:where + 3] * rng.randint(2, 50) + text[where:]
+            yield text
+
+    def check(self, parse, value, errors):
+        """parse(value) returns, or raises one of errors; never anything else, never slowly."""
+        self.tried += 1
+        started = time.monotonic()
+        try:
+            parse(value)
+        except errors:
+            pass
+        self.assertLess(time.monotonic() - started, self.BOUND, repr(value)[:200])
+
+    def test_api_values(self):
+        junk = [None, True, 1, -1, 1.5, float("nan"), float("inf"), 10 ** 400, "", [], {}, "61%", "1e3", "٣"]
+        for text in self.mutations(["61%", "12.5", " 7 % ", "100", "0.0001%", "9" * 40], 4000, "0123456789.%-+e \u00b2"):
+            self.check(cpx.parse_percent, text, ValueError)
+        for value in junk:
+            self.check(cpx.parse_percent, value, ValueError)
+        for text in self.mutations(['{"cpu": "61%", "memory": "4%", "service": "UserService"}'], 3000,
+                                   '{}[]":,0123456789%.-aeEnulltrfs \\u'):
+            try:
+                payload = json.loads(text)
+            except (ValueError, RecursionError):
+                continue
+            self.check(lambda p: self.assertIsInstance(cpx.parse_instance("10.0.0.1", p), cpx.Instance), payload, ())
+        for text in self.mutations(['["10.0.0.1", "::1", "10.0.0.1"]', '["0:0::1", "2001:db8::1"]'], 3000,
+                                   '[]",:0123456789abcdef.'):
+            try:
+                payload = json.loads(text)
+            except (ValueError, RecursionError):
+                continue
+            self.check(cpx.parse_server_list, payload, ValueError)
+        for text in self.mutations(["120", "Wed, 21 Oct 2015 07:28:00 GMT", "0", "-1"], 2000, "0123456789 ,:GMTWed-"):
+            self.check(lambda t: cpx.parse_retry_after(t, now=0.0), text, ())
+
+    def test_command_line_values(self):
+        for text in self.mutations(["http://user:pw@host:8080/api", "https://[::1]:443", "http://h"], 3000,
+                                   ":/@[]#?%\\ .-_abcxyz0123456789\x00\u00e9"):
+            self.check(cpx.parse_base_url, text, cpx.UsageError)
+        for text in self.mutations(["1/4", "3/3", "10/20"], 2000, "0123456789/ -"):
+            self.check(cpx._shard, text, cpx.argparse.ArgumentTypeError)
+        for text in self.mutations(["3", "50%", "33.3%", "0"], 2000, "0123456789.% -"):
+            self.check(cpx._min_healthy_option, text, cpx.argparse.ArgumentTypeError)
+        names = ["a" * 250 + "b", "PaymentService", "Pay]ment", "x" * 256]
+        for pattern in self.mutations(["*a*a*a*a*a*a*b", "Pay*", "[!a-c]*?", "*[]]*"], 2000, "*?[]!-ab"):
+            self.check(lambda p: cpx.resolve_services([p], names), pattern, (cpx.UsageError,))
+
+    def test_policy_files(self):
+        seeds = [POLICY_TEXT, "[defaults]\r\nmin_healthy = 50%\r\n", "[service:A]]\n; x\ninstances = 3\r"]
+        for text in self.mutations(seeds, 3000, "[]=:;#%\r\n\x0c \tservice:defaultsmin_healthy0123456789"):
+            self.check(lambda t: cpx.parse_policy(t, "p"), text, cpx.UsageError)
+
+    def tearDown(self):
+        sys.stderr.write("%s: %d inputs\n" % (self.id().split(".")[-1], self.tried))
+
+
+# A child Python with what only POSIX offers taken away, as on Windows: termios, tty and fcntl
+# cannot be imported; os.geteuid, os.getpgrp, os.tcgetpgrp and the POSIX-only signals are gone.
+NON_POSIX = """\
+import os, runpy, signal, sys
+for name in ("termios", "tty", "fcntl"):
+    sys.modules[name] = None
+for name in ("geteuid", "getpgrp", "tcgetpgrp", "getuid", "chown"):
+    if hasattr(os, name):
+        delattr(os, name)
+for name in ("SIGPIPE", "SIGHUP", "SIGALRM", "SIGCHLD", "SIGUSR1", "SIGUSR2", "SIGQUIT", "SIGTSTP", "SIGCONT",
+             "SIGTTOU", "SIGTTIN", "SIGWINCH"):
+    if hasattr(signal, name):
+        delattr(signal, name)
+sys.argv = [sys.argv[1]] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+class AnyMachineTest(ServerTestCase):
+    def run_without_posix(self, *args):
+        return subprocess.run([sys.executable, "-c", NON_POSIX, CLI] + [str(a) for a in args], cwd=HERE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                              env=cli_env(), timeout=60)
+
+    def test_every_command_runs_where_posix_only_names_are_missing(self):
+        import tempfile
+        self.server.fleet(FIXED_FLEET)
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        existing = os.path.join(folder, "existing.prom")
+        with open(existing, "w") as old:
+            old.write("old\n")
+        for args, code in ((["services"], 0), (["status"], 0), (["unhealthy"], 1), (["track", "-c", "2", "-n", "0.1"], 0),
+                           (["--write", os.path.join(folder, "new.prom"), "status", "-o", "prometheus"], 0),
+                           (["--write", existing, "status", "-o", "prometheus"], 0), (["completion", "bash"], 0)):
+            with self.subTest(case=args):
+                result = self.run_without_posix("--url", self.server.url, *args)
+                self.assertEqual((result.returncode, result.stderr), (code, ""))  # catches: os.geteuid() called
+        with open(existing) as written:
+            self.assertIn("cpx_service_instances", written.read())
 
 
 # ---------------------------------------------------------------------------
