@@ -1,44 +1,26 @@
 #!/usr/bin/env python3
 """cpx_devops: the health of a fleet on Cloud Provider X (CPX), in seconds.
 
-One file, standard library only, Python 3.7 or newer. It reads the CPX API
-(GET /servers, then GET /<ip> for every instance, concurrently) and prints
-what an SRE needs during an incident.
+One file, standard library only, Python 3.7 or newer; `cpx_devops.py --help` tells how to use
+it. It reads the CPX API (GET /servers, then GET /<ip> for every instance, concurrently).
 
-Usage:
-  cpx_devops.py [global options] services [--service NAME,PATTERN...] [--status STATUS...]
-                                          [--sort KEY] [--reverse] [--strict]
-  cpx_devops.py [global options] status [SERVICE...] [--sort KEY] [--reverse] [--strict]
-  cpx_devops.py [global options] unhealthy [--min-healthy N|PCT%] [--reverse] [--strict]
-  cpx_devops.py [global options] track [SERVICE | --all] [-n SECONDS] [-c COUNT]
-  cpx_devops.py completion bash|zsh|fish
-  cpx_devops.py simulate [--port 8080] [--servers 150] [--latency-ms 0] [--seed N]
-                         [--fail-fraction F] [--hang-fraction F] [--slow-fraction F --slow-ms MS]
-
-Global options include --url (or $CPX_URL), -o table|wide|json|csv|prometheus,
---write FILE (atomic), --policy FILE (or $CPX_POLICY), --shard K/N, --color,
---timeout, --deadline, --retries, --workers; see --help.
-
-Health rule: an instance is Unhealthy when its cpu or its memory is strictly
-above its threshold (90% each by default, or its service's in a policy),
-Unknown when it could not be read or its data is invalid, Healthy otherwise.
-A service needs a minimum of healthy instances (2 by default, or its policy's);
-a policy's expected services are flagged when they have no instance.
-
+The file reads as data flows, each section using only those above it: constants; records and
+the parsing of API values; the policy; pure analysis; the CPX client; renderers; the snapshot
+commands; track; serve; the simulator; shell completion; the command line and main().
 """
 
 import os
 import signal
 import sys
 
-if sys.version_info < (3, 7):  # before any import 3.6 lacks (dataclasses): one line, not a traceback
+if sys.version_info < (3, 7):  # before any import 3.6 lacks: one line, not a traceback
     sys.stderr.write("cpx_devops: error: Python 3.7 or newer is needed; this is Python %d.%d\n"
                      % tuple(sys.version_info[:2]))
     sys.exit(2)
 
 
 def _interrupted_at_start(signum: int, frame: object) -> None:
-    """Ctrl+C while the tool starts (its imports take about 30 ms): exit 130 at once, no traceback."""
+    """Ctrl+C while the tool starts: exit 130 at once, no traceback."""
     os._exit(130)
 
 
@@ -48,29 +30,17 @@ def _interrupted_at_start(signum: int, frame: object) -> None:
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_at_start)
 
-# The imports come after that check and that handler (ruff: E402 is ignored for this).
+# The imports come after that check and that handler (ruff: E402 is ignored for this). Only
+# what --help needs is imported here; the rest where it is used (json, sockets, urllib...).
 import argparse
-import csv
-import difflib
 import functools
-import io
-import ipaddress
-import json
-import random
 import re
-import shutil
-import socket
-import stat
 import threading
 import time
-import unicodedata
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field, replace
-from typing import Any, Deque, Dict, Iterable, List, NoReturn, Optional, Sequence, Set, Tuple
+from types import MappingProxyType
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, NoReturn, Optional, Sequence, Set, Tuple
 
 __version__ = "1.0.0"
-
-PROG = "cpx_devops"
 
 EXIT_OK = 0
 EXIT_FLAGGED = 1
@@ -82,52 +52,21 @@ EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 EXIT_TERMINATED = 143
 
-# The exit-status contract, written once: the module docstring, --help and the
-# README's table are made from (or checked against) it.
+# The exit-status contract, written once: --help shows it, the README's table is checked against it.
 EXIT_STATUSES = (
     (EXIT_OK, "success; for `unhealthy`, no service flagged"),
     (EXIT_FLAGGED, "`unhealthy` flagged at least one service (under its minimum, or expected and missing)"),
-    (EXIT_USAGE, "usage error: a bad option or value, an unknown service name or command, a URL that "
-                 "cannot be requested (not http/https, a space, a bad host), a `--write` FILE that cannot be "
-                 "written (checked before any request: a directory, FIFO, device or socket, a missing or "
-                 "read-only directory); a policy file that cannot be read or is wrong (one line: the file, the line, "
-                 "what); stdout closed (`>&-`) without `--write`; a Python older than 3.7"),
-    (EXIT_UNAVAILABLE, "CPX unavailable: the server list could not be read or is not a list, it lists "
-                       "no instance, or no instance at all could be read; or no readable instance has "
-                       "the service asked for while some instances could not be read (it may be among "
-                       "them; `track`: none answered in the whole session)"),
-    (EXIT_PARTIAL, "`--strict` and some instance could not be read: the output was printed, from partial data "
-                   "(for `unhealthy`, 1 when it flagged a service)"),
-    (EXIT_OUTPUT, "the output could not be written: stdout failed (a full disk, an I/O error), or the "
-                  "`--write` FILE failed after passing its up-front check"),
+    (EXIT_USAGE, "usage error: a bad option or value, an unknown service or command, a URL that cannot be "
+                 "requested, a `--write` FILE that cannot be written, a policy file that cannot be read or is "
+                 "wrong, stdout closed without `--write`, an address `serve` or `simulate` cannot listen on"),
+    (EXIT_UNAVAILABLE, "CPX unavailable: the server list could not be read or lists no instance, no instance "
+                       "could be read, or none of the service asked for while some could not be read"),
+    (EXIT_PARTIAL, "`--strict` and some instance could not be read: the output was printed, from partial data"),
+    (EXIT_OUTPUT, "the output could not be written: stdout or the `--write` FILE failed (a full disk, say)"),
     (EXIT_INTERRUPTED, "interrupted by Ctrl+C (`track` exits 0: Ctrl+C is how it stops)"),
-    (EXIT_BROKEN_PIPE, "stdout closed early, as for any Unix tool killed by SIGPIPE (under `| head`, "
-                       "0 when the pipe took the whole output before it closed)"),
-    (EXIT_TERMINATED, "terminated by SIGTERM"),
+    (EXIT_BROKEN_PIPE, "stdout closed early, as for any Unix tool killed by SIGPIPE (`| head`)"),
+    (EXIT_TERMINATED, "terminated by SIGTERM (`serve` and `simulate`: their usual end, as Ctrl+C's 130)"),
 )
-
-
-# simulate's own: it serves until stopped, and reads no CPX.
-SIMULATE_EXIT_STATUSES = (
-    (EXIT_USAGE, "usage error: a bad option or value, or an address it cannot listen on"),
-    (EXIT_INTERRUPTED, "stopped by Ctrl+C, its usual end"),
-) + tuple(entry for entry in EXIT_STATUSES if entry[0] == EXIT_TERMINATED)
-
-
-def exit_status_text(indent: int = 2, width: int = 79, statuses: Sequence[Tuple[int, str]] = EXIT_STATUSES) -> str:
-    """Exit statuses as plain text, one wrapped entry per status."""
-    import textwrap
-
-    lines = []
-    for code, meaning in statuses:
-        lead = " " * indent + "%-5d" % code
-        lines += textwrap.wrap(meaning.replace("`", ""), width, initial_indent=lead,
-                               subsequent_indent=" " * len(lead))
-    return "\n".join(lines) + "\n"
-
-
-if __doc__:  # None under python -OO
-    __doc__ += "\nExit status:\n" + exit_status_text()
 
 DEFAULT_URL = "http://localhost:8080"
 DEFAULT_TIMEOUT = 5.0
@@ -137,55 +76,33 @@ DEFAULT_WORKERS = 64
 DEFAULT_THRESHOLD = 90.0
 DEFAULT_MIN_HEALTHY = 2
 DEFAULT_INTERVAL = 2.0
+DEFAULT_REDISCOVER = 60.0
+MIN_INTERVAL = 0.1
+# The longest duration an option takes: more is a typo, and past about 292 years
+# (threading.TIMEOUT_MAX) Python's waits overflow.
+MAX_SECONDS = 86400
 
 SERVERS_BODY_CAP = 16 * 1024 * 1024
 INSTANCE_BODY_CAP = 64 * 1024
+POLICY_SIZE_CAP = 1024 * 1024  # a policy is written by hand: more is the wrong file
 RETRYABLE_HTTP_STATUSES = frozenset({429, 502, 503, 504})
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 2.0
 RETRY_AFTER_CAP = 10.0
 MAX_SERVICE_NAME = 256
-POLICY_SIZE_CAP = 1024 * 1024  # a policy is written by hand: more is the wrong file
-SERVICE_CACHE = ("cpx_devops", "services")  # below the cache home: the service names shell completion offers
-SERVICE_CACHE_CAP = 256 * 1024
 IPS_LISTED_PER_REASON = 5
-
-MIN_INTERVAL = 0.1
-# The longest duration an option takes: more is a typo, and past about 292 years
-# (threading.TIMEOUT_MAX) Python's waits overflow.
-MAX_SECONDS = 86400
-DEFAULT_REDISCOVER = 60.0
-GONE = "Gone"
+SERVICE_CACHE = ("cpx_devops", "services")  # below the cache home: the names shell completion offers
+SERVICE_CACHE_CAP = 256 * 1024
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 UNKNOWN = "Unknown"
+GONE = "Gone"
 
 SORT_KEYS = ("service", "ip", "status", "cpu", "memory")
-OUTPUT_FORMATS = ("table", "wide", "json", "csv", "prometheus")
-STATUS_FILTERS = ("healthy", "unhealthy", "unknown")
 SUMMARY_SORT_KEYS = ("service", "instances", "healthy", "cpu", "memory")
+STATUS_FILTERS = ("healthy", "unhealthy", "unknown")
 COLOR_MODES = ("auto", "always", "never")
-
-ENVIRONMENT_HELP = """\
-environment:
-  CPX_URL         base URL of the CPX API when --url is not given
-                  (default %s)
-  CPX_POLICY      the policy file when --policy is not given
-  NO_COLOR        when set and non-empty, no colour with --color auto (the default)
-  TERM=dumb       no colour with --color auto
-  XDG_CACHE_HOME  where a run on a terminal leaves the service names for shell
-                  completion (default ~/.cache)
-""" % DEFAULT_URL
-
-EXIT_STATUS_HELP = "exit status:\n" + exit_status_text()
-
-SIMULATE_HELP = """\
-environment:
-  none: simulate reads no environment variable (CPX_URL is the other commands')
-
-exit status:
-""" + exit_status_text(statuses=SIMULATE_EXIT_STATUSES)
 
 
 class CpxUnavailable(Exception):
@@ -213,64 +130,50 @@ class Terminated(BaseException):
     """Raised by the SIGTERM handler so that the command unwinds quietly."""
 
 
+def program_name() -> str:
+    """The name the tool was run by, as its messages say it: 'cpx-devops' when installed,
+    'cpx_devops' for the copied file."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return (name[:-3] if name.endswith(".py") else name) or "cpx_devops"
+
+
 # ---------------------------------------------------------------------------
 # Records and parsing of API values
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """Above these (strictly), an instance is Unhealthy; services may have their own (a policy)."""
-
-    cpu: float = DEFAULT_THRESHOLD
-    memory: float = DEFAULT_THRESHOLD
-    services: Dict[str, "Thresholds"] = field(default_factory=dict, hash=False)  # by service name
-
-    def for_service(self, service: Optional[str]) -> "Thresholds":
-        """The thresholds of a service's instances: its own, else these."""
-        return self.services.get(service, self) if service is not None else self
-
-
-@dataclass
-class Instance:
-    """One instance as read from CPX; error says why it could not be read."""
+class Instance(NamedTuple):
+    """One instance as read from CPX: error says why it could not be read, and answered whether
+    it sent JSON at all (an answer, valid or not, rather than a failure)."""
 
     ip: str
     service: Optional[str] = None
     cpu: Optional[float] = None
     memory: Optional[float] = None
     error: Optional[str] = None
-    answered: bool = field(default=False, compare=False)  # it sent JSON (valid or not), not a failure
-
-    def usage(self) -> Optional[Tuple[float, float]]:
-        """(cpu, memory) when the instance could be read and its data is valid, else None."""
-        if self.error is not None or self.cpu is None or self.memory is None:
-            return None
-        return self.cpu, self.memory
+    answered: bool = False
 
     @property
     def readable(self) -> bool:
         """Whether it could be read with valid data: the one test of Unknown."""
-        return self.usage() is not None
+        return self.error is None and self.cpu is not None and self.memory is not None
 
 
-@dataclass
-class ServiceSummary:
-    """Per-service aggregate; service is None for instances of unknown service."""
+class ServiceSummary(NamedTuple):
+    """Per-service aggregate; service is None for the instances of unknown service."""
 
     service: Optional[str]
     instances: int
     healthy: int
-    avg_cpu: Optional[float]
-    avg_memory: Optional[float]
+    avg_cpu: Optional[float] = None
+    avg_memory: Optional[float] = None
     max_cpu: Optional[float] = None
     max_memory: Optional[float] = None
     max_cpu_ip: Optional[str] = None  # the hottest instance (the lowest IP of a tie)
     max_memory_ip: Optional[str] = None
 
 
-@dataclass
-class Snapshot:
+class Snapshot(NamedTuple):
     """One read of the whole fleet, how long it took, and when it started (ISO 8601, UTC)."""
 
     instances: List[Instance]
@@ -278,8 +181,7 @@ class Snapshot:
     started: str = ""
 
 
-@dataclass
-class ServerList:
+class ServerList(NamedTuple):
     """The fleet as /servers listed it: valid IPs once each, and what was refused."""
 
     ips: List[str]
@@ -288,67 +190,54 @@ class ServerList:
     other_shards: int = 0  # listed, but read by another shard (--shard)
 
 
-_DECIMAL = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z")
-_IP_CHARACTERS = re.compile(r"[0-9A-Fa-f:.]{2,45}\Z")
-_ASCII_DIGITS = re.compile(r"[0-9]{1,30}\Z")
-
-
 def parse_percent(value: Any) -> float:
     """Read "61%", "61", 61 or 61.5 as a percentage in 0-100; ValueError otherwise."""
     if isinstance(value, bool):
         raise ValueError("not a percentage")
-    if isinstance(value, (int, float)):
-        number = value
-    elif isinstance(value, str):
+    if isinstance(value, str):
         text = value.strip()
-        if text.endswith("%"):
-            text = text[:-1].rstrip()
-        if not _DECIMAL.match(text):
+        text = text[:-1].rstrip() if text.endswith("%") else text
+        if not re.match(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z", text):
             raise ValueError("not a percentage")
-        number = float(text)
-    else:
+        value = float(text)
+    elif not isinstance(value, (int, float)):
         raise ValueError("not a percentage")
-    # Written so that NaN fails too; big ints are compared before any float().
-    if not 0 <= number <= 100:
+    if not 0 <= value <= 100:  # NaN fails too; a big int is compared before any float()
         raise ValueError("out of range")
-    return float(number) + 0.0  # -0.0 becomes 0.0: never shown as "-0%"
+    return float(value) + 0.0  # -0.0 becomes 0.0: never shown as "-0%"
 
 
 def parse_instance(ip: str, payload: Any) -> Instance:
-    """Turn one /<ip> answer into an Instance, with a short error when invalid."""
-    return replace(_instance_from(ip, payload), answered=True)
-
-
-def _instance_from(ip: str, payload: Any) -> Instance:
+    """Turn one /<ip> answer into an Instance, with a short error when its data is invalid."""
+    service = payload.get("service") if isinstance(payload, dict) else None
     if not isinstance(payload, dict):
-        return Instance(ip, error="not a JSON object")
-    service = payload.get("service")
+        return Instance(ip, error="not a JSON object", answered=True)
     if "service" not in payload:
-        return Instance(ip, error="missing service")
+        return Instance(ip, error="missing service", answered=True)
     if not isinstance(service, str) or not service.strip() or len(service) > MAX_SERVICE_NAME:
-        return Instance(ip, error="invalid service")
-    values = {}
+        return Instance(ip, error="invalid service", answered=True)
+    values = []
     for name in ("cpu", "memory"):
-        if name not in payload:
-            return Instance(ip, service=service, error="missing " + name)
         try:
-            values[name] = parse_percent(payload[name])
+            values.append(parse_percent(payload[name]))
+        except KeyError:
+            return Instance(ip, service, error="missing " + name, answered=True)
         except ValueError:
-            return Instance(ip, service=service, error="invalid " + name)
-    return Instance(ip, service=service, cpu=values["cpu"], memory=values["memory"])
-
-
-_CANONICAL_IPV4 = re.compile(r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?:\.(?!\Z)|\Z)){4}\Z")
+            return Instance(ip, service, error="invalid " + name, answered=True)
+    return Instance(ip, service, values[0], values[1], answered=True)
 
 
 def address_key(entry: Any) -> Optional[Any]:
     """One key per address for a plain IPv4/IPv6 address string (safe to put in a request
     path), else None: '::1' and '0:0:0:0:0:0:0:1' share one. Only the canonical IPv4 form is
     taken ('010.1.1.1' is refused, which older Pythons' ipaddress reads as an address)."""
-    if not isinstance(entry, str) or not _IP_CHARACTERS.match(entry):
+    if not isinstance(entry, str) or not re.match(r"[0-9A-Fa-f:.]{2,45}\Z", entry):
         return None
     if ":" not in entry:
-        return entry if _CANONICAL_IPV4.match(entry) else None
+        octet = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+        return entry if re.match(r"%s(?:\.%s){3}\Z" % (octet, octet), entry) else None
+    import socket
+
     try:
         return socket.inet_pton(socket.AF_INET6, entry)
     except (OSError, ValueError):
@@ -384,44 +273,31 @@ def parse_server_list(payload: Any) -> ServerList:
 
 def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
     """Seconds to wait from a Retry-After header (delta or HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if _ASCII_DIGITS.match(value):  # not str.isdigit(): it says yes to '²', which float() refuses
+    value = (value or "").strip()
+    if re.match(r"[0-9]{1,30}\Z", value):  # not str.isdigit(): it says yes to '²', which float() refuses
         return float(value)
-    if any(ord(char) > 127 for char in value):  # an HTTP date is ASCII
+    if not value or not value.isascii():  # an HTTP date is ASCII
         return None
-    try:
-        from email.utils import parsedate_to_datetime
+    from email.utils import parsedate_to_datetime
 
+    try:
         moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError, OverflowError):  # OverflowError: a year past any clock (fuzzing)
-        return None
-    if moment is None:
-        return None
-    current = time.time() if now is None else now
-    try:
-        return max(0.0, moment.timestamp() - current)
-    except (OverflowError, OSError, ValueError):  # a date no clock can reach
-        return None
-
-
-def canonical_ip(ip: str) -> str:
-    """One spelling per address ('0:0::1' is '::1'): what a shard is chosen from."""
-    return ipaddress.ip_address(ip).compressed
+        return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+    except (TypeError, ValueError, IndexError, AttributeError, OverflowError, OSError):
+        return None  # not a date, or one no clock can reach (a year past 9999: found by fuzzing)
 
 
 def shard_of(ip: str, count: int) -> int:
     """The shard (1 to count) an instance belongs to: from a SHA-256 of its canonical IP, so the
     same on every machine and Python (hash() is salted per process), and about count-th each."""
     import hashlib
+    import ipaddress
 
-    digest = hashlib.sha256(canonical_ip(ip).encode("ascii")).digest()
+    digest = hashlib.sha256(ipaddress.ip_address(ip).compressed.encode("ascii")).digest()
     return int.from_bytes(digest[:8], "big") % count + 1
 
 
-@dataclass(frozen=True)
-class Shard:
+class Shard(NamedTuple):
     """--shard K/N: this run reads only the instances of slice K (from 1) of N."""
 
     index: int
@@ -435,127 +311,119 @@ class Shard:
         return "%d/%d" % (self.index, self.count)
 
 
-class MinHealthy:
-    """How many healthy instances a service needs: a count (HealthyCount) or a share of its
-    instances (HealthyShare), one small class each."""
-
-    def required(self, instances: int) -> int:
-        """The minimum for a service of this many instances."""
-        raise NotImplementedError
+# ---------------------------------------------------------------------------
+# The policy: thresholds, minimums and expected services (--policy FILE)
+# ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class HealthyCount(MinHealthy):
-    """A fixed minimum: '3'."""
+class HealthyCount(NamedTuple):
+    """A fixed minimum of healthy instances: '3'."""
 
     count: int
 
     def required(self, instances: int) -> int:
+        """The minimum for a service of this many instances."""
         return self.count
 
     def __str__(self) -> str:
         return str(self.count)
 
 
-@dataclass(frozen=True)
-class HealthyShare(MinHealthy):
+class HealthyShare(NamedTuple):
     """A share of the service's instances, rounded up as a PodDisruptionBudget's minAvailable
-    is: '50%' of 3 instances is 2. Kept as the exact decimal written (no float rounding)."""
+    is: '50%' of 3 instances is 2. Kept as the exact decimal written (a Fraction): 7% of 100
+    is 7, where floats make it 8."""
 
     percent: Any  # a fractions.Fraction, 0 to 100
 
     def required(self, instances: int) -> int:
+        """The minimum for a service of this many instances."""
         return -(-self.percent * instances // 100)  # the ceiling, exactly
 
     def __str__(self) -> str:
-        whole = self.percent.numerator // self.percent.denominator
-        return "%s%%" % (whole if self.percent == whole else "%g" % float(self.percent))
+        return "%s%%" % (self.percent if self.percent.denominator == 1 else "%g" % float(self.percent))
+
+    def __eq__(self, other: Any) -> bool:  # a tuple, but never equal to HealthyCount(50)
+        return isinstance(other, HealthyShare) and self.percent == other.percent
+
+    __hash__ = tuple.__hash__
 
 
-@dataclass(frozen=True)
-class ExpectedService:
+class ExpectedService(NamedTuple):
     """A service a policy expects, and what it asks of it beyond the policy's defaults."""
 
     name: str
-    min_healthy: Optional[MinHealthy] = None
+    min_healthy: Any = None  # a HealthyCount or HealthyShare, None for the policy's
     instances: Optional[int] = None  # how many it should have: a share's base, when above those seen
     cpu: Optional[float] = None
     memory: Optional[float] = None
 
 
-@dataclass(frozen=True)
-class Policy:
+class Policy(NamedTuple):
     """What the fleet should look like: thresholds and a minimum of healthy instances for every
     service, with exceptions for the services it expects (a --policy file; without one, the
     defaults). The one place that says which thresholds and minimum a service has."""
 
     cpu: float = DEFAULT_THRESHOLD
     memory: float = DEFAULT_THRESHOLD
-    min_healthy: MinHealthy = HealthyCount(DEFAULT_MIN_HEALTHY)
-    services: Tuple[ExpectedService, ...] = ()
+    min_healthy: Any = HealthyCount(DEFAULT_MIN_HEALTHY)
+    services: Any = MappingProxyType({})  # name -> ExpectedService, in the file's order
     source: Optional[str] = None  # the file it came from
-    by_name: Dict[str, ExpectedService] = field(init=False, repr=False, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "by_name", {s.name: s for s in self.services})
-
-    def overridden(self, cpu: Optional[float] = None, memory: Optional[float] = None,
-                   min_healthy: Optional[MinHealthy] = None) -> "Policy":
-        """The policy with the command line's values: an option given beats the file, for every
-        service (the most explicit wins)."""
-        services = tuple(replace(s, cpu=None if cpu is not None else s.cpu,
-                                 memory=None if memory is not None else s.memory,
-                                 min_healthy=None if min_healthy is not None else s.min_healthy)
-                         for s in self.services)
-        return replace(self, services=services, cpu=self.cpu if cpu is None else cpu,
-                       memory=self.memory if memory is None else memory,
-                       min_healthy=self.min_healthy if min_healthy is None else min_healthy)
 
     @property
     def expected(self) -> List[str]:
         """The names of the services expected, as written."""
-        return [s.name for s in self.services]
+        return list(self.services)
 
-    def thresholds(self) -> Thresholds:
-        """The thresholds of every service."""
-        own = {s.name: Thresholds(self.cpu if s.cpu is None else s.cpu, self.memory if s.memory is None else s.memory)
-               for s in self.services if s.cpu is not None or s.memory is not None}
-        return Thresholds(self.cpu, self.memory, own)
+    def limits(self, service: Optional[str]) -> Tuple[float, float]:
+        """A service's cpu and memory thresholds: above either, its instances are Unhealthy."""
+        own = self.services.get(service)
+        if own is None:
+            return self.cpu, self.memory
+        return (self.cpu if own.cpu is None else own.cpu), (self.memory if own.memory is None else own.memory)
 
     def min_healthy_for(self, service: Optional[str], instances: int) -> int:
         """The healthy instances a service of this many instances needs. A share is of the larger
         of those instances and the policy's count for it: an instance that vanished or could not
         be read (so has no service) does not lower the bar."""
-        expected = self.by_name.get(service) if service is not None else None
-        if expected is None:
+        own = self.services.get(service)
+        if own is None:
             return self.min_healthy.required(instances)
-        rule = expected.min_healthy or self.min_healthy
-        return rule.required(max(instances, expected.instances or 0))
+        return (own.min_healthy or self.min_healthy).required(max(instances, own.instances or 0))
+
+    def overridden(self, cpu: Optional[float] = None, memory: Optional[float] = None,
+                   min_healthy: Any = None) -> "Policy":
+        """The policy with the command line's values: an option given beats the file, for every
+        service (the most explicit wins)."""
+        services = {name: s._replace(cpu=None if cpu is not None else s.cpu,
+                                     memory=None if memory is not None else s.memory,
+                                     min_healthy=None if min_healthy is not None else s.min_healthy)
+                    for name, s in self.services.items()}
+        return self._replace(services=MappingProxyType(services), cpu=self.cpu if cpu is None else cpu,
+                             memory=self.memory if memory is None else memory,
+                             min_healthy=self.min_healthy if min_healthy is None else min_healthy)
 
 
-POLICY_DEFAULTS = "defaults"
-POLICY_SERVICE = "service:"
 POLICY_KEYS = {  # section kind -> the keys it takes
-    POLICY_DEFAULTS: ("min_healthy", "cpu_threshold", "memory_threshold"),
-    POLICY_SERVICE: ("min_healthy", "instances", "cpu_threshold", "memory_threshold"),
+    "defaults": ("min_healthy", "cpu_threshold", "memory_threshold"),
+    "service:": ("min_healthy", "instances", "cpu_threshold", "memory_threshold"),
 }
-_POLICY_COUNT = re.compile(r"[0-9]{1,9}\Z")
-_POLICY_SHARE = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)\s*%\Z")
+LINE_ENDS = r"\r\n|\r|\n"  # LF, CRLF and a lone CR alike; a form feed is inside a line
 
 
-def parse_min_healthy(text: str) -> MinHealthy:
-    """'3' or '50%' (ValueError naming what is wrong: a negative count, a share over 100%...)."""
-    from fractions import Fraction
-
+def parse_min_healthy(text: str) -> Any:
+    """'3' or '50%' as a HealthyCount or HealthyShare (ValueError naming what is wrong: a
+    negative count, a share over 100%...)."""
     text = text.strip()
-    if _POLICY_COUNT.match(text):
+    if re.match(r"[0-9]{1,9}\Z", text):
         return HealthyCount(int(text))
-    share = _POLICY_SHARE.match(text)
+    share = re.match(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)\s*%\Z", text)
     if share:
-        percent = Fraction(share.group(1))
-        if percent > 100:
+        from fractions import Fraction
+
+        if Fraction(share.group(1)) > 100:
             raise ValueError("%s is a percentage over 100" % text)
-        return HealthyShare(percent)
+        return HealthyShare(Fraction(share.group(1)))
     if text.startswith("-"):
         raise ValueError("%s is negative: a count is 0 or more" % text)
     raise ValueError("%r is not a count (3) or a percentage of the instances (50%%)" % text)
@@ -566,21 +434,15 @@ def _policy_value(key: str, text: str) -> Any:
     if key == "min_healthy":
         return parse_min_healthy(text)
     if key == "instances":
-        if text.strip().startswith("-"):
-            raise ValueError("%s is negative: a count is 1 or more" % text.strip())
-        if not _POLICY_COUNT.match(text.strip()) or int(text) < 1:
+        if text.startswith("-"):
+            raise ValueError("%s is negative: a count is 1 or more" % text)
+        if not re.match(r"[0-9]{1,9}\Z", text) or int(text) < 1:
             raise ValueError("%r is not a count of 1 or more" % text)
         return int(text)
     try:
         return parse_percent(text)
     except ValueError:
         raise ValueError("%r is not a percentage from 0 to 100" % text)
-
-
-_POLICY_LINE_ENDS = re.compile(r"\r\n|\r|\n")  # LF, CRLF and lone CR alike; a form feed is in a line
-_POLICY_HEADER_END = re.compile(r"\]\s*(?:[#;]|\Z)")  # the first ']' that only a comment follows
-_POLICY_KEY = re.compile(r"([^=:]*)[=:](.*)", re.DOTALL)  # key = value, or key: value
-_POLICY_COMMENT = re.compile(r"(?:\A|\s)[#;]")  # a comment after a value starts after white space
 
 
 def parse_policy(text: str, source: str) -> Policy:
@@ -592,78 +454,103 @@ def parse_policy(text: str, source: str) -> Policy:
     def fail(line: int, message: str) -> NoReturn:
         raise UsageError("policy %s, line %d: %s" % (sanitize(source), line, sanitize(message)))
 
-    sections: List[Tuple[str, int, Dict[str, Tuple[str, int]]]] = []  # (name, line, key -> (value, line))
-    seen: Dict[str, int] = {}
+    sections: Dict[str, Tuple[int, Dict[str, Tuple[str, int]]]] = {}  # name -> (line, key -> (value, line))
     keys: Optional[Dict[str, Tuple[str, int]]] = None
-    for number, line in enumerate(_POLICY_LINE_ENDS.split(text), 1):
+    for number, line in enumerate(re.split(LINE_ENDS, text), 1):
         stripped = line.strip()
         if not stripped or stripped[0] in "#;":
             continue
         if stripped[0] == "[":
-            end = _POLICY_HEADER_END.search(stripped)
+            end = re.search(r"\]\s*(?:[#;]|\Z)", stripped)  # the first ']' that only a comment follows
             if end is None:
                 fail(number, "a [section] line ends with its ']', and only a comment may follow: %s" % stripped)
             section = stripped[1:end.start()]
-            if section in seen:
+            if section in sections:
                 fail(number, "[%s] is there twice" % section)
-            seen[section] = number
             keys = {}
-            sections.append((section, number, keys))
+            sections[section] = (number, keys)
             continue
+        pair = re.match(r"([^=:]*)[=:](.*)", stripped, re.DOTALL)  # key = value, or key: value
         if keys is None:
             fail(number, "a key before any [section]: %s" % stripped)
-        pair = _POLICY_KEY.match(stripped)
         if pair is None:
             fail(number, "not a [section], a key = value, or a comment: %s" % stripped)
-        key, value = pair.group(1).strip().lower(), pair.group(2)
+        key = pair.group(1).strip().lower()
         if key in keys:
-            fail(number, "%s in [%s] is there twice" % (key, sections[-1][0]))
-        keys[key] = (_POLICY_COMMENT.split(value, 1)[0].strip(), number)
-    values: Dict[str, Any] = {}
-    services: Dict[str, ExpectedService] = {}
-    for section, line, keys in sections:
-        if section.startswith(POLICY_SERVICE):
-            kind, name = POLICY_SERVICE, section[len(POLICY_SERVICE):].strip()
-            if not name:
-                fail(line, "[%s] names no service" % section)
-            if name in services:
-                fail(line, "service %s is there twice" % name)
-        elif section == POLICY_DEFAULTS:
-            kind, name = POLICY_DEFAULTS, ""
-        else:
+            fail(number, "%s in [%s] is there twice" % (key, list(sections)[-1]))
+        keys[key] = (re.split(r"(?:\A|\s)[#;]", pair.group(2), 1)[0].strip(), number)  # less a comment
+    read: Dict[str, Dict[str, Any]] = {}  # section -> key -> value
+    for section, (line, keys) in sections.items():
+        kind = "service:" if section.startswith("service:") else section
+        if kind not in POLICY_KEYS:
             fail(line, "unknown section [%s]%s; a policy has [defaults] and [service:NAME] sections"
-                 % (section, _suggestion(section.lower(), [POLICY_DEFAULTS, POLICY_SERVICE], 0.5)))
-        read: Dict[str, Any] = {}
-        for key, (text_value, key_line) in keys.items():
+                 % (section, _suggestion(section.lower(), list(POLICY_KEYS), 0.5)))
+        name = section[len(kind):].strip()
+        if kind == "service:" and not name:
+            fail(line, "[%s] names no service" % section)
+        if kind == "service:" and "service:" + name in read:
+            fail(line, "service %s is there twice" % name)
+        values = read["service:" + name if name else kind] = {}
+        for key, (value, key_line) in keys.items():
             if key not in POLICY_KEYS[kind]:
                 fail(key_line, "unknown key %r in [%s]%s; it takes %s" % (key, section, _suggestion(
                     key, POLICY_KEYS[kind]), ", ".join(POLICY_KEYS[kind])))
             try:
-                read[key] = _policy_value(key, text_value)
+                values[key] = _policy_value(key, value)
             except ValueError as error:
                 fail(key_line, "%s: %s" % (key, error))
-        minimum = read.get("min_healthy")
-        if isinstance(minimum, HealthyCount) and read.get("instances", minimum.count) < minimum.count:
+        minimum = values.get("min_healthy")
+        if isinstance(minimum, HealthyCount) and values.get("instances", minimum.count) < minimum.count:
             fail(keys["min_healthy"][1], "min_healthy %d is more than its %d instances: it could never be met"
-                 % (minimum.count, read["instances"]))
-        if kind == POLICY_DEFAULTS:
-            values = read
-        else:
-            services[name] = ExpectedService(name, minimum, read.get("instances"), read.get("cpu_threshold"),
-                                             read.get("memory_threshold"))
-    defaults = Policy()
-    return Policy(cpu=values.get("cpu_threshold", defaults.cpu), memory=values.get("memory_threshold", defaults.memory),
-                  min_healthy=values.get("min_healthy", defaults.min_healthy), services=tuple(services.values()),
-                  source=source)
+                 % (minimum.count, values["instances"]))
+    defaults = read.pop("defaults", {})
+    services = {name[len("service:"):]: ExpectedService(
+        name[len("service:"):], v.get("min_healthy"), v.get("instances"), v.get("cpu_threshold"),
+        v.get("memory_threshold")) for name, v in read.items()}
+    return Policy(defaults.get("cpu_threshold", DEFAULT_THRESHOLD), defaults.get("memory_threshold", DEFAULT_THRESHOLD),
+                  defaults.get("min_healthy", HealthyCount(DEFAULT_MIN_HEALTHY)), MappingProxyType(services), source)
 
 
-@dataclass(frozen=True)
-class Options:
+def read_policy(path: str, source: str) -> Policy:
+    """The policy in a file (UTF-8 INI); UsageError, one line, when it cannot be read or is wrong.
+    Only a regular file is read: opened without blocking, so that a FIFO is refused at once."""
+    if not path:
+        raise UsageError("%s is empty: name a policy file" % source)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        kind = file_kind(os.fstat(descriptor).st_mode)
+        if kind:
+            os.close(descriptor)
+            raise UsageError("cannot read policy %s: it is %s, not a regular file" % (sanitize(path), kind))
+        with os.fdopen(descriptor, "rb") as stream:
+            data = stream.read(POLICY_SIZE_CAP + 1)
+    except OSError as error:
+        raise UsageError("cannot read policy %s: %s" % (sanitize(path), error.strerror or error))
+    if len(data) > POLICY_SIZE_CAP:
+        raise UsageError("policy %s: more than %s; is it the right file?" % (sanitize(path), _size(POLICY_SIZE_CAP)))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = len(re.split(LINE_ENDS, data[:error.start].decode("ascii", "replace")))
+        raise UsageError("policy %s, line %d: not UTF-8 text" % (sanitize(path), line))
+    return parse_policy(text, path)
+
+
+def file_kind(mode: int) -> Optional[str]:
+    """What a file of this mode is when it is not a regular file ("a FIFO or pipe"...), else None."""
+    import stat
+
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO or pipe"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+    return next((kind for is_kind, kind in kinds if is_kind(mode)), None)
+
+
+class Options(NamedTuple):
     """Everything a command needs to know, built once from the arguments."""
 
     url: str = DEFAULT_URL
     timeout: float = DEFAULT_TIMEOUT
-    deadline: float = DEFAULT_DEADLINE
+    deadline: Optional[float] = None  # --deadline; None for the command's default
     retries: int = DEFAULT_RETRIES
     workers: int = DEFAULT_WORKERS
     adaptive: bool = True
@@ -674,33 +561,35 @@ class Options:
     interactive: bool = False
     headers: bool = True
     write: Optional[str] = None
-    service_cache: Optional[str] = None  # where the services seen go, for shell completion (terminals only)
-    policy: Policy = field(default_factory=Policy)  # thresholds, minimums, expected services
+    service_cache: Optional[str] = None  # where the services seen go, for shell completion
+    policy: Policy = Policy()  # thresholds, minimums, expected services
     shard: Optional[Shard] = None
-    authorization: Optional[str] = field(default=None, repr=False)  # from credentials in the URL
+    authorization: Optional[str] = None  # from credentials in the URL: never shown
 
-    @property
-    def thresholds(self) -> Thresholds:
-        """Every service's thresholds, from the policy."""
-        return self.policy.thresholds()
-
+    def __repr__(self) -> str:
+        return "Options(%s)" % ", ".join("%s=%r" % pair for pair in zip(self._fields, self) if pair[0] != "authorization")
 
 
 # ---------------------------------------------------------------------------
-# Pure analysis: health rule, aggregation, flagging, sorting
+# Pure analysis: health rule, aggregation, flagging, sorting, choosing services
 # ---------------------------------------------------------------------------
 
 
-def instance_status(instance: Instance, thresholds: Thresholds) -> str:
+def instance_status(instance: Instance, policy: Policy) -> str:
     """Healthy, Unhealthy (cpu or memory strictly above its service's threshold) or Unknown."""
-    usage = instance.usage()
-    if usage is None:
+    if not instance.readable:
         return UNKNOWN
-    cpu, memory = usage
-    limits = thresholds.for_service(instance.service)
-    if cpu > limits.cpu or memory > limits.memory:
-        return UNHEALTHY
-    return HEALTHY
+    return UNHEALTHY if instance_reasons(instance, policy) else HEALTHY
+
+
+def instance_reasons(instance: Instance, policy: Policy) -> List[str]:
+    """Why an instance is Unhealthy: the resources over their thresholds ([] when it is not;
+    an Unknown one's reason is its error)."""
+    if not instance.readable:
+        return []
+    cpu, memory = policy.limits(instance.service)
+    return [name for name, value, limit in (("cpu", instance.cpu, cpu), ("memory", instance.memory, memory))
+            if value > limit]
 
 
 def _plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
@@ -710,111 +599,21 @@ def _plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
 
 def _suggestion(word: str, choices: Sequence[str], cutoff: float = 0.6) -> str:
     """"; did you mean 'x'?" for the closest of choices, or nothing."""
+    import difflib
+
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
     return "; did you mean %r?" % sanitize(close[0]) if close else ""
 
 
-def _mean(values: Sequence[float]) -> Optional[float]:
-    return sum(values) / len(values) if values else None
-
-
 def service_sort_key(service: Optional[str]) -> Tuple[int, str, str]:
     """Services by name, case-insensitively; the unknown group last."""
-    if service is None:
-        return (1, "", "")
-    return (0, service.lower(), service)
-
-
-def summarize_services(instances: Iterable[Instance], thresholds: Thresholds) -> List[ServiceSummary]:
-    """One summary per service, by name; averages over the instances that could be read."""
-    groups: Dict[Optional[str], List[Instance]] = {}
-    for instance in instances:
-        groups.setdefault(instance.service, []).append(instance)
-    summaries = []
-    for service in sorted(groups, key=service_sort_key):
-        members = groups[service]
-        readable = sorted((m for m in members if m.readable), key=lambda m: ip_sort_key(m.ip))
-        cpus = [m.cpu for m in readable if m.cpu is not None]
-        memories = [m.memory for m in readable if m.memory is not None]
-        # max() keeps the first of equals: the lowest IP is the hottest of a tie.
-        hottest_cpu = max(readable, key=lambda m: m.cpu or 0.0, default=None)
-        hottest_memory = max(readable, key=lambda m: m.memory or 0.0, default=None)
-        summaries.append(ServiceSummary(
-            service=service,
-            instances=len(members),
-            healthy=sum(1 for m in members if instance_status(m, thresholds) == HEALTHY),
-            avg_cpu=_mean(cpus),
-            avg_memory=_mean(memories),
-            max_cpu=max(cpus, default=None),
-            max_memory=max(memories, default=None),
-            max_cpu_ip=hottest_cpu.ip if hottest_cpu else None,
-            max_memory_ip=hottest_memory.ip if hottest_memory else None,
-        ))
-    return summaries
-
-
-def instance_reasons(instance: Instance, thresholds: Thresholds) -> List[str]:
-    """Why an instance is Unhealthy: the resources over their thresholds ([] when it is not;
-    an Unknown one's reason is its error)."""
-    usage = instance.usage()
-    if usage is None:
-        return []
-    limits = thresholds.for_service(instance.service)
-    return [name for name, value, limit in (("cpu", usage[0], limits.cpu), ("memory", usage[1], limits.memory))
-            if value > limit]
-
-
-def filter_statuses(instances: Iterable[Instance], statuses: Sequence[str], thresholds: Thresholds) -> List[Instance]:
-    """The instances whose status is one of statuses (lower case); all of them when none is given."""
-    if not statuses:
-        return list(instances)
-    return [i for i in instances if instance_status(i, thresholds).lower() in statuses]
-
-
-def sort_summaries(summaries: Iterable[ServiceSummary], key: str) -> List[ServiceSummary]:
-    """Sort service rows: by name (default), instances (most first), healthy (fewest first), or
-    average cpu or memory (highest first, unknown last); ties by name."""
-    def by_name(summary: ServiceSummary) -> Tuple:
-        return service_sort_key(summary.service)
-
-    if key == "instances":
-        return sorted(summaries, key=lambda s: (-s.instances,) + by_name(s))
-    if key == "healthy":
-        return sorted(summaries, key=lambda s: (s.healthy,) + by_name(s))
-    if key in ("cpu", "memory"):
-        def by_value(summary: ServiceSummary) -> Tuple:
-            value = summary.avg_cpu if key == "cpu" else summary.avg_memory
-            return (value is None, -(value or 0.0)) + by_name(summary)
-        return sorted(summaries, key=by_value)
-    return sorted(summaries, key=by_name)
-
-
-def with_missing(summaries: Iterable[ServiceSummary], expected: Iterable[str]) -> List[ServiceSummary]:
-    """The summaries, and a row of 0 instances for each expected service that has none; by name."""
-    summaries = list(summaries)
-    present = {s.service for s in summaries}
-    missing = [ServiceSummary(name, 0, 0, None, None) for name in expected if name not in present]
-    return sorted(summaries + missing, key=lambda s: service_sort_key(s.service)) if missing else summaries
-
-
-def fleet_summaries(instances: Iterable[Instance], policy: Policy,
-                    chosen: Optional[Set[str]] = None) -> List[ServiceSummary]:
-    """A summary per service seen, and a row of 0 instances for each expected one that has none
-    (of the chosen services, when some are)."""
-    expected = [name for name in policy.expected if chosen is None or name in chosen]
-    return with_missing(summarize_services(instances, policy.thresholds()), expected)
-
-
-def flag_services(summaries: Iterable[ServiceSummary], policy: Policy) -> List[ServiceSummary]:
-    """Services with fewer healthy instances than the policy's minimum for them, zero included,
-    and expected services with no instance (rows of with_missing); worst first, missing first
-    among equals."""
-    flagged = [s for s in summaries if s.healthy < policy.min_healthy_for(s.service, s.instances) or not s.instances]
-    return sorted(flagged, key=lambda s: (s.healthy, s.instances > 0, service_sort_key(s.service)))
+    return (1, "", "") if service is None else (0, service.lower(), service)
 
 
 def ip_sort_key(ip: str) -> Tuple[int, int, str]:
     """Numeric order: 10.58.1.9 before 10.58.1.10, IPv4 before IPv6."""
+    import ipaddress
+
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
@@ -822,46 +621,112 @@ def ip_sort_key(ip: str) -> Tuple[int, int, str]:
     return (address.version, int(address), ip)
 
 
+def summarize_services(instances: Iterable[Instance], policy: Policy) -> List[ServiceSummary]:
+    """One summary per service, by name; averages and maxima over the instances that could be read."""
+    groups: Dict[Optional[str], List[Instance]] = {}
+    for instance in instances:
+        groups.setdefault(instance.service, []).append(instance)
+    summaries = []
+    for service in sorted(groups, key=service_sort_key):
+        members = groups[service]
+        readable = sorted((m for m in members if m.readable), key=lambda m: ip_sort_key(m.ip))
+        # max() keeps the first of equals: the lowest IP is the hottest of a tie.
+        hottest_cpu = max(readable, key=lambda m: m.cpu, default=None)
+        hottest_memory = max(readable, key=lambda m: m.memory, default=None)
+        summaries.append(ServiceSummary(
+            service, len(members), sum(1 for m in members if instance_status(m, policy) == HEALTHY),
+            sum(m.cpu for m in readable) / len(readable) if readable else None,
+            sum(m.memory for m in readable) / len(readable) if readable else None,
+            hottest_cpu.cpu if hottest_cpu else None, hottest_memory.memory if hottest_memory else None,
+            hottest_cpu.ip if hottest_cpu else None, hottest_memory.ip if hottest_memory else None))
+    return summaries
+
+
+def fleet_summaries(instances: Iterable[Instance], policy: Policy,
+                    chosen: Optional[Set[str]] = None) -> List[ServiceSummary]:
+    """A summary per service seen, and a row of 0 instances for each expected one that has none
+    (of the chosen services, when some are); by name."""
+    summaries = summarize_services(instances, policy)
+    present = {s.service for s in summaries}
+    missing = [ServiceSummary(name, 0, 0) for name in policy.services
+               if name not in present and (chosen is None or name in chosen)]
+    return sorted(summaries + missing, key=lambda s: service_sort_key(s.service)) if missing else summaries
+
+
+def flag_services(summaries: Iterable[ServiceSummary], policy: Policy) -> List[ServiceSummary]:
+    """Services with fewer healthy instances than the policy's minimum for them, zero included,
+    and expected services with no instance (rows of fleet_summaries); worst first, missing first
+    among equals."""
+    flagged = [s for s in summaries if s.healthy < policy.min_healthy_for(s.service, s.instances) or not s.instances]
+    return sorted(flagged, key=lambda s: (s.healthy, s.instances > 0, service_sort_key(s.service)))
+
+
+def flag_problem(summary: ServiceSummary) -> str:
+    """Why unhealthy flags a service, in a word or two."""
+    if not summary.instances:
+        return "missing"
+    return "unreadable" if summary.service is None else "below minimum"
+
+
+def filter_statuses(instances: Iterable[Instance], statuses: Sequence[str], policy: Policy) -> List[Instance]:
+    """The instances whose status is one of statuses (lower case); all of them when none is given."""
+    return [i for i in instances if not statuses or instance_status(i, policy).lower() in statuses]
+
+
 _STATUS_RANK = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}
 
 
-def sort_instances(instances: Iterable[Instance], key: str, thresholds: Thresholds) -> List[Instance]:
-    """Sort for display: by service then IP (default), IP, status (worst first), cpu or memory (highest first)."""
+def sort_instances(instances: Iterable[Instance], key: str, policy: Policy) -> List[Instance]:
+    """Sort for display: by service then IP (default), IP, status (worst first), cpu or memory
+    (highest first, unknown last); ties by service then IP."""
     def by_service(instance: Instance) -> Tuple:
         return (service_sort_key(instance.service), ip_sort_key(instance.ip))
 
     if key == "ip":
         return sorted(instances, key=lambda i: ip_sort_key(i.ip))
     if key == "status":
-        return sorted(instances, key=lambda i: (_STATUS_RANK[instance_status(i, thresholds)],) + by_service(i))
+        return sorted(instances, key=lambda i: (_STATUS_RANK[instance_status(i, policy)],) + by_service(i))
     if key in ("cpu", "memory"):
-        # Unknown values last; ties by service then IP.
-        def by_value(instance: Instance) -> Tuple:
-            value = getattr(instance, key)
-            return (value is None, -(value or 0.0)) + by_service(instance)
-        return sorted(instances, key=by_value)
+        return sorted(instances, key=lambda i: (getattr(i, key) is None, -(getattr(i, key) or 0.0)) + by_service(i))
     return sorted(instances, key=by_service)
+
+
+def sort_summaries(summaries: Iterable[ServiceSummary], key: str) -> List[ServiceSummary]:
+    """Sort service rows: by name (default), instances (most first), healthy (fewest first), or
+    average cpu or memory (highest first, unknown last); ties by name."""
+    def by_key(summary: ServiceSummary) -> Tuple:
+        if key in ("cpu", "memory"):
+            value = getattr(summary, "avg_" + key)
+            return (value is None, -(value or 0.0))
+        return {"instances": (-summary.instances,), "healthy": (summary.healthy,)}.get(key, ())
+
+    return sorted(summaries, key=lambda s: by_key(s) + service_sort_key(s.service))
 
 
 def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str:
     """The known service that name means (exact, then case-insensitive). When none is, and some
     instances (unreadable of them) could not be read, ServiceUnreadable: it may be among them;
-    when every instance was read, UsageError naming the closest."""
+    when every instance was read, UsageError naming the closest. Two services that differ only
+    in case and match neither exactly are a UsageError too: which one was meant is not known."""
+    import difflib
+
     known = sorted(set(known), key=str.lower)
     if name in known:
         return name
     folded = [service for service in known if service.lower() == name.lower()]
     if len(folded) == 1:
         return folded[0]
-    message = "unknown service %r" % sanitize(name)
+    if folded:
+        raise UsageError("%r could be any of %s: give the name in its own case" % (
+            sanitize(name), ", ".join(repr(sanitize(service)) for service in folded)))
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     if not close:
         lowered = {service.lower(): service for service in known}
         close = [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)]
     if unreadable:
-        message = "no readable instance of %r; %s could not be read, it may be among them" % (
-            sanitize(name), _plural(unreadable, "instance"))
-        raise ServiceUnreadable(message + ("; did you mean %r?" % sanitize(close[0]) if close else ""))
+        raise ServiceUnreadable("no readable instance of %r; %s could not be read, it may be among them%s" % (
+            sanitize(name), _plural(unreadable, "instance"), "; did you mean %r?" % sanitize(close[0]) if close else ""))
+    message = "unknown service %r" % sanitize(name)
     if close:
         message += " (did you mean %r?)" % sanitize(close[0])
     if known:
@@ -871,15 +736,11 @@ def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str
     raise UsageError(message)
 
 
-_GLOB = re.compile(r"[*?[]")
-
-
 def _glob_class(body: str) -> str:
     """The regex of a pattern's [seq] or [!seq], by fnmatch's rules: ranges a-z, a reversed
     range matching nothing; every character escaped, so none is read as regex syntax."""
     negate = body[:1] == "!"
-    body = body[negate:]
-    items, k = [], 0
+    body, items, k = body[negate:], [], 0
     while k < len(body):
         if body[k + 1:k + 2] == "-" and k + 2 < len(body):
             if body[k] <= body[k + 2]:
@@ -948,7 +809,7 @@ def resolve_services(patterns: Sequence[str], known: Iterable[str], unreadable: 
     chosen: List[str] = []
     for pattern in patterns:
         matched: List[str] = []
-        if _GLOB.search(pattern):
+        if re.search(r"[*?[]", pattern):
             matched = [s for s in known if glob_match(s, pattern)] or [
                 s for s in known if glob_match(s.lower(), pattern.lower())]
         if not matched:
@@ -967,12 +828,13 @@ def summarize_failures(instances: Sequence[Instance]) -> Optional[str]:
         by_reason.setdefault(instance.error or "no value", []).append(instance.ip)
     parts = []
     for reason, ips in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
-        ips = sorted(ips, key=ip_sort_key)
-        shown = ", ".join(ips[:IPS_LISTED_PER_REASON])
-        if len(ips) > IPS_LISTED_PER_REASON:
-            shown += " and %d more" % (len(ips) - IPS_LISTED_PER_REASON)
-        parts.append("%s %s" % (reason, shown))
+        parts.append("%s %s" % (reason, _listed(sorted(ips, key=ip_sort_key)[:IPS_LISTED_PER_REASON], len(ips))))
     return "%d of %s could not be read: %s" % (len(failed), _plural(len(instances), "instance"), "; ".join(parts))
+
+
+def _listed(shown: Sequence[str], total: int) -> str:
+    """The entries shown, comma-separated, and how many more of the total there are."""
+    return ", ".join(shown) + (" and %d more" % (total - len(shown)) if total > len(shown) else "")
 
 
 # ---------------------------------------------------------------------------
@@ -988,14 +850,8 @@ class FetchError(Exception):
     def __init__(self, reason: str, retryable: bool = False, retry_after: Optional[float] = None,
                  detail: str = "", pushback: Optional[str] = None):
         super().__init__(reason)
-        self.reason = reason
-        self.retryable = retryable
-        self.retry_after = retry_after
-        self.detail = detail
-        self.pushback = pushback
-
-
-_URL_SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+        self.reason, self.retryable, self.retry_after, self.detail, self.pushback = (
+            reason, retryable, retry_after, detail, pushback)
 
 
 def _redacted(url: str) -> str:
@@ -1019,9 +875,9 @@ def parse_base_url(text: str, source: str = "--url") -> Tuple[str, Optional[str]
     def refuse(why: str) -> NoReturn:
         raise UsageError("URL %r (from %s) %s" % (sanitize(_redacted(text)), source, why))
 
-    bad = _URL_SPACE_OR_CONTROL.search(text) or re.search(r"\\", text)
     if not text:
         refuse("is empty")
+    bad = re.search(r"[\x00-\x20\x7f\\]", text)
     if bad:
         refuse({" ": "contains a space", "\\": "contains a backslash"}.get(bad.group(), "contains a control character")
                + " (percent-encode it)")
@@ -1034,9 +890,9 @@ def parse_base_url(text: str, source: str = "--url") -> Tuple[str, Optional[str]
         refuse("must start with http:// or https://")
     if not parts.hostname:
         refuse("has no host")
-    if parts.query or parts.fragment:
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
         refuse("must not have a query or fragment")
-    if any(ord(char) > 126 for char in parts.path):
+    if not parts.path.isascii():
         refuse("has a character that is not ASCII in its path (percent-encode it)")
     host = parts.hostname
     if ":" in host:
@@ -1046,13 +902,13 @@ def parse_base_url(text: str, source: str = "--url") -> Tuple[str, Optional[str]
             host = host.encode("idna").decode("ascii")
         except UnicodeError:
             refuse("has a host name that cannot be looked up (a label empty or over 63 characters?)")
-    netloc = host if port is None else "%s:%d" % (host, port)
     authorization = None
     if parts.username is not None or parts.password is not None:
         import base64
 
         pair = "%s:%s" % (unquote(parts.username or ""), unquote(parts.password or ""))
         authorization = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
+    netloc = host if port is None else "%s:%d" % (host, port)
     return "%s://%s%s" % (parts.scheme, netloc, parts.path.rstrip("/")), authorization
 
 
@@ -1062,11 +918,11 @@ class RequestGuard:
     def __init__(self, give_up_at: float):
         self.give_up_at = give_up_at
         self.lock = threading.Lock()
-        self.sock: Optional[socket.socket] = None
+        self.sock: Any = None
         self.fired = False
         self.connect_seconds: Optional[float] = None  # None: never connected
 
-    def connected(self, sock: Optional[socket.socket], seconds: float) -> None:
+    def connected(self, sock: Any, seconds: float) -> None:
         """The request's connection is open (after `seconds`); cut it at once if time is up."""
         with self.lock:
             self.sock, self.connect_seconds = sock, seconds
@@ -1080,6 +936,8 @@ class RequestGuard:
             self._cut()
 
     def _cut(self) -> None:
+        import socket
+
         if self.sock is not None:
             try:
                 # The socket level, not ssl's: shutdown wakes a thread blocked in recv.
@@ -1110,8 +968,7 @@ class Watchdog:
 
     def arm(self, give_up_at: float) -> RequestGuard:
         """Start guarding the calling thread's next request until give_up_at."""
-        guard = RequestGuard(give_up_at)
-        self.local.guard = guard
+        guard = self.local.guard = RequestGuard(give_up_at)
         with self.condition:
             self.armed.add(guard)
             if self.thread is None:
@@ -1148,57 +1005,55 @@ class Watchdog:
                 if earliest is None and self.closing:
                     self.thread = None
                     return
-                if earliest is None:
-                    self.wake_at = float("inf")
-                    self.condition.wait()
-                else:
-                    self.wake_at = max(earliest, now + self.SLACK)
-                    self.condition.wait(self.wake_at - now)
+                self.wake_at = float("inf") if earliest is None else max(earliest, now + self.SLACK)
+                self.condition.wait(None if earliest is None else self.wake_at - now)
 
 
-def _build_opener(watchdog: Watchdog):
+def _origin(url: str) -> Tuple[str, Optional[str], Optional[int]]:
+    """A URL's scheme, host and port (the scheme's own when none is given)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _build_opener(watchdog: Watchdog) -> Any:
     """One urllib opener for the process: http(s) only, redirects within one origin, and every
     connection handed to the watchdog guarding its request."""
+    import http.client
     import urllib.request
-    from urllib.parse import urljoin, urlsplit
+    from urllib.parse import urljoin
 
     def guarded(connection_class: Any) -> Any:
-        def make(host: str, **kwargs: Any) -> Any:
-            connection = connection_class(host, **kwargs)
-            plain_connect = connection.connect
-
-            def connect() -> None:
+        class Guarded(connection_class):  # type: ignore[misc,valid-type]
+            def connect(self) -> None:
                 began = time.monotonic()
-                plain_connect()
+                super().connect()
                 guard = watchdog.current()
                 if guard is not None:
-                    guard.connected(connection.sock, time.monotonic() - began)
-            connection.connect = connect
-            return connection
-        return make
+                    guard.connected(self.sock, time.monotonic() - began)
+        return Guarded
+
+    connections = {http.client.HTTPConnection: guarded(http.client.HTTPConnection)}
+    if hasattr(http.client, "HTTPSConnection"):  # Python built without ssl: http only
+        connections[http.client.HTTPSConnection] = guarded(http.client.HTTPSConnection)
 
     class GuardedConnections:
-        """urllib's HTTP(S) handler with connections the watchdog can cut."""
-
-        def do_open(self, http_class, req, **http_conn_args):
-            return super().do_open(guarded(http_class), req, **http_conn_args)
-
-    class GuardedHTTPHandler(GuardedConnections, urllib.request.HTTPHandler):
-        pass
-
-    def origin(url: str) -> Tuple[str, Optional[str], Optional[int]]:
-        parts = urlsplit(url)
-        return parts.scheme.lower(), parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+        # urllib has no public hook for the connection class: do_open is where its own
+        # handlers pass theirs, and where ours take its place.
+        def do_open(self, http_class: Any, req: Any, **http_conn_args: Any) -> Any:
+            return super().do_open(connections[http_class], req, **http_conn_args)  # type: ignore[misc]
 
     class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
         """Follow a redirect only to the same scheme, host and port (https to http never), so
         that the request's Authorization goes nowhere but where the user sent it."""
 
-        def http_error_302(self, req, fp, code, msg, headers):
+        def http_error_302(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
             location = headers.get("Location") or headers.get("URI")
             if location:
                 try:
-                    same = origin(urljoin(req.full_url, location)) == origin(req.full_url)
+                    same = _origin(urljoin(req.full_url, location)) == _origin(req.full_url)
                 except ValueError:  # a port that is not a number
                     same = False
                 if not same:
@@ -1212,18 +1067,16 @@ def _build_opener(watchdog: Watchdog):
     # data: handlers are simply absent: no URL or redirect can reach them.
     opener = urllib.request.OpenerDirector()
     handlers = [urllib.request.ProxyHandler(), urllib.request.UnknownHandler(),
-                GuardedHTTPHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                SameOriginRedirects(), urllib.request.HTTPErrorProcessor()]
+                type("GuardedHTTPHandler", (GuardedConnections, urllib.request.HTTPHandler), {})(),
+                urllib.request.HTTPDefaultErrorHandler(), SameOriginRedirects(), urllib.request.HTTPErrorProcessor()]
     if hasattr(urllib.request, "HTTPSHandler"):
-        class GuardedHTTPSHandler(GuardedConnections, urllib.request.HTTPSHandler):
-            pass
-        handlers.append(GuardedHTTPSHandler())
+        handlers.append(type("GuardedHTTPSHandler", (GuardedConnections, urllib.request.HTTPSHandler), {})())
     for handler in handlers:
         opener.add_handler(handler)
     return opener
 
 
-def _read_capped(response, cap: int) -> bytes:
+def _read_capped(response: Any, cap: int) -> bytes:
     """Read a body of at most cap bytes (the watchdog ends a trickle)."""
     length = response.headers.get("Content-Length")
     if length and length.strip().isdigit() and int(length) > cap:
@@ -1241,14 +1094,13 @@ def _read_capped(response, cap: int) -> bytes:
 
 
 def _size(byte_count: int) -> str:
-    if byte_count >= 1024 * 1024:
-        return "%d MiB" % (byte_count // (1024 * 1024))
-    return "%d KiB" % (byte_count // 1024)
+    return "%d MiB" % (byte_count >> 20) if byte_count >= 1 << 20 else "%d KiB" % (byte_count >> 10)
 
 
 def _describe_network_error(error: BaseException) -> FetchError:
-    """Map what urllib/http.client/socket raise to a short, groupable reason."""
+    """Map what urllib, http.client and socket raise to a short, groupable reason."""
     import http.client
+    import socket
 
     reason = getattr(error, "reason", error)
     if isinstance(reason, socket.timeout) or isinstance(error, socket.timeout):
@@ -1262,16 +1114,17 @@ def _describe_network_error(error: BaseException) -> FetchError:
         return FetchError("connection reset", retryable=True)
     if isinstance(reason, http.client.HTTPException):
         return FetchError("bad HTTP answer", retryable=True)
-    text = str(reason) or reason.__class__.__name__
-    return FetchError(sanitize(text)[:80], retryable=isinstance(reason, OSError))
+    return FetchError(sanitize(str(reason) or reason.__class__.__name__)[:80], retryable=isinstance(reason, OSError))
 
 
-def backoff_delay(attempt: int, retry_after: Optional[float] = None, rng: Any = random) -> float:
+def backoff_delay(attempt: int, retry_after: Optional[float] = None, rng: Any = None) -> float:
     """Seconds before retry number attempt+1: Retry-After (capped) if given, else jittered exponential."""
     if retry_after is not None:
         return min(retry_after, RETRY_AFTER_CAP)
+    import random
+
     # Full jitter: clients that failed together do not retry together.
-    return rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))
+    return (rng or random).uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))
 
 
 class ConcurrencyLimit:
@@ -1293,7 +1146,7 @@ class ConcurrencyLimit:
         self.lock = threading.Lock()
         self.limit = limit
         self.peak = limit
-        self.running: OrderedDict[int, float] = OrderedDict()  # ticket -> start; these count
+        self.running: Dict[int, float] = {}  # ticket -> start, oldest first; these count
         self.stuck: Set[int] = set()  # still running, no longer counted
         self.congested = False  # while the server queues, stuck requests count again
         self.tickets = 0
@@ -1648,6 +1501,8 @@ class CpxClient:
     def get_json(self, path: str, cap: int, deadline: float, ticket: Optional[int] = None) -> Any:
         """GET base_url+path and decode JSON, retrying what is worth retrying before the deadline;
         ticket: the limiter's, to tell it how each attempt went (instance requests only)."""
+        import json
+
         url = self.base_url + path
         limiter = self.limiter
         attempt = 0
@@ -1713,7 +1568,7 @@ class CpxClient:
         if shard is None:
             return servers
         mine = [ip for ip in servers.ips if shard.holds(ip)]
-        return replace(servers, ips=mine, other_shards=len(servers.ips) - len(mine))
+        return servers._replace(ips=mine, other_shards=len(servers.ips) - len(mine))
 
     def read_instances(self, ips: Sequence[str], deadline: float) -> List[Instance]:
         """All the given instances, concurrently within the limit; late ones are Unknown (deadline)."""
@@ -1755,6 +1610,8 @@ class CpxClient:
         return [results[ip] for ip in ips]
 
 
+
+
 # ---------------------------------------------------------------------------
 # Renderers: table, json, csv, prometheus; sanitising of server text
 # ---------------------------------------------------------------------------
@@ -1767,83 +1624,73 @@ class CpxClient:
 # no encoding can write. Written out as ranges (Unicode 15.1's Cf, plus
 # DerivedCoreProperties' Default_Ignorable_Code_Point), so that every Python gives the
 # same answer; the tests check it against this Python's own unicodedata. Limit:
-# variation selectors are among them, so an emoji's U+FE0F shows as '?'.
-_UNSAFE_TEXT = re.compile(
-    "[\x00-\x1f\x7f-\x9f\xad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u115f-\u1160"
-    "\u17b4-\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\ud800-\udfff\ufe00-\ufe0f"
-    "\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
-    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
-
+# variation selectors are among them, so an emoji's U+FE0F shows as '?'. A pattern, not
+# a compiled regex: re compiles it on first use and keeps it (nothing at import).
+UNSAFE_TEXT = ("[\x00-\x1f\x7f-\x9f\xad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u115f-\u1160"
+               "\u17b4-\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\ud800-\udfff\ufe00-\ufe0f"
+               "\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+               "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
 COLORS = {UNHEALTHY: "31", UNKNOWN: "33", "stale": "2"}
 
 
 def sanitize(text: Any) -> str:
     """Server text made safe for a terminal: each unsafe character (above) becomes '?'."""
-    return _UNSAFE_TEXT.sub("?", str(text))
-
-
-_UNSAFE_OR_BACKSLASH = re.compile("\\\\|" + _UNSAFE_TEXT.pattern)
+    return re.sub(UNSAFE_TEXT, "?", str(text))
 
 
 def escape_unsafe(text: str) -> str:
     """Server text made safe but kept distinct: each unsafe character as a \\x, \\u or \\U
     escape, and a backslash doubled, so two names never come out alike (Prometheus labels)."""
     def escape(match: Any) -> str:
-        char = match.group()
-        if char == "\\":
+        code = ord(match.group())
+        if code == 0x5C:
             return "\\\\"
-        code = ord(char)
         return "\\x%02x" % code if code < 0x100 else "\\u%04x" % code if code < 0x10000 else "\\U%08x" % code
-    return _UNSAFE_OR_BACKSLASH.sub(escape, text)
-
-
-# Hangul vowels and final consonants (conjoining jamo) join the syllable before them.
-_ZERO_WIDTH_JAMO = re.compile("[\u1160-\u11ff\ud7b0-\ud7ff]")
+    return re.sub("\\\\|" + UNSAFE_TEXT, escape, text)
 
 
 def display_width(text: str) -> int:
     """Columns text takes on a terminal: wide characters count 2; combining marks, format
-    and unsafe characters, and conjoining jamo 0."""
+    and unsafe characters, and conjoining jamo (which join the syllable before them) 0."""
     if text.isascii() and text.isprintable():  # the usual case, at C speed
         return len(text)
-    width = 0
-    for char in text:
-        # The unsafe characters include every format character (Cf).
-        if unicodedata.category(char) in ("Mn", "Me") or _UNSAFE_TEXT.match(char) or _ZERO_WIDTH_JAMO.match(char):
-            continue
-        width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
-    return width
+    import unicodedata
+
+    return sum(0 if unicodedata.category(char) in ("Mn", "Me") or re.match(UNSAFE_TEXT, char)
+               or re.match("[\u1160-\u11ff\ud7b0-\ud7ff]", char)
+               else 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1 for char in text)
 
 
-def paint(text: str, status: str, color: bool) -> str:
+def paint(text: str, status: Optional[str], color: bool) -> str:
     """Wrap text in the colour of a status when colour is on."""
-    code = COLORS.get(status)
-    if not color or not code:
-        return text
-    return "\x1b[%sm%s\x1b[0m" % (code, text)
+    code = COLORS.get(status or "")
+    return "\x1b[%sm%s\x1b[0m" % (code, text) if color and code else text
 
 
-def render_table(titles: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool],
-                 colors: Optional[Sequence[Optional[str]]] = None, color: bool = False,
-                 headers: bool = True) -> str:
-    """An org-style table; right marks right-aligned columns, colors gives a status per row."""
-    widths = [display_width(title) for title in titles]
+class Column(NamedTuple):
+    """A table's column: its title, and whether its cells are right-aligned (numbers)."""
+
+    title: str
+    right: bool = False
+
+
+def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]],
+                 colors: Optional[Sequence[Optional[str]]] = None, color: bool = False, headers: bool = True) -> str:
+    """An org-style table; colors gives a status per row, for its colour."""
+    widths = [display_width(column.title) for column in columns]
     for row in rows:
         for index, cell in enumerate(row):
             widths[index] = max(widths[index], display_width(cell))
 
     def line(cells: Sequence[str], status: Optional[str] = None) -> str:
         padded = []
-        for index, cell in enumerate(cells):
-            gap = " " * (widths[index] - display_width(cell))
-            text = gap + cell if right[index] else cell + gap
-            padded.append(paint(text, status, color) if status else text)
-        return "| " + " | ".join(padded) + " |"
+        for cell, width, column in zip(cells, widths, columns):
+            gap = " " * (width - display_width(cell))
+            padded.append(paint(gap + cell if column.right else cell + gap, status, color))
+        return "| " + " | ".join(padded) + " |\n"
 
-    lines = [line(titles), "|" + "+".join("-" * (w + 2) for w in widths) + "|"] if headers else []
-    for index, row in enumerate(rows):
-        lines.append(line(row, colors[index] if colors else None))
-    return "".join(line + "\n" for line in lines)
+    top = [line([c.title for c in columns]), "|" + "+".join("-" * (w + 2) for w in widths) + "|\n"] if headers else []
+    return "".join(top + [line(row, colors[k] if colors else None) for k, row in enumerate(rows)])
 
 
 def shown_percent(value: float, decimals: int, threshold: Optional[float] = None) -> str:
@@ -1851,6 +1698,8 @@ def shown_percent(value: float, decimals: int, threshold: Optional[float] = None
     stay on the value's side of the threshold and of 100: an Unhealthy 90.004 never reads as
     90.0 (at the threshold, so healthy), nor 99.999 as 100. Past 3 decimals, rounded
     towards the value's side instead (90.0000001 reads 90.001)."""
+    import math
+
     def same_side(shown: float) -> bool:
         return ((threshold is None or (shown > threshold) == (value > threshold))
                 and (shown >= 100) == (value >= 100))
@@ -1859,12 +1708,8 @@ def shown_percent(value: float, decimals: int, threshold: Optional[float] = None
         text = "%.*f" % (places, value)
         if same_side(float(text)):
             return text
-    import math
-
-    for rounded in (math.floor(value * 1000) / 1000, math.ceil(value * 1000) / 1000):
-        if same_side(rounded):
-            return "%.3f" % rounded
-    return text  # not reached: one of the two is on the value's side
+    rounded = [r for r in (math.floor(value * 1000) / 1000, math.ceil(value * 1000) / 1000) if same_side(r)]
+    return "%.3f" % rounded[0] if rounded else text
 
 
 def format_percents(values: Sequence[Optional[float]], threshold: Any = None) -> List[str]:
@@ -1877,52 +1722,83 @@ def format_percents(values: Sequence[Optional[float]], threshold: Any = None) ->
     return ["-" if v is None else shown_percent(v, decimals, limits[k]) + "%" for k, v in enumerate(values)]
 
 
+def percent_cells(values: Sequence[Optional[float]], limits: List[float]) -> List[str]:
+    """A table column of percentages: a value above its threshold gets a '!', so that it
+    shows without colour too."""
+    cells = format_percents(values, limits)
+    return [cell + "!" if value is not None and value > limit else cell
+            for cell, value, limit in zip(cells, values, limits)]
+
+
 def _json_number(value: Optional[float], threshold: Optional[float] = None) -> Optional[float]:
     """A percentage for json and csv: an int when whole, else at most 2 decimals (more where
     they decide, as in tables)."""
     if value is None:
         return None
-    if float(value).is_integer():
-        return int(value)
-    return float(shown_percent(value, 2, threshold))
+    return int(value) if float(value).is_integer() else float(shown_percent(value, 2, threshold))
 
 
-def _marked(cell: str, value: Optional[float], threshold: float) -> str:
-    """A value above its threshold gets a '!', so it shows without colour too."""
-    return cell + "!" if value is not None and value > threshold else cell
+def service_label(service: Optional[str]) -> str:
+    """How a service name is shown in a table."""
+    return "(unknown)" if service is None else sanitize(service)
 
 
-def instance_record(instance: Instance, thresholds: Thresholds) -> Dict[str, Any]:
+def status_label(instance: Instance, policy: Policy) -> str:
+    """Status as shown in a table, with the reason for Unknown."""
+    status = instance_status(instance, policy)
+    return "%s (%s)" % (status, sanitize(instance.error)) if instance.error else status
+
+
+# The columns of every table, each said once: the reports and track's views pick theirs.
+IP, SERVICE, STATUS = Column("IP"), Column("Service"), Column("Status")
+CPU, MEMORY, OVER = Column("CPU", True), Column("Memory", True), Column("Over threshold")
+INSTANCES, HEALTHY_COUNT, MIN_HEALTHY = Column("Instances", True), Column("Healthy", True), Column("Min healthy", True)
+AVG_CPU, MAX_CPU = Column("Avg CPU", True), Column("Max CPU", True)
+AVG_MEMORY, MAX_MEMORY = Column("Avg Memory", True), Column("Max Memory", True)
+MAX_CPU_AT, MAX_MEMORY_AT = Column("Max CPU at"), Column("Max Memory at")
+
+
+def instance_cells(instances: Sequence[Instance], policy: Policy) -> List[Dict[Column, str]]:
+    """The table cells of instance rows, by column: one precision per column, '!' over thresholds."""
+    limits = [policy.limits(i.service) for i in instances]
+    cpus = percent_cells([i.cpu for i in instances], [cpu for cpu, _ in limits])
+    memories = percent_cells([i.memory for i in instances], [memory for _, memory in limits])
+    return [{IP: sanitize(i.ip), SERVICE: service_label(i.service), STATUS: status_label(i, policy), CPU: cpus[k],
+             MEMORY: memories[k], OVER: ", ".join(instance_reasons(i, policy)) or "-"} for k, i in enumerate(instances)]
+
+
+def summary_cells(summaries: Sequence[ServiceSummary], policy: Policy) -> List[Dict[Column, str]]:
+    """The table cells of service rows, by column: one precision per column, '!' over thresholds."""
+    limits = [policy.limits(s.service) for s in summaries]
+    cpu, memory = [limit for limit, _ in limits], [limit for _, limit in limits]
+    columns = {AVG_CPU: percent_cells([s.avg_cpu for s in summaries], cpu),
+               MAX_CPU: percent_cells([s.max_cpu for s in summaries], cpu),
+               AVG_MEMORY: percent_cells([s.avg_memory for s in summaries], memory),
+               MAX_MEMORY: percent_cells([s.max_memory for s in summaries], memory)}
+    return [{**{column: cells[k] for column, cells in columns.items()},
+             SERVICE: service_label(s.service) + ("" if s.instances else " (missing)"),
+             INSTANCES: str(s.instances), HEALTHY_COUNT: str(s.healthy),
+             MIN_HEALTHY: str(policy.min_healthy_for(s.service, s.instances)),
+             MAX_CPU_AT: sanitize(s.max_cpu_ip or "-"), MAX_MEMORY_AT: sanitize(s.max_memory_ip or "-")}
+            for k, s in enumerate(summaries)]
+
+
+def instance_record(instance: Instance, policy: Policy) -> Dict[str, Any]:
     """The json/csv fields of an instance (reasons: the resources over their thresholds)."""
-    limits = thresholds.for_service(instance.service)
-    return {"ip": instance.ip, "service": instance.service,
-            "status": instance_status(instance, thresholds),
-            "cpu": _json_number(instance.cpu, limits.cpu),
-            "memory": _json_number(instance.memory, limits.memory),
-            "error": instance.error, "reasons": instance_reasons(instance, thresholds)}
+    cpu, memory = policy.limits(instance.service)
+    return {"ip": instance.ip, "service": instance.service, "status": instance_status(instance, policy),
+            "cpu": _json_number(instance.cpu, cpu), "memory": _json_number(instance.memory, memory),
+            "error": instance.error, "reasons": instance_reasons(instance, policy)}
 
 
-def summary_record(summary: ServiceSummary, thresholds: Thresholds) -> Dict[str, Any]:
+def summary_record(summary: ServiceSummary, policy: Policy) -> Dict[str, Any]:
     """The json/csv fields of a service summary."""
-    limits = thresholds.for_service(summary.service)
+    cpu, memory = policy.limits(summary.service)
     return {"service": summary.service, "instances": summary.instances, "healthy": summary.healthy,
-            "avg_cpu": _json_number(summary.avg_cpu, limits.cpu),
-            "avg_memory": _json_number(summary.avg_memory, limits.memory),
-            "max_cpu": _json_number(summary.max_cpu, limits.cpu),
-            "max_memory": _json_number(summary.max_memory, limits.memory),
-            "max_cpu_ip": summary.max_cpu_ip, "max_memory_ip": summary.max_memory_ip}
-
-
-def flagged_record(summary: ServiceSummary, policy: Policy) -> Dict[str, Any]:
-    """The json/csv fields of a flagged service: missing when it is expected and has no instance."""
-    return {"service": summary.service, "healthy": summary.healthy, "instances": summary.instances,
-            "min_healthy": policy.min_healthy_for(summary.service, summary.instances),
-            "missing": summary.instances == 0}
-
-
-def render_json(records: Sequence[Dict[str, Any]]) -> str:
-    """One JSON document."""
-    return json.dumps(list(records), indent=2) + "\n"
+            "avg_cpu": _json_number(summary.avg_cpu, cpu), "avg_memory": _json_number(summary.avg_memory, memory),
+            "max_cpu": _json_number(summary.max_cpu, cpu), "max_memory": _json_number(summary.max_memory, memory),
+            "max_cpu_ip": summary.max_cpu_ip, "max_memory_ip": summary.max_memory_ip,
+            "min_healthy": policy.min_healthy_for(summary.service, summary.instances)}
 
 
 def csv_cell(value: Any) -> str:
@@ -1942,41 +1818,26 @@ def csv_cell(value: Any) -> str:
 
 def render_csv(fieldnames: Sequence[str], records: Sequence[Dict[str, Any]], header: bool = True) -> str:
     """A header then one row per record (cells as csv_cell makes them)."""
+    import csv
+    import io
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     if header:
         writer.writerow(fieldnames)
-    for record in records:
-        writer.writerow([csv_cell(record[name]) for name in fieldnames])
+    writer.writerows([csv_cell(record[name]) for name in fieldnames] for record in records)
     return buffer.getvalue()
 
 
-def service_label(service: Optional[str]) -> str:
-    """How a service name is shown in a table."""
-    return "(unknown)" if service is None else sanitize(service)
-
-
-def status_label(instance: Instance, thresholds: Thresholds) -> str:
-    """Status as shown in a table, with the reason for Unknown."""
-    status = instance_status(instance, thresholds)
-    return "%s (%s)" % (status, sanitize(instance.error)) if instance.error else status
-
-
-# New fields go at the end, so that a csv column keeps its place from one version to the next.
-INSTANCE_FIELDS = ("ip", "service", "status", "cpu", "memory", "error", "reasons", "time")
-SUMMARY_FIELDS = ("service", "instances", "healthy", "avg_cpu", "avg_memory", "max_cpu", "max_memory",
-                  "max_cpu_ip", "max_memory_ip", "time", "min_healthy")
-FLAGGED_FIELDS = ("service", "healthy", "instances", "time", "min_healthy", "missing")
-
-
-def fleet_footer(instances: Sequence[Instance], thresholds: Thresholds) -> str:
-    """The line under a table: how many instances, services, unhealthy and unknown ones."""
-    statuses = [instance_status(i, thresholds) for i in instances]
+def fleet_footer(instances: Sequence[Instance], policy: Policy) -> str:
+    """The line under a table: how many instances and services, and how many instances are
+    unhealthy or unknown (instances, never services: `unhealthy` is about services)."""
+    statuses = [instance_status(i, policy) for i in instances]
     services = {i.service for i in instances if i.service is not None}
-    text = "%s, %s, %d unhealthy" % (_plural(len(instances), "instance"), _plural(len(services), "service"),
-                                     statuses.count(UNHEALTHY))
+    text = "%s, %s, %s" % (_plural(len(instances), "instance"), _plural(len(services), "service"),
+                           _plural(statuses.count(UNHEALTHY), "unhealthy instance"))
     if statuses.count(UNKNOWN):
-        text += ", %d unknown" % statuses.count(UNKNOWN)
+        text += ", %s" % _plural(statuses.count(UNKNOWN), "unknown instance")
     return text + "\n"
 
 
@@ -1989,8 +1850,7 @@ def prometheus_label(value: Optional[str]) -> str:
 
 def _prometheus_number(value: float, places: Optional[int] = 6) -> str:
     """A sample value: an int when whole, else the float, rounded to places unless None."""
-    if places is not None:
-        value = round(value, places)
+    value = value if places is None else round(value, places)
     return str(int(value)) if value.is_integer() else repr(value)
 
 
@@ -2011,11 +1871,6 @@ PROMETHEUS_FAMILIES = (
 )
 
 
-def _labels(pairs: Sequence[Tuple[str, Optional[str]]]) -> str:
-    """{name="value",...} with the values escaped, or nothing for no label."""
-    return "{%s}" % ",".join('%s="%s"' % (name, prometheus_label(value)) for name, value in pairs) if pairs else ""
-
-
 def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = True,
                       flagged: Optional[Sequence[ServiceSummary]] = None, shard: Optional[Shard] = None,
                       chosen: Optional[Set[str]] = None) -> str:
@@ -2023,25 +1878,22 @@ def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = T
     Every service the policy expects (of the chosen ones, if any) has its series, instances
     or not, so none vanishes; flagged (unhealthy's verdict) adds cpx_service_flagged; under
     --shard every series has a shard label, so that the shards' slices never collide."""
-    thresholds = policy.thresholds()
     tail = (("shard", str(shard)),) if shard is not None else ()
     samples: Dict[str, List[str]] = {name: [] for name, _ in PROMETHEUS_FAMILIES}
 
     def add(name: str, pairs: Sequence[Tuple[str, Optional[str]]], value: str) -> None:
-        samples[name].append(_labels(tuple(pairs) + tail) + " " + value)
+        labels = tuple(pairs) + tail
+        samples[name].append(("{%s}" % ",".join('%s="%s"' % (key, prometheus_label(text)) for key, text in labels)
+                              if labels else "") + " " + value)
 
-    instances = sort_instances(snapshot.instances, "service", thresholds)
-    if per_instance:
-        for instance in instances:
-            labels = _labels((("ip", instance.ip), ("service", instance.service)) + tail) + " "
-            status = instance_status(instance, thresholds)
-            usage = instance.usage()
-            if usage is not None:
-                samples["cpx_instance_cpu_ratio"].append(labels + _prometheus_number(usage[0] / 100.0, None))
-                samples["cpx_instance_memory_ratio"].append(labels + _prometheus_number(usage[1] / 100.0, None))
-            samples["cpx_instance_healthy"].append(labels + "%d" % (status == HEALTHY))
-            samples["cpx_instance_up"].append(labels + "%d" % instance.readable)
-    expected = set(policy.expected)
+    instances = sort_instances(snapshot.instances, "service", policy)
+    for instance in instances if per_instance else ():
+        labels = (("ip", instance.ip), ("service", instance.service))
+        if instance.readable:
+            add("cpx_instance_cpu_ratio", labels, _prometheus_number(instance.cpu / 100.0, None))
+            add("cpx_instance_memory_ratio", labels, _prometheus_number(instance.memory / 100.0, None))
+        add("cpx_instance_healthy", labels, "%d" % (instance_status(instance, policy) == HEALTHY))
+        add("cpx_instance_up", labels, "%d" % instance.readable)
     flagged_services = {s.service for s in flagged or ()}
     for summary in fleet_summaries(instances, policy, chosen):
         if summary.service is None:
@@ -2049,59 +1901,53 @@ def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = T
         service = (("service", summary.service),)
         add("cpx_service_instances", service, "%d" % summary.instances)
         add("cpx_service_healthy_instances", service, "%d" % summary.healthy)
-        add("cpx_service_min_healthy_instances", service, "%d" % policy.min_healthy_for(summary.service,
-                                                                                         summary.instances))
-        if summary.service in expected:
+        add("cpx_service_min_healthy_instances", service,
+            "%d" % policy.min_healthy_for(summary.service, summary.instances))
+        if summary.service in policy.services:
             add("cpx_service_expected", service, "1")
         if flagged is not None:
             add("cpx_service_flagged", service, "%d" % (summary.service in flagged_services))
-        limits = thresholds.for_service(summary.service)
-        for resource, limit in (("cpu", limits.cpu), ("memory", limits.memory)):
+        for resource, limit in zip(("cpu", "memory"), policy.limits(summary.service)):
             add("cpx_service_threshold_ratio", service + (("resource", resource),), _prometheus_number(limit / 100.0))
-    for resource, limit in (("cpu", thresholds.cpu), ("memory", thresholds.memory)):
+    for resource, limit in (("cpu", policy.cpu), ("memory", policy.memory)):
         add("cpx_threshold_ratio", (("resource", resource),), _prometheus_number(limit / 100.0))
     add("cpx_scrape_duration_seconds", (), _prometheus_number(snapshot.seconds))
     add("cpx_scrape_errors", (), "%d" % sum(1 for i in instances if not i.readable))
     lines = []
     for name, help_text in PROMETHEUS_FAMILIES:
-        if not samples[name]:
-            continue
-        lines += ["# HELP %s %s" % (name, help_text), "# TYPE %s gauge" % name]
-        lines += [name + sample for sample in samples[name]]
+        if samples[name]:
+            lines += ["# HELP %s %s" % (name, help_text), "# TYPE %s gauge" % name]
+            lines += [name + sample for sample in samples[name]]
     return "\n".join(lines) + "\n"
 
 
 class Report:
     """A snapshot command's result, ready for every format: the one place where a result
-    becomes table, json, csv or Prometheus (commands never ask which format is wanted).
-    One small class per command; each format computes only what it shows."""
+    becomes table, json, csv or Prometheus (commands never ask which format is wanted), a
+    method as_<format> each. One small class per command; each format computes only what
+    it shows."""
 
-    TITLES: Sequence[str] = ()  # the table's columns
-    RIGHT: Sequence[bool] = ()  # which of them are right-aligned
-    WIDE_TITLES: Sequence[str] = ()  # the columns -o wide adds
-    WIDE_RIGHT: Sequence[bool] = ()  # which of them are right-aligned (none, unless said)
-    FIELDS: Sequence[str] = ()  # the json/csv fields
+    COLUMNS: Sequence[Column] = ()  # the table's
+    WIDE: Sequence[Column] = ()  # the columns -o wide adds
+    FIELDS: Sequence[str] = ()  # the json/csv fields; new ones go last, so a csv column keeps its place
     PER_INSTANCE = False  # Prometheus: the instance families too, or per service only
 
-    def __init__(self, snapshot: Snapshot, policy: Policy, shard: Optional[Shard] = None,
+    def __init__(self, rows: Sequence[Any], snapshot: Snapshot, policy: Policy, shard: Optional[Shard] = None,
                  chosen: Optional[Set[str]] = None):
+        self.rows = rows  # the instances or services shown, in order
         self.snapshot = snapshot  # its instances: those of the chosen services (all, when None)
         self.policy = policy
-        self.thresholds = policy.thresholds()
         self.shard = shard
         self.chosen = chosen
 
-    def rows(self, wide: bool = False) -> List[List[str]]:
-        """The table's rows (with the wide columns when wide)."""
+    def cells(self) -> List[Dict[Column, str]]:
+        """The table's cells, a dict by column per row."""
         raise NotImplementedError
 
     def records(self) -> List[Dict[str, Any]]:
-        """The json/csv records, each with the snapshot's time, their fields in FIELDS' order."""
-        records = []
-        for record in self.untimed_records():
-            record["time"] = self.snapshot.started
-            records.append({name: record[name] for name in self.FIELDS})
-        return records
+        """The json/csv records, with the snapshot's time, their fields in FIELDS' order."""
+        return [{name: dict(record, time=self.snapshot.started)[name] for name in self.FIELDS}
+                for record in self.untimed_records()]
 
     def untimed_records(self) -> List[Dict[str, Any]]:
         """The json/csv records but their time."""
@@ -2113,201 +1959,139 @@ class Report:
 
     def footer(self) -> str:
         """The line under a table with headers."""
-        return ""
+        return fleet_footer(self.snapshot.instances, self.policy)
 
     def empty(self) -> Optional[str]:
         """What a table with no row says instead, if anything."""
         return None
 
+    def flagged(self) -> Optional[Sequence[ServiceSummary]]:
+        """The services this command flags, for cpx_service_flagged; None when it judges none."""
+        return None
+
     def render(self, options: Options) -> str:
         """The report in options.output's format."""
-        return _REPORT_FORMATS[options.output](self, options)
+        return getattr(self, "as_" + options.output)(options)
 
     def as_table(self, options: Options, wide: bool = False) -> str:
-        rows = self.rows(wide)
         empty = self.empty()
-        if not rows and empty is not None:
+        if not self.rows and empty is not None:
             return empty
-        titles = tuple(self.TITLES) + (tuple(self.WIDE_TITLES) if wide else ())
-        right = tuple(self.RIGHT) + (tuple(self.WIDE_RIGHT or (False,) * len(self.WIDE_TITLES)) if wide else ())
-        table = render_table(titles, rows, right, self.statuses(), options.color, options.headers)
+        columns = tuple(self.COLUMNS) + (tuple(self.WIDE) if wide else ())
+        table = render_table(columns, [[cells[c] for c in columns] for cells in self.cells()], self.statuses(),
+                             options.color, options.headers)
         return table + self.footer() if options.headers else table
 
     def as_wide(self, options: Options) -> str:
         return self.as_table(options, wide=True)
 
     def as_json(self, options: Options) -> str:
-        return render_json(self.records())
+        import json
+
+        return json.dumps(self.records(), indent=2) + "\n"
 
     def as_csv(self, options: Options) -> str:
         return render_csv(self.FIELDS, self.records(), options.headers)
-
-    def flagged(self) -> Optional[Sequence[ServiceSummary]]:
-        """The services this command flags, for cpx_service_flagged; None when it judges none."""
-        return None
 
     def as_prometheus(self, options: Options) -> str:
         return render_prometheus(self.snapshot, self.policy, self.PER_INSTANCE, self.flagged(), self.shard,
                                  self.chosen)
 
 
-_REPORT_FORMATS = {"table": Report.as_table, "wide": Report.as_wide, "json": Report.as_json, "csv": Report.as_csv,
-                   "prometheus": Report.as_prometheus}
-
-
 class InstancesReport(Report):
     """services: a row per instance, in the order given, and the fleet's footer."""
 
-    TITLES = ("IP", "Service", "Status", "CPU", "Memory")
-    RIGHT = (False, False, False, True, True)
-    WIDE_TITLES = ("Over threshold",)
-    FIELDS = INSTANCE_FIELDS
+    COLUMNS, WIDE = (IP, SERVICE, STATUS, CPU, MEMORY), (OVER,)
+    FIELDS = ("ip", "service", "status", "cpu", "memory", "error", "reasons", "time")
     PER_INSTANCE = True
 
-    def __init__(self, instances: Sequence[Instance], snapshot: Snapshot, policy: Policy,
-                 shard: Optional[Shard] = None, chosen: Optional[Set[str]] = None):
-        super().__init__(snapshot, policy, shard, chosen)
-        self.instances = instances
-
-    def rows(self, wide: bool = False) -> List[List[str]]:
-        thresholds = self.thresholds
-        limits = [thresholds.for_service(i.service) for i in self.instances]
-        cpus = format_percents([i.cpu for i in self.instances], [t.cpu for t in limits])
-        memories = format_percents([i.memory for i in self.instances], [t.memory for t in limits])
-        rows = []
-        for index, instance in enumerate(self.instances):
-            row = [sanitize(instance.ip), service_label(instance.service), status_label(instance, thresholds),
-                   _marked(cpus[index], instance.cpu, limits[index].cpu),
-                   _marked(memories[index], instance.memory, limits[index].memory)]
-            if wide:
-                reasons = instance_reasons(instance, thresholds)
-                row.append(", ".join(reasons) if reasons else "-")
-            rows.append(row)
-        return rows
+    def cells(self) -> List[Dict[Column, str]]:
+        return instance_cells(self.rows, self.policy)
 
     def untimed_records(self) -> List[Dict[str, Any]]:
-        return [instance_record(i, self.thresholds) for i in self.instances]
+        return [instance_record(i, self.policy) for i in self.rows]
 
     def statuses(self) -> Optional[List[str]]:
-        return [instance_status(i, self.thresholds) for i in self.instances]
+        return [instance_status(i, self.policy) for i in self.rows]
 
     def footer(self) -> str:
-        return fleet_footer(self.instances, self.thresholds)
+        return fleet_footer(self.rows, self.policy)
 
 
 class SummariesReport(Report):
     """status: a row per service (an expected service with no instance too), and the fleet's footer."""
 
-    TITLES = ("Service", "Instances", "Healthy", "Avg CPU", "Max CPU", "Avg Memory", "Max Memory")
-    RIGHT = (False, True, True, True, True, True, True)
-    WIDE_TITLES = ("Min healthy", "Max CPU at", "Max Memory at")
-    WIDE_RIGHT = (True, False, False)
-    FIELDS = SUMMARY_FIELDS
+    COLUMNS = (SERVICE, INSTANCES, HEALTHY_COUNT, AVG_CPU, MAX_CPU, AVG_MEMORY, MAX_MEMORY)
+    WIDE = (MIN_HEALTHY, MAX_CPU_AT, MAX_MEMORY_AT)
+    FIELDS = ("service", "instances", "healthy", "avg_cpu", "avg_memory", "max_cpu", "max_memory",
+              "max_cpu_ip", "max_memory_ip", "time", "min_healthy")
 
-    def __init__(self, summaries: Sequence[ServiceSummary], snapshot: Snapshot, policy: Policy,
-                 shard: Optional[Shard] = None, chosen: Optional[Set[str]] = None):
-        super().__init__(snapshot, policy, shard, chosen)
-        self.summaries = summaries
-
-    def rows(self, wide: bool = False) -> List[List[str]]:
-        limits = [self.thresholds.for_service(s.service) for s in self.summaries]
-        cpu, memory = [t.cpu for t in limits], [t.memory for t in limits]
-        columns = [format_percents([s.avg_cpu for s in self.summaries], cpu),
-                   format_percents([s.max_cpu for s in self.summaries], cpu),
-                   format_percents([s.avg_memory for s in self.summaries], memory),
-                   format_percents([s.max_memory for s in self.summaries], memory)]
-        rows = []
-        for k, s in enumerate(self.summaries):
-            name = service_label(s.service) + (" (missing)" if not s.instances else "")
-            row = [name, str(s.instances), str(s.healthy), _marked(columns[0][k], s.avg_cpu, cpu[k]),
-                   _marked(columns[1][k], s.max_cpu, cpu[k]), _marked(columns[2][k], s.avg_memory, memory[k]),
-                   _marked(columns[3][k], s.max_memory, memory[k])]
-            if wide:
-                row += [str(self.policy.min_healthy_for(s.service, s.instances)), sanitize(s.max_cpu_ip or "-"),
-                        sanitize(s.max_memory_ip or "-")]
-            rows.append(row)
-        return rows
+    def cells(self) -> List[Dict[Column, str]]:
+        return summary_cells(self.rows, self.policy)
 
     def untimed_records(self) -> List[Dict[str, Any]]:
-        policy = self.policy
-        return [dict(summary_record(s, self.thresholds), min_healthy=policy.min_healthy_for(s.service, s.instances))
-                for s in self.summaries]
+        return [summary_record(s, self.policy) for s in self.rows]
 
     def statuses(self) -> Optional[List[str]]:
-        return [UNHEALTHY if not s.instances else "" for s in self.summaries]  # a missing service in red
-
-    def footer(self) -> str:
-        return fleet_footer(self.snapshot.instances, self.thresholds)
-
-
-def flag_problem(summary: ServiceSummary) -> str:
-    """Why unhealthy flags a service, in a word or two."""
-    if not summary.instances:
-        return "missing"
-    return "unreadable" if summary.service is None else "below minimum"
+        return [UNHEALTHY if not s.instances else "" for s in self.rows]  # a missing service in red
 
 
 class FlaggedReport(Report):
     """unhealthy: a row per flagged service, worst first; a sentence when there is none."""
 
-    TITLES = ("Service", "Healthy", "Instances", "Minimum", "Problem")
-    RIGHT = (False, True, True, True, False)
-    FIELDS = FLAGGED_FIELDS
+    COLUMNS = (SERVICE, HEALTHY_COUNT, INSTANCES, Column("Minimum", True), Column("Problem"))
+    FIELDS = ("service", "healthy", "instances", "time", "min_healthy", "missing")
 
-    def __init__(self, flagged: Sequence[ServiceSummary], snapshot: Snapshot, policy: Policy,
-                 shard: Optional[Shard] = None):
-        super().__init__(snapshot, policy, shard)
-        self.services = flagged
-
-    def rows(self, wide: bool = False) -> List[List[str]]:
-        return [[service_label(s.service), str(s.healthy), str(s.instances),
-                 str(self.policy.min_healthy_for(s.service, s.instances)), flag_problem(s)] for s in self.services]
+    def cells(self) -> List[Dict[Column, str]]:
+        return [{**cells, SERVICE: service_label(s.service), self.COLUMNS[3]: cells[MIN_HEALTHY],
+                 self.COLUMNS[4]: flag_problem(s)} for s, cells in zip(self.rows, summary_cells(self.rows, self.policy))]
 
     def untimed_records(self) -> List[Dict[str, Any]]:
-        return [flagged_record(s, self.policy) for s in self.services]
+        return [{"service": s.service, "healthy": s.healthy, "instances": s.instances, "missing": not s.instances,
+                 "min_healthy": self.policy.min_healthy_for(s.service, s.instances)} for s in self.rows]
 
     def statuses(self) -> Optional[List[str]]:
-        return [UNHEALTHY] * len(self.services)
+        return [UNHEALTHY] * len(self.rows)
 
     def flagged(self) -> Optional[Sequence[ServiceSummary]]:
-        return self.services
+        return self.rows
+
+    def footer(self) -> str:
+        return ""
 
     def empty(self) -> Optional[str]:
         policy = self.policy
-        if not policy.services and isinstance(policy.min_healthy, HealthyCount):
-            return "Every service has at least %s.\n" % _plural(policy.min_healthy.count, "healthy instance")
-        if not policy.services:
-            return "Every service has at least %s of its instances healthy.\n" % policy.min_healthy
-        text = "Every service has its minimum of healthy instances"
         if policy.services:
             count = len(policy.services)
-            text += ", and the %d expected %s" % (count, "service is present" if count == 1 else
-                                                  "services are all present")
-        return text + ".\n"
+            return "Every service has its minimum of healthy instances, and the %d expected %s.\n" % (
+                count, "service is present" if count == 1 else "services are all present")
+        if isinstance(policy.min_healthy, HealthyCount):
+            return "Every service has at least %s.\n" % _plural(policy.min_healthy.count, "healthy instance")
+        return "Every service has at least %s of its instances healthy.\n" % (policy.min_healthy,)
+
+
+OUTPUT_FORMATS = tuple(name[3:] for name in vars(Report) if name.startswith("as_"))
 
 
 # ---------------------------------------------------------------------------
-# Commands: one small function each
+# Output, and the snapshot commands: services, status, unhealthy
 # ---------------------------------------------------------------------------
 
 
 def say(message: str) -> None:
     """One line on stderr. Nothing when stderr is closed or failing: there is nowhere else
     to say it, and the exit status still tells."""
-    stream = sys.stderr
-    if stream is None:  # started with 2>&-
-        return
     try:
-        stream.write(message + "\n")
-        stream.flush()
-    except (OSError, ValueError):
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):  # None when started with 2>&-
         pass
 
 
 def warn(options: Options, message: str) -> None:
     """A warning on stderr, one line, unless --quiet."""
     if not options.quiet:
-        say("%s: warning: %s" % (PROG, message))
+        say("%s: warning: %s" % (program_name(), message))
 
 
 def _write_all(descriptor: int, data: bytes) -> None:
@@ -2318,11 +2102,9 @@ def _write_all(descriptor: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
-            written = os.write(descriptor, view)
+            view = view[os.write(descriptor, view):]
         except BlockingIOError:
             select.select([], [descriptor], [])
-            continue
-        view = view[written:]
 
 
 def emit(text: str) -> None:
@@ -2337,11 +2119,11 @@ def emit(text: str) -> None:
     except (OSError, ValueError):  # an in-memory stream: a test's, or a program's that embeds this one
         descriptor = None
     try:
+        stream.flush()  # whatever went through the stream before
         if descriptor is None:
             stream.write(text)
             stream.flush()
         else:
-            stream.flush()  # whatever went through the stream before
             _write_all(descriptor, text.encode(getattr(stream, "encoding", None) or "utf-8", "replace"))
     except BrokenPipeError:
         raise
@@ -2349,16 +2131,7 @@ def emit(text: str) -> None:
         raise OutputFailed("cannot write to stdout: %s" % (error.strerror or error))
 
 
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO or pipe"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
-
-
-def file_kind(mode: int) -> Optional[str]:
-    """What a file of this mode is when it is not a regular file ("a FIFO or pipe"...), else None."""
-    return next((kind for is_kind, kind in _FILE_KINDS if is_kind(mode)), None)
-
-
-def write_target(path: str) -> Tuple[str, Optional[os.stat_result]]:
+def write_target(path: str) -> Tuple[str, Any]:
     """The file that --write PATH replaces, and its current state (None: it does not exist yet).
     A symlink is followed to its target; anything but a regular file or a new name is
     refused (UsageError): a FIFO, a device or a socket would lose what it stands for."""
@@ -2367,7 +2140,7 @@ def write_target(path: str) -> Tuple[str, Optional[os.stat_result]]:
     if path.endswith(os.sep) or os.path.basename(path) in (".", ".."):
         raise UsageError("cannot write %s: it names a directory, not a file" % sanitize(path))
     try:
-        status: Optional[os.stat_result] = os.stat(path)  # through any symlink: what PATH stands for
+        status = os.stat(path)  # through any symlink: what PATH stands for
     except FileNotFoundError:  # a new name, or a symlink to one
         status = None
     except OSError as error:  # a symlink loop, a permission denied on the way
@@ -2376,9 +2149,8 @@ def write_target(path: str) -> Tuple[str, Optional[os.stat_result]]:
     if kind:
         raise UsageError("cannot write %s: it is %s, not a regular file" % (sanitize(path), kind))
     target = os.path.realpath(path)
-    directory = os.path.dirname(target)
-    if not os.path.isdir(directory):
-        raise UsageError("cannot write %s: no directory %s" % (sanitize(path), sanitize(directory)))
+    if not os.path.isdir(os.path.dirname(target)):
+        raise UsageError("cannot write %s: no directory %s" % (sanitize(path), sanitize(os.path.dirname(target))))
     return target, status
 
 
@@ -2386,8 +2158,7 @@ def _temporary_beside(target: str) -> Tuple[int, str]:
     """A new temporary file in the target's directory (the same file system: the rename is atomic)."""
     import tempfile
 
-    return tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp",
-                            dir=os.path.dirname(target))
+    return tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=os.path.dirname(target))
 
 
 def check_writable(path: str) -> None:
@@ -2402,38 +2173,48 @@ def check_writable(path: str) -> None:
     os.unlink(temporary)
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Replace path (or the file its symlink points to) with text in one step: a reader sees
-    the old file or the new one, never half. An existing file keeps its mode (and, for root,
-    its owner); a new one gets 0666 less the umask. OutputFailed when it cannot be done."""
-    target, old = write_target(path)
-    try:
-        handle, temporary = _temporary_beside(target)
-    except OSError as error:
-        raise OutputFailed("cannot write %s: %s" % (sanitize(path), error.strerror or error))
+def _replace_with(target: str, text: str, mode: Optional[int] = None, owner: Any = None) -> None:
+    """Write text to a temporary file beside target, then rename it over target: a reader sees
+    the old file or the new one, never half. The temporary file is removed on any failure."""
+    handle, temporary = _temporary_beside(target)
     try:
         with os.fdopen(handle, "w", encoding="utf-8", errors="replace") as stream:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
-        if old is not None:
-            os.chmod(temporary, stat.S_IMODE(old.st_mode))
-            if getattr(os, "geteuid", lambda: None)() == 0:  # POSIX only: Windows has no owners to keep
-                os.chown(temporary, old.st_uid, old.st_gid)
-        else:
-            # mkstemp makes the file 0600; a collector running as another user must be able to read it.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(temporary, 0o666 & ~umask)
+        if mode is not None:
+            os.chmod(temporary, mode)
+        if owner is not None:
+            os.chown(temporary, *owner)
         os.replace(temporary, target)
-    except BaseException as error:
+    except BaseException:
         try:
             os.unlink(temporary)
         except OSError:
             pass
-        if isinstance(error, OSError):
-            raise OutputFailed("cannot write %s: %s" % (sanitize(path), error.strerror or error))
         raise
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replace path (or the file its symlink points to) with text in one step. An existing file
+    keeps its mode (and, for root, its owner); a new one gets 0666 less the umask (mkstemp
+    makes 0600, and a collector running as another user must read it). OutputFailed when it
+    cannot be done."""
+    import stat
+
+    target, old = write_target(path)
+    if old is not None:
+        mode = stat.S_IMODE(old.st_mode)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    # POSIX only: Windows has no geteuid and no owners to keep.
+    owner = (old.st_uid, old.st_gid) if old is not None and getattr(os, "geteuid", lambda: None)() == 0 else None
+    try:
+        _replace_with(target, text, mode, owner)
+    except OSError as error:
+        raise OutputFailed("cannot write %s: %s" % (sanitize(path), error.strerror or error))
 
 
 def deliver(text: str, options: Options) -> None:
@@ -2444,20 +2225,58 @@ def deliver(text: str, options: Options) -> None:
         emit(text)
 
 
-def _quoted_list(entries: Sequence[Any], limit: int = IPS_LISTED_PER_REASON) -> str:
-    shown = ", ".join(sanitize(json.dumps(entry))[:60] for entry in entries[:limit])
-    if len(entries) > limit:
-        shown += " and %d more" % (len(entries) - limit)
-    return shown
+def completable(name: str) -> bool:
+    """Whether shell completion may offer a service name: not one read as an option (a leading
+    '-'), and nothing a terminal must not be sent (control and format characters)."""
+    return bool(name) and not name.startswith("-") and not re.search(UNSAFE_TEXT, name)
 
 
-def list_fleet(client: CpxClient, options: Options, deadline: float) -> List[str]:
+def remember_services(instances: Iterable[Instance], options: Options) -> None:
+    """Keep the services seen where shell completion reads them: in a folder of the user's own
+    (made 0700), through a temporary file and a rename, at most SERVICE_CACHE_CAP bytes. A
+    folder or file that is not the user's own, or not what it should be (a symlink, say), is
+    left alone, and so is any failure: completion is a convenience. Limit: the folders above
+    the cache's own are trusted (a home, or a sticky /tmp)."""
+    import stat
+
+    if options.service_cache is None:
+        return
+    folder = os.path.dirname(options.service_cache)
+    lines, size = [], 0
+    for name in sorted({i.service for i in instances if i.service is not None}):
+        size += len(name.encode("utf-8", "replace")) + 1
+        if size > SERVICE_CACHE_CAP:
+            break
+        lines += [name + "\n"] if completable(name) else []
+    try:
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        try:
+            os.mkdir(folder, 0o700)
+        except FileExistsError:
+            pass
+        found, mine = os.lstat(folder), getattr(os, "geteuid", lambda: None)()
+        if not stat.S_ISDIR(found.st_mode) or found.st_mode & 0o022 or mine not in (None, found.st_uid):
+            return
+        try:
+            if not stat.S_ISREG(os.lstat(options.service_cache).st_mode):
+                return
+        except FileNotFoundError:
+            pass
+        _replace_with(options.service_cache, "".join(lines))
+    except OSError:
+        pass
+
+
+def list_fleet(client: Any, options: Options, deadline: float) -> List[str]:
     """The IPs /servers lists; a warning for entries refused, CpxUnavailable when there is none."""
+    import json
+
     servers = client.list_servers(deadline)
     if servers.rejected:
+        shown = [sanitize(json.dumps(entry))[:60] for entry in servers.rejected[:IPS_LISTED_PER_REASON]]
         warn(options, "/servers listed %s, not requested: %s" % (
             _plural(len(servers.rejected), "entry that is not an IP address", "entries that are not IP addresses"),
-            _quoted_list(servers.rejected)))
+            _listed(shown, len(servers.rejected))))
     if servers.duplicates:
         warn(options, "/servers listed %s, each address requested once"
              % _plural(servers.duplicates, "duplicate entry", "duplicate entries"))
@@ -2467,24 +2286,24 @@ def list_fleet(client: CpxClient, options: Options, deadline: float) -> List[str
 
 
 def utc_now() -> str:
-    """This moment in ISO 8601, UTC, to the millisecond: the time of a snapshot's records."""
+    """This moment in ISO 8601, UTC, to the millisecond: the time of every record and view."""
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def take_snapshot(client: CpxClient, options: Options) -> Snapshot:
+def take_snapshot(client: Any, options: Options, deadline: Optional[float] = None) -> Snapshot:
     """Read the whole fleet once; warn about what could not be read, raise if nothing could."""
     started = utc_now()
     scrape_started = time.monotonic()
-    deadline = scrape_started + options.deadline
+    deadline = scrape_started + (options.deadline or DEFAULT_DEADLINE) if deadline is None else deadline
     ips = list_fleet(client, options, deadline)
     reads_started = time.monotonic()
     instances = client.read_instances(ips, deadline)
     if options.verbose:
-        say("%s: read %s in %.2f s, peak concurrency %d (ceiling %d), %s"
-            % (PROG, _plural(len(instances), "instance"), time.monotonic() - reads_started, client.limiter.peak,
-               options.workers, _plural(client.retried, "retry", "retries")))
+        say("%s: read %s in %.2f s, peak concurrency %d (ceiling %d), %s" % (
+            program_name(), _plural(len(instances), "instance"), time.monotonic() - reads_started,
+            client.limiter.peak, options.workers, _plural(client.retried, "retry", "retries")))
     failures = summarize_failures(instances)
     if failures and not any(i.readable for i in instances):
         raise CpxUnavailable("%s: %s" % (options.url, failures))
@@ -2493,18 +2312,25 @@ def take_snapshot(client: CpxClient, options: Options) -> Snapshot:
     return Snapshot(instances, time.monotonic() - scrape_started, started)
 
 
-def _known_services(instances: Iterable[Instance]) -> List[str]:
-    return sorted({i.service for i in instances if i.service is not None})
+class SnapshotSettings(NamedTuple):
+    """What a snapshot command was asked, beyond the options: which services (names or
+    patterns) and statuses, which order, and whether partial data is a failure."""
+
+    services: Tuple[str, ...] = ()
+    statuses: Tuple[str, ...] = ()
+    sort: str = "service"
+    reverse: bool = False
+    strict: bool = False
 
 
-def _chosen_services(snapshot: Snapshot, patterns: Sequence[str], options: Options) -> Optional[Set[str]]:
+def chosen_services(snapshot: Snapshot, patterns: Sequence[str], options: Options) -> Optional[Set[str]]:
     """The services that names or patterns mean, among those seen and those the policy expects;
     None for no choice (every service). Under --shard, a name this slice has no instance of
     may be another slice's: a warning and no row, not a usage error."""
     if not patterns:
         return None
     unreadable = sum(1 for i in snapshot.instances if i.service is None)
-    known = _known_services(snapshot.instances) + options.policy.expected
+    known = [i.service for i in snapshot.instances if i.service is not None] + options.policy.expected
     if options.shard is None:
         return set(resolve_services(patterns, known, unreadable))
     chosen: Set[str] = set()
@@ -2516,126 +2342,40 @@ def _chosen_services(snapshot: Snapshot, patterns: Sequence[str], options: Optio
     return chosen
 
 
-def _only_services(snapshot: Snapshot, chosen: Optional[Set[str]]) -> Snapshot:
-    """The snapshot, or just the instances of the chosen services."""
-    if chosen is None:
-        return snapshot
-    return replace(snapshot, instances=[i for i in snapshot.instances if i.service in chosen])
+def snapshot_report(kind: Any, client: Any, options: Options, settings: SnapshotSettings,
+                    deadline: Optional[float] = None) -> Tuple[Report, int]:
+    """Read the fleet and make a command's report (a Report class: which command); and the
+    exit status once it is out: flagged, partial (--strict), or success. The whole snapshot
+    goes to shell completion's cache, whatever the report shows."""
+    whole = take_snapshot(client, options, deadline)
+    chosen = chosen_services(whole, settings.services, options)
+    snapshot = whole if chosen is None else whole._replace(instances=[i for i in whole.instances if i.service in chosen])
+    policy = options.policy
+    if kind is InstancesReport:
+        rows: List[Any] = sort_instances(filter_statuses(snapshot.instances, settings.statuses, policy), settings.sort,
+                                         policy)
+    elif kind is SummariesReport:
+        rows = sort_summaries(fleet_summaries(snapshot.instances, policy, chosen), settings.sort)
+    else:
+        if options.shard is not None:
+            warn(options, "--shard %s: this judges only the shard's own instances; judge the whole fleet on the "
+                          "shards' sum, in Prometheus (see the README)" % (options.shard,))
+        rows = flag_services(fleet_summaries(snapshot.instances, policy), policy)
+    remember_services(whole.instances, options)
+    code = EXIT_OK
+    if kind is FlaggedReport and rows:
+        code = EXIT_FLAGGED
+    elif settings.strict and not all(i.readable for i in whole.instances):
+        code = EXIT_PARTIAL
+    return kind(rows[::-1] if settings.reverse else rows, snapshot, policy, options.shard, chosen), code
 
 
-@dataclass(frozen=True)
-class SnapshotSettings:
-    """What a snapshot command was asked, beyond the options: which services (names or
-    patterns) and statuses, which order, and whether partial data is a failure."""
-
-    services: Tuple[str, ...] = ()
-    statuses: Tuple[str, ...] = ()
-    sort: str = "service"
-    reverse: bool = False
-    strict: bool = False
-
-
-def completable(name: str) -> bool:
-    """Whether shell completion may offer a service name: not one read as an option (a leading
-    '-'), and nothing a terminal must not be sent (control and format characters)."""
-    return bool(name) and not name.startswith("-") and not _UNSAFE_TEXT.search(name)
-
-
-def remember_services(snapshot: Snapshot, options: Options) -> None:
-    """Keep the services seen where shell completion reads them: in a folder of the user's own
-    (made 0700), through a temporary file and a rename, at most SERVICE_CACHE_CAP bytes. A
-    folder or file that is not the user's own, or not what it should be (a symlink, say), is
-    left alone, and so is any failure: completion is a convenience. Limit: the folders above
-    the cache's own are trusted (a home, or a sticky /tmp)."""
-    if options.service_cache is None:
-        return
-    folder = os.path.dirname(options.service_cache)
-    text, size = [], 0
-    for name in _known_services(snapshot.instances):
-        line = name + "\n"
-        size += len(line.encode("utf-8", "replace"))
-        if size > SERVICE_CACHE_CAP:
-            break
-        if completable(name):
-            text.append(line)
-    temporary = None
-    try:
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
-        try:
-            os.mkdir(folder, 0o700)
-        except FileExistsError:
-            pass
-        mine = getattr(os, "geteuid", lambda: None)()
-        found = os.lstat(folder)
-        if not stat.S_ISDIR(found.st_mode) or found.st_mode & 0o022 or mine not in (None, found.st_uid):
-            return
-        try:
-            if not stat.S_ISREG(os.lstat(options.service_cache).st_mode):
-                return
-        except FileNotFoundError:
-            pass
-        handle, temporary = _temporary_beside(options.service_cache)
-        with os.fdopen(handle, "w", encoding="utf-8", errors="replace") as stream:
-            stream.write("".join(text))
-        os.replace(temporary, options.service_cache)
-        temporary = None
-    except OSError:
-        pass
-    finally:
-        if temporary is not None:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
-
-
-def _ordered(rows: List[Any], settings: SnapshotSettings) -> List[Any]:
-    return rows[::-1] if settings.reverse else rows
-
-
-def _verdict(snapshot: Snapshot, settings: SnapshotSettings, flagged: bool = False) -> int:
-    """The exit status once the output is out: flagged, partial (--strict), or success."""
-    if flagged:
-        return EXIT_FLAGGED
-    if settings.strict and not all(i.readable for i in snapshot.instances):
-        return EXIT_PARTIAL
-    return EXIT_OK
-
-
-def cmd_services(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
-    """Every instance: IP, service, status, cpu, memory."""
-    whole = take_snapshot(client, options)
-    chosen = _chosen_services(whole, settings.services, options)
-    snapshot = _only_services(whole, chosen)
-    shown = filter_statuses(snapshot.instances, settings.statuses, options.thresholds)
-    instances = _ordered(sort_instances(shown, settings.sort, options.thresholds), settings)
-    deliver(InstancesReport(instances, snapshot, options.policy, options.shard, chosen).render(options), options)
-    remember_services(whole, options)
-    return _verdict(whole, settings)
-
-
-def cmd_status(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
-    """Per-service instance counts, healthy counts, averages and maxima."""
-    whole = take_snapshot(client, options)
-    chosen = _chosen_services(whole, settings.services, options)
-    snapshot = _only_services(whole, chosen)
-    summaries = _ordered(sort_summaries(fleet_summaries(snapshot.instances, options.policy, chosen), settings.sort),
-                         settings)
-    deliver(SummariesReport(summaries, snapshot, options.policy, options.shard, chosen).render(options), options)
-    remember_services(whole, options)
-    return _verdict(whole, settings)
-
-
-def cmd_unhealthy(client: CpxClient, options: Options, settings: SnapshotSettings) -> int:
-    """Services under their minimum of healthy instances, and expected ones that are missing; exit 1 when any."""
-    snapshot = take_snapshot(client, options)
-    if options.shard is not None:
-        warn(options, "--shard %s: this judges only the shard's own instances; judge the whole fleet on the "
-                      "shards' sum, in Prometheus (see the README)" % options.shard)
-    flagged = _ordered(flag_services(fleet_summaries(snapshot.instances, options.policy), options.policy), settings)
-    deliver(FlaggedReport(flagged, snapshot, options.policy, options.shard).render(options), options)
-    remember_services(snapshot, options)
-    return _verdict(snapshot, settings, flagged=bool(flagged))
+def cmd_snapshot(kind: Any, client: Any, options: Options, settings: SnapshotSettings) -> int:
+    """services (InstancesReport), status (SummariesReport) or unhealthy (FlaggedReport): one
+    read of the fleet, one report, in the format asked for."""
+    report, code = snapshot_report(kind, client, options, settings)
+    deliver(report.render(options), options)
+    return code
 
 
 # ---------------------------------------------------------------------------
@@ -2647,29 +2387,24 @@ def cmd_unhealthy(client: CpxClient, options: Options, settings: SnapshotSetting
 # scopes it can watch, one sample (poll), the schedule, the views, cmd_track().
 
 
-@dataclass(frozen=True)
-class TrackSettings:
+class TrackSettings(NamedTuple):
     """What track was asked for: one service (None: the whole fleet) and its schedule."""
 
     service: Optional[str] = None
     interval: float = DEFAULT_INTERVAL
     count: Optional[int] = None
     rediscover: float = DEFAULT_REDISCOVER
-    deadline: Optional[float] = None  # --deadline: per sample; None for the default
 
-    @property
-    def sample_deadline(self) -> float:
-        """Seconds a sample's /servers may take, and then again its reads of instances."""
-        # The schedule matters more than one slow instance, which shows as Unknown
-        # (deadline) for that sample only. The listing and the reads get this time
-        # each, so an API that answers within it is shown with real values even when
-        # a sample takes longer than its interval (the header says so).
-        return self.deadline if self.deadline is not None else max(self.interval, 1.0)
+    def sample_deadline(self, deadline: Optional[float]) -> float:
+        """Seconds a sample's /servers may take, and then again its reads: --deadline, else the
+        interval (at least 1 s). The schedule matters more than one slow instance, which shows
+        as Unknown (deadline) for that sample only; an API that answers within this time is
+        shown with real values even when a sample takes longer than its interval."""
+        return deadline if deadline is not None else max(self.interval, 1.0)
 
-    @property
-    def full_read_deadline(self) -> float:
+    def full_read_deadline(self, deadline: Optional[float]) -> float:
         """A read of the whole fleet (the first, each rediscovery) gets a whole command's time."""
-        return max(DEFAULT_DEADLINE, self.sample_deadline)
+        return max(DEFAULT_DEADLINE, self.sample_deadline(deadline))
 
 
 class _NotRead:
@@ -2693,7 +2428,7 @@ class Membership:
     RETRY_CAP = 32
 
     def __init__(self) -> None:
-        self.services: Dict[str, Any] = OrderedDict()  # ip -> name, None or NOT_READ
+        self.services: Dict[str, Any] = {}  # ip -> name, None or NOT_READ, in listed order
         self.samples = 0  # choices made: one per sample
         self.retry: Dict[str, Tuple[int, int]] = {}  # never answered: (failed reads, sample due)
 
@@ -2741,11 +2476,7 @@ class Membership:
 
     def attribute(self, readings: Iterable[Instance]) -> List[Instance]:
         """Readings with their service: one that failed keeps its instance's last known service."""
-        return [r if r.service is not None else replace(r, service=self.service_of(r.ip)) for r in readings]
-
-    def members(self, service: str) -> List[str]:
-        """The instances known to belong to service, by IP."""
-        return sorted((ip for ip, known in self.services.items() if known == service), key=ip_sort_key)
+        return [r if r.service is not None else r._replace(service=self.service_of(r.ip)) for r in readings]
 
     def known_services(self) -> List[str]:
         """Every service some instance answered with."""
@@ -2764,10 +2495,7 @@ class RunningStats:
     """Count, min, mean and max in constant memory."""
 
     def __init__(self) -> None:
-        self.count = 0
-        self.total = 0.0
-        self.minimum = float("inf")
-        self.maximum = float("-inf")
+        self.count, self.total, self.minimum, self.maximum = 0, 0.0, float("inf"), float("-inf")
 
     def add(self, value: float) -> None:
         """Take one value into account."""
@@ -2781,50 +2509,34 @@ class RunningStats:
         return self.total / self.count if self.count else None
 
 
-@dataclass
-class TrendBucket:
-    """Consecutive samples of a session trend: the sum and count of their values, and how
-    many samples (slots) it holds, gaps included."""
-
-    total: float = 0.0
-    values: int = 0
-    slots: int = 0
-
-    def merged(self, other: "TrendBucket") -> "TrendBucket":
-        """This bucket and the next one as one."""
-        return TrendBucket(self.total + other.total, self.values + other.values, self.slots + other.slots)
-
-    def mean(self) -> Optional[float]:
-        return self.total / self.values if self.values else None
-
-
 class SessionTrend:
-    """A whole session's values in at most `size` buckets: when full, neighbours merge."""
+    """A whole session's values in at most `size` buckets of consecutive samples: when full,
+    neighbours merge. A bucket is [sum of its values, how many values, how many samples]."""
 
     BUCKETS = 32  # characters of the session summary's sparklines
 
     def __init__(self, size: int = BUCKETS):
         self.size = size
         self.per_bucket = 1
-        self.buckets: List[TrendBucket] = []
+        self.buckets: List[List[float]] = []
 
     def add(self, value: Optional[float]) -> None:
         """One sample's value, None for a gap (unknown)."""
-        if not self.buckets or self.buckets[-1].slots >= self.per_bucket:
+        if not self.buckets or self.buckets[-1][2] >= self.per_bucket:
             if len(self.buckets) >= self.size:
-                pairs = zip(self.buckets[0::2], self.buckets[1::2])
-                self.buckets = [first.merged(second) for first, second in pairs]
+                self.buckets = [[a + b for a, b in zip(first, second)]
+                                for first, second in zip(self.buckets[0::2], self.buckets[1::2])]
                 self.per_bucket *= 2
-            self.buckets.append(TrendBucket())
+            self.buckets.append([0.0, 0, 0])
         bucket = self.buckets[-1]
-        bucket.slots += 1
+        bucket[2] += 1
         if value is not None:
-            bucket.total += value
-            bucket.values += 1
+            bucket[0] += value
+            bucket[1] += 1
 
     def values(self) -> List[Optional[float]]:
         """The mean of each bucket, None where it holds no value."""
-        return [bucket.mean() for bucket in self.buckets]
+        return [total / count if count else None for total, count, _ in self.buckets]
 
 
 class Series:
@@ -2834,7 +2546,9 @@ class Series:
     WINDOW = 20  # characters of the live sparklines
 
     def __init__(self) -> None:
-        self.recent: Deque[Optional[float]] = deque(maxlen=self.WINDOW)
+        from collections import deque
+
+        self.recent: Any = deque(maxlen=self.WINDOW)
         self.stats = RunningStats()
         self.trend = SessionTrend()
 
@@ -2849,88 +2563,78 @@ class Series:
 class InstanceTrack:
     """A row of `track SERVICE`: one instance across the session."""
 
-    def __init__(self, ip: str):
+    def __init__(self, ip: str, policy: Policy):
         self.key = ip
+        self.policy = policy
         self.order = ip_sort_key(ip)  # parsed once: rows are sorted several times a sample
         self.last: Optional[Instance] = None
-        self.cpu = Series()
-        self.memory = Series()
-        self.samples = 0
-        self.unhealthy = 0
+        self.cpu, self.memory = Series(), Series()
+        self.samples = self.unhealthy = 0
         self.gone = False
 
-    def add(self, reading: Optional[Instance], thresholds: Thresholds) -> None:
+    def add(self, reading: Optional[Instance]) -> None:
         """One sample: a reading, or None when CPX could not be reached (a gap)."""
-        usage = reading.usage() if reading is not None else None
-        self.cpu.add(usage[0] if usage is not None else None)
-        self.memory.add(usage[1] if usage is not None else None)
+        readable = reading is not None and reading.readable
+        self.cpu.add(reading.cpu if readable else None)
+        self.memory.add(reading.memory if readable else None)
         if reading is not None:
             self.last = reading
             self.samples += 1
-            self.unhealthy += instance_status(reading, thresholds) == UNHEALTHY
+            self.unhealthy += instance_status(reading, self.policy) == UNHEALTHY
 
-    def status(self, thresholds: Thresholds) -> str:
+    def status(self) -> str:
         """Its status now: Gone, Unknown, or that of its last reading."""
         if self.gone:
             return GONE
-        return UNKNOWN if self.last is None else instance_status(self.last, thresholds)
+        return UNKNOWN if self.last is None else instance_status(self.last, self.policy)
 
-    def healthy_count(self, thresholds: Thresholds) -> int:
-        return int(self.status(thresholds) == HEALTHY)
-
-    def instance_count(self) -> int:
-        return 0 if self.gone else 1
+    def counts(self) -> Tuple[int, int]:
+        """(healthy, instances) now: for the worst moment."""
+        return int(self.status() == HEALTHY), 0 if self.gone else 1
 
 
 class ServiceTrack:
     """A row of the whole-fleet view: one service (None: the "(unknown)" group) across the session."""
 
-    def __init__(self, service: Optional[str], policy: Policy = Policy()):
+    def __init__(self, service: Optional[str], policy: Policy):
         self.key = service
         self.policy = policy  # the minimum of healthy instances
         self.last: Optional[ServiceSummary] = None
         self.healthy_share = Series()  # percent of its instances healthy: the sparkline
         self.healthy = RunningStats()  # healthy instances: the summary's min/avg/max
-        self.cpu = Series()  # average cpu
-        self.memory = Series()  # average memory
+        self.cpu, self.memory = Series(), Series()  # average cpu and memory
         self.samples = 0
-        self.flagged = 0  # samples under the policy's minimum of healthy instances
+        self.flagged = 0  # samples under the policy's minimum of healthy instances, or missing
         self.gone = False
 
-    def add(self, summary: Optional[ServiceSummary], thresholds: Thresholds) -> None:
+    def add(self, summary: Optional[ServiceSummary]) -> None:
         """One sample: the service's summary, or None when CPX could not be reached (a gap)."""
-        if summary is None:
-            for series in (self.healthy_share, self.cpu, self.memory):
-                series.add(None)
-            return
-        self.healthy_share.add(100.0 * summary.healthy / summary.instances)
-        self.cpu.add(summary.avg_cpu)
-        self.memory.add(summary.avg_memory)
-        self.healthy.add(summary.healthy)
-        self.last = summary
-        self.samples += 1
-        self.flagged += self.under_minimum(summary)
+        self.healthy_share.add(100.0 * summary.healthy / summary.instances if summary and summary.instances else None)
+        self.cpu.add(summary.avg_cpu if summary else None)
+        self.memory.add(summary.avg_memory if summary else None)
+        if summary is not None:
+            self.healthy.add(summary.healthy)
+            self.last = summary
+            self.samples += 1
+            self.flagged += self.under_minimum(summary)
 
     def under_minimum(self, summary: ServiceSummary) -> bool:
-        """Whether a sample has fewer healthy instances than the policy's minimum for the service."""
-        return summary.healthy < self.policy.min_healthy_for(self.key, summary.instances)
+        """Whether a sample flags the service, as `unhealthy` would."""
+        return bool(flag_services([summary], self.policy))
 
     def rank(self) -> Tuple:
-        """Worst first: services under the minimum of healthy instances, then by share healthy."""
+        """Worst first: services flagged, then by share healthy; gone ones last."""
         if self.gone or self.last is None:
             return (2, 0.0, service_sort_key(self.key))
         last = self.last
-        return (int(not self.under_minimum(last)), last.healthy / last.instances, service_sort_key(self.key))
+        return (int(not self.under_minimum(last)), last.healthy / max(1, last.instances), service_sort_key(self.key))
 
-    def healthy_count(self, thresholds: Thresholds) -> int:
-        return 0 if self.gone or self.last is None else self.last.healthy
-
-    def instance_count(self) -> int:
-        return 0 if self.gone or self.last is None else self.last.instances
+    def counts(self) -> Tuple[int, int]:
+        """(healthy, instances) now: for the worst moment."""
+        return (0, 0) if self.gone or self.last is None else (self.last.healthy, self.last.instances)
 
 
-@dataclass
-class Sample:
+class Sample(NamedTuple):
     """One sample as read: its rows by key, in display order, or why CPX was unreachable."""
 
     moment: str
@@ -2940,8 +2644,7 @@ class Sample:
     note: Optional[str] = None  # what the view says above the table (a service not found yet)
 
 
-@dataclass
-class WorstMoment:
+class WorstMoment(NamedTuple):
     """The sample with the fewest healthy instances."""
 
     healthy: int
@@ -2954,9 +2657,8 @@ class TrackState:
     """Everything track knows of a session, in bounded memory: a row track per key (an
     instance, or a service), counters, and the worst moment."""
 
-    def __init__(self, scope: Any, thresholds: Thresholds, interval: float):
+    def __init__(self, scope: Any, interval: float):
         self.scope = scope
-        self.thresholds = thresholds
         self.interval = interval
         self.rows: Dict[Any, Any] = {}
         self.samples = 0
@@ -2968,16 +2670,6 @@ class TrackState:
         self.last = Sample("", {})  # the last sample taken
         self.gone: List[Any] = []  # keys that left in the last sample
         self.worst: Optional[WorstMoment] = None
-
-    @property
-    def last_time(self) -> str:
-        """When the last sample was taken."""
-        return self.last.moment
-
-    @property
-    def outage(self) -> Optional[str]:
-        """Why the last sample could not reach CPX; None when it could."""
-        return self.last.outage
 
     @property
     def last_was_late(self) -> bool:
@@ -3002,7 +2694,7 @@ class TrackState:
         if sample.outage is not None:
             self.unreachable += 1
             for track in self.present():
-                track.add(None, self.thresholds)
+                track.add(None)
             return
         self.last_good_time = sample.moment
         self.gone = [key for key, track in self.rows.items() if not track.gone and key not in sample.values]
@@ -3013,17 +2705,14 @@ class TrackState:
             if track is None:
                 track = self.rows[key] = self.scope.new_track(key)
             track.gone = False
-            track.add(value, self.thresholds)
+            track.add(value)
         self._note_worst()
 
     def _note_worst(self) -> None:
-        present = self.present()
-        if not present:
-            return
-        healthy = sum(t.healthy_count(self.thresholds) for t in present)
-        if self.worst is None or healthy < self.worst.healthy:
-            self.worst = WorstMoment(healthy, sum(t.instance_count() for t in present), self.last_time,
-                                     self.samples)
+        counts = [t.counts() for t in self.present()]
+        healthy = sum(h for h, _ in counts)
+        if counts and (self.worst is None or healthy < self.worst.healthy):
+            self.worst = WorstMoment(healthy, sum(n for _, n in counts), self.last.moment, self.samples)
 
 
 SPARK_BLOCKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
@@ -3055,7 +2744,30 @@ def _min_avg_max(stats: RunningStats, unit: str = "%", threshold: Optional[float
     return "%s/%s/%s%s" % (short(stats.minimum), short(stats.mean or 0.0), short(stats.maximum), unit)
 
 
-def _fit(tracks: List[Any], max_rows: Optional[int], worst_first: Any) -> Tuple[List[Any], int]:
+def fit_table(columns: Sequence[Column], rows: List[Dict[Column, str]], drop: Sequence[Column],
+              width: Optional[int]) -> Tuple[List[Column], List[Dict[Column, str]]]:
+    """The columns of a table that fit `width` (None: all of them): those in `drop` go first,
+    in that order, until it fits; then the first column's cells are shortened, with '~' at the
+    end, so that no line runs past the edge. A wider terminal shows them all again."""
+    kept = list(columns)
+    widths = {c: max([display_width(c.title)] + [display_width(row[c]) for row in rows]) for c in columns}
+
+    def total() -> int:
+        return 1 + sum(3 + widths[c] for c in kept)
+
+    for column in drop:
+        if width is None or total() <= width:
+            break
+        kept.remove(column)
+    if width is not None and total() > width:
+        room = max(display_width(kept[0].title), widths[kept[0]] - (total() - width))
+        for row in rows:
+            while display_width(row[kept[0]]) > room:
+                row[kept[0]] = row[kept[0]][:-2] + "~"
+    return kept, rows
+
+
+def _fit_rows(tracks: List[Any], max_rows: Optional[int], worst_first: Any) -> Tuple[List[Any], int]:
     """The rows that fit max_rows (one line kept to count the others): the worst first,
     shown in their own order; and how many were left out."""
     if max_rows is None or len(tracks) <= max_rows:
@@ -3072,28 +2784,27 @@ def _left_out(hidden: int, noun: str) -> str:
     return "%s not shown (the worst are shown first; a taller terminal shows all)\n" % _plural(hidden, noun)
 
 
-def _values(records: Sequence[Any], name: str) -> List[Optional[float]]:
-    """One field of each record, None where there is no record."""
-    return [None if record is None else getattr(record, name) for record in records]
-
-
 class ServiceScope:
     """`track SERVICE`: a row per instance of one service, found by name (exact, then any case)."""
 
     FIELDS = ("time", "ip", "service", "status", "cpu", "memory")
-    COLUMNS = ("IP", "Status", "CPU", "CPU trend", "Memory", "Memory trend")
-    SUMMARY_COLUMNS = ("IP", "Samples", "CPU min/avg/max", "Memory min/avg/max", "Unhealthy", "CPU trend",
-                       "Memory trend")
-    new_track = InstanceTrack
+    CPU_TREND, MEMORY_TREND = Column("CPU trend"), Column("Memory trend")
+    COLUMNS = (IP, STATUS, CPU, CPU_TREND, MEMORY, MEMORY_TREND)
+    DROP = (MEMORY_TREND, CPU_TREND)  # what a narrow terminal loses first
+    SUMMARY_COLUMNS = (IP, Column("Samples", True), Column("CPU min/avg/max", True),
+                       Column("Memory min/avg/max", True), Column("Unhealthy", True), CPU_TREND, MEMORY_TREND)
 
-    def __init__(self, name: str, thresholds: Thresholds):
+    def __init__(self, name: str, policy: Policy):
         self.name = name
-        self.thresholds = thresholds
+        self.policy = policy
         self.service: Optional[str] = None  # the name as CPX spells it, once an instance said it
 
     @property
     def title(self) -> str:
         return sanitize(self.service or self.name)
+
+    def new_track(self, ip: str) -> InstanceTrack:
+        return InstanceTrack(ip, self.policy)
 
     def to_read(self, membership: Membership, full: bool) -> List[str]:
         """Its members, and the instances that never answered; the whole fleet when full."""
@@ -3131,7 +2842,7 @@ class ServiceScope:
     def values(self, membership: Membership, readings: Sequence[Instance]) -> Dict[Any, Any]:
         """The sample's rows: each member's reading, by IP."""
         ours = [r for r in membership.attribute(readings) if self.service is not None and r.service == self.service]
-        return OrderedDict((r.ip, r) for r in sorted(ours, key=lambda r: ip_sort_key(r.ip)))
+        return {r.ip: r for r in sorted(ours, key=lambda r: ip_sort_key(r.ip))}
 
     def note(self, membership: Membership) -> Optional[str]:
         """A line above the table: the service not found yet, or instances not read yet."""
@@ -3147,70 +2858,61 @@ class ServiceScope:
     def subject(self, state: TrackState) -> str:
         return "%s  %s" % (self.title, _plural(len(state.present()), "instance"))
 
-    def table(self, state: TrackState, blocks: str, color: bool, max_rows: Optional[int] = None) -> str:
-        """Every instance with its status, values and recent trend; when only max_rows fit,
-        the worst instances (then the lowest IPs) and a line counting the others."""
-        thresholds = state.thresholds
-        tracks, hidden = _fit(state.tracks(), max_rows,
-                              lambda t: _STATUS_RANK.get(t.status(thresholds), len(_STATUS_RANK)))  # Gone last
-        readable = [t.last if t.status(thresholds) in (HEALTHY, UNHEALTHY) else None for t in tracks]
-        cpu_values, memory_values = _values(readable, "cpu"), _values(readable, "memory")
-        limits = thresholds.for_service(self.service)
-        cpus = format_percents(cpu_values, limits.cpu)
-        memories = format_percents(memory_values, limits.memory)
-        rows, styles = [], []
-        for index, track in enumerate(tracks):
-            status, style = self._status_cell(track, state)
-            rows.append([sanitize(track.key), status, _marked(cpus[index], cpu_values[index], limits.cpu),
-                         sparkline(track.cpu.recent, blocks),
-                         _marked(memories[index], memory_values[index], limits.memory),
-                         sparkline(track.memory.recent, blocks)])
+    def table(self, state: TrackState, blocks: str, color: bool, max_rows: Optional[int] = None,
+              width: Optional[int] = None) -> str:
+        """Every instance with its status, values and recent trend, as the services table shows
+        them; when only max_rows fit, the worst instances (then the lowest IPs) and a line
+        counting the others."""
+        tracks, hidden = _fit_rows(state.tracks(), max_rows, lambda t: _STATUS_RANK.get(t.status(), 3))  # Gone last
+        readings = [t.last if t.status() in (HEALTHY, UNHEALTHY) else Instance(t.key, self.service) for t in tracks]
+        rows, styles = instance_cells(readings, self.policy), []
+        for track, cells in zip(tracks, rows):
+            cells[self.CPU_TREND], cells[self.MEMORY_TREND] = (sparkline(track.cpu.recent, blocks),
+                                                               sparkline(track.memory.recent, blocks))
+            if track.gone or track.last is None:
+                cells[STATUS], style = track.status(), "stale"
+            elif state.last.outage is not None:
+                cells[STATUS], style = status_label(track.last, self.policy) + " (stale)", "stale"
+            else:
+                cells[STATUS], style = status_label(track.last, self.policy), track.status()
             styles.append(style)
-        table = render_table(self.COLUMNS, rows, (False, False, True, False, True, False), styles, color)
-        return table + _left_out(hidden, "more instance")
-
-    def _status_cell(self, track: InstanceTrack, state: TrackState) -> Tuple[str, str]:
-        if track.gone or track.last is None:
-            return (GONE if track.gone else UNKNOWN), "stale"
-        if state.outage is not None:
-            return status_label(track.last, state.thresholds) + " (stale)", "stale"
-        return status_label(track.last, state.thresholds), instance_status(track.last, state.thresholds)
+        columns, rows = fit_table(self.COLUMNS, rows, self.DROP, width)
+        return render_table(columns, [[cells[c] for c in columns] for cells in rows], styles, color) + _left_out(
+            hidden, "more instance")
 
     def summary_table(self, state: TrackState, blocks: str) -> str:
         """Per instance: samples, min/avg/max, samples unhealthy, the session's trend."""
-        limits = state.thresholds.for_service(self.service)
-        rows = [[sanitize(t.key) + (" (gone)" if t.gone else ""), str(t.samples),
-                 _min_avg_max(t.cpu.stats, "%", limits.cpu), _min_avg_max(t.memory.stats, "%", limits.memory),
-                 str(t.unhealthy), sparkline(t.cpu.trend.values(), blocks),
+        cpu, memory = self.policy.limits(self.service)
+        rows = [[sanitize(t.key) + (" (gone)" if t.gone else ""), str(t.samples), _min_avg_max(t.cpu.stats, "%", cpu),
+                 _min_avg_max(t.memory.stats, "%", memory), str(t.unhealthy), sparkline(t.cpu.trend.values(), blocks),
                  sparkline(t.memory.trend.values(), blocks)] for t in state.tracks()]
-        return render_table(self.SUMMARY_COLUMNS, rows, (False, True, True, True, True, False, False))
+        return render_table(self.SUMMARY_COLUMNS, rows)
 
     def records(self, state: TrackState) -> List[Dict[str, Any]]:
         """The last sample as json/csv records: its instances, then those gone."""
-        records = []
-        for reading in state.last.values.values():
-            record = instance_record(reading, state.thresholds)
+        records = [dict(time=state.last.moment, **instance_record(reading, self.policy))
+                   for reading in state.last.values.values()]
+        for record in records:
             del record["error"]
-            records.append(dict(time=state.last_time, **record))
-        for ip in state.gone:
-            records.append({"time": state.last_time, "ip": ip, "service": self.service, "status": GONE,
-                            "cpu": None, "memory": None})
-        return records
+        return records + [{"time": state.last.moment, "ip": ip, "service": self.service, "status": GONE,
+                           "cpu": None, "memory": None} for ip in state.gone]
 
 
 class FleetScope:
-    """`track` with no SERVICE (or --all): the whole fleet, a row per service, worst first."""
+    """`track` with no SERVICE (or --all): the whole fleet, a row per service, worst first;
+    an expected service with no instance is a row of its own (missing)."""
 
     FIELDS = ("time", "service", "instances", "healthy", "avg_cpu", "max_cpu", "avg_memory", "max_memory")
-    COLUMNS = ("Service", "Instances", "Healthy", "Healthy trend", "Avg CPU", "Max CPU", "CPU trend",
-               "Avg Memory", "Max Memory")
-    SUMMARY_COLUMNS = ("Service", "Samples", "Healthy min/avg/max", "Avg CPU min/avg/max",
-                       "Avg Memory min/avg/max", "Under minimum", "Healthy trend", "CPU trend")
+    HEALTHY_TREND, CPU_TREND = Column("Healthy trend"), Column("CPU trend")
+    COLUMNS = (SERVICE, INSTANCES, HEALTHY_COUNT, HEALTHY_TREND, AVG_CPU, MAX_CPU, CPU_TREND, AVG_MEMORY, MAX_MEMORY)
+    DROP = (CPU_TREND, AVG_CPU, AVG_MEMORY, HEALTHY_TREND)  # what a narrow terminal loses first
+    SUMMARY_COLUMNS = (SERVICE, Column("Samples", True), Column("Healthy min/avg/max", True),
+                       Column("Avg CPU min/avg/max", True), Column("Avg Memory min/avg/max", True),
+                       Column("Under minimum", True), HEALTHY_TREND, CPU_TREND)
     title = "fleet"
 
     def __init__(self, policy: Policy):
         self.policy = policy
-        self.thresholds = policy.thresholds()
 
     def new_track(self, service: Optional[str]) -> ServiceTrack:
         return ServiceTrack(service, self.policy)
@@ -3229,9 +2931,9 @@ class FleetScope:
         """Nothing to check."""
 
     def values(self, membership: Membership, readings: Sequence[Instance]) -> Dict[Any, Any]:
-        """The sample's rows: a summary per service, the "(unknown)" group included."""
-        summaries = summarize_services(membership.attribute(readings), self.thresholds)
-        return OrderedDict((s.service, s) for s in summaries)
+        """The sample's rows: a summary per service (the "(unknown)" group included), and one
+        of 0 instances per expected service that has none."""
+        return {s.service: s for s in fleet_summaries(membership.attribute(readings), self.policy)}
 
     def note(self, membership: Membership) -> Optional[str]:
         return None
@@ -3241,81 +2943,62 @@ class FleetScope:
 
     def subject(self, state: TrackState) -> str:
         present = state.present()
-        return "fleet  %s in %s" % (_plural(sum(t.instance_count() for t in present), "instance"),
+        return "fleet  %s in %s" % (_plural(sum(t.counts()[1] for t in present), "instance"),
                                     _plural(sum(1 for t in present if t.key is not None), "service"))
 
-    def table(self, state: TrackState, blocks: str, color: bool, max_rows: Optional[int] = None) -> str:
-        """Every service: instances, healthy, average and highest cpu and memory, and trends,
-        worst first; when only max_rows fit, the worst and a line counting the others."""
-        tracks, hidden = _fit(state.tracks(), max_rows, ServiceTrack.rank)
-        lasts = [None if t.gone else t.last for t in tracks]
-        max_cpu, max_memory = _values(lasts, "max_cpu"), _values(lasts, "max_memory")
-        limits = [state.thresholds.for_service(t.key) for t in tracks]
-        cpu, memory = [t.cpu for t in limits], [t.memory for t in limits]
-        columns = [format_percents(_values(lasts, "avg_cpu"), cpu),
-                   format_percents(_values(lasts, "avg_memory"), memory),
-                   format_percents(max_cpu, cpu), format_percents(max_memory, memory)]
-        rows, styles = [], []
-        for index, track in enumerate(tracks):
-            avg_cpu, avg_memory, top_cpu, top_memory = (column[index] for column in columns)
-            rows.append([service_label(track.key) + (" (gone)" if track.gone else ""),
-                         *self._count_cells(track, lasts[index]), sparkline(track.healthy_share.recent, blocks),
-                         avg_cpu,
-                         _marked(top_cpu, max_cpu[index], cpu[index]), sparkline(track.cpu.recent, blocks),
-                         avg_memory, _marked(top_memory, max_memory[index], memory[index])])
-            styles.append(self._style(track, lasts[index], state))
-        table = render_table(self.COLUMNS, rows, (False, True, True, False, True, True, False, True, True),
-                             styles, color)
-        return table + _left_out(hidden, "more service")
+    def table(self, state: TrackState, blocks: str, color: bool, max_rows: Optional[int] = None,
+              width: Optional[int] = None) -> str:
+        """Every service as the status table shows it, with its trends, worst first; when only
+        max_rows fit, the worst and a line counting the others."""
+        tracks, hidden = _fit_rows(state.tracks(), max_rows, ServiceTrack.rank)
+        lasts = [ServiceSummary(t.key, 0, 0) if t.gone or t.last is None else t.last for t in tracks]
+        rows, styles = summary_cells(lasts, self.policy), []
+        for track, last, cells in zip(tracks, lasts, rows):
+            cells[self.HEALTHY_TREND] = sparkline(track.healthy_share.recent, blocks)
+            cells[self.CPU_TREND] = sparkline(track.cpu.recent, blocks)
+            if track.gone or track.last is None:
+                cells[SERVICE] = service_label(track.key) + " (gone)"
+                cells[INSTANCES] = cells[HEALTHY_COUNT] = "-"
+            elif track.under_minimum(last):
+                cells[HEALTHY_COUNT] += "!"
+            styles.append(self._style(track, state))
+        columns, rows = fit_table(self.COLUMNS, rows, self.DROP, width)
+        return render_table(columns, [[cells[c] for c in columns] for cells in rows], styles, color) + _left_out(
+            hidden, "more service")
 
     @staticmethod
-    def _count_cells(track: ServiceTrack, last: Optional[ServiceSummary]) -> List[str]:
-        """Instances and healthy ones; a '!' under the minimum of healthy instances."""
-        if last is None:
-            return ["-", "-"]
-        return [str(last.instances), "%d%s" % (last.healthy, "!" if track.under_minimum(last) else "")]
-
-    @staticmethod
-    def _style(track: ServiceTrack, last: Optional[ServiceSummary], state: TrackState) -> Optional[str]:
-        if last is None or state.outage is not None:
+    def _style(track: ServiceTrack, state: TrackState) -> Optional[str]:
+        """A row's colour: dim when stale, red when flagged (a missing service too)."""
+        if track.gone or track.last is None or state.last.outage is not None:
             return "stale"
-        if track.under_minimum(last):
+        if track.under_minimum(track.last):
             return UNHEALTHY
         return UNKNOWN if track.key is None else None
 
     def summary_table(self, state: TrackState, blocks: str) -> str:
         """Per service: samples, healthy and average min/avg/max, samples flagged, the session's trend."""
-        rows = [[service_label(t.key) + (" (gone)" if t.gone else ""), str(t.samples),
-                 _min_avg_max(t.healthy, ""), _min_avg_max(t.cpu.stats, "%", state.thresholds.for_service(t.key).cpu),
-                 _min_avg_max(t.memory.stats, "%", state.thresholds.for_service(t.key).memory),
-                 str(t.flagged), sparkline(t.healthy_share.trend.values(), blocks),
-                 sparkline(t.cpu.trend.values(), blocks)] for t in state.tracks()]
-        return render_table(self.SUMMARY_COLUMNS, rows, (False, True, True, True, True, True, False, False))
+        rows = [[service_label(t.key) + (" (gone)" if t.gone else ""), str(t.samples), _min_avg_max(t.healthy, ""),
+                 _min_avg_max(t.cpu.stats, "%", self.policy.limits(t.key)[0]),
+                 _min_avg_max(t.memory.stats, "%", self.policy.limits(t.key)[1]), str(t.flagged),
+                 sparkline(t.healthy_share.trend.values(), blocks), sparkline(t.cpu.trend.values(), blocks)]
+                for t in state.tracks()]
+        return render_table(self.SUMMARY_COLUMNS, rows)
 
     def records(self, state: TrackState) -> List[Dict[str, Any]]:
         """The last sample as json/csv records: a service each, then those gone (0 instances)."""
-        records = []
-        for summary in state.last.values.values():
-            record = dict(summary_record(summary, state.thresholds), time=state.last_time)
-            records.append({name: record[name] for name in self.FIELDS})
-        for service in state.gone:
-            records.append(dict({name: None for name in self.FIELDS}, time=state.last_time, service=service,
-                                instances=0, healthy=0))
-        return records
+        records = [dict(summary_record(summary, self.policy), time=state.last.moment)
+                   for summary in state.last.values.values()]
+        records += [dict(summary_record(ServiceSummary(service, 0, 0), self.policy), time=state.last.moment)
+                    for service in state.gone]
+        return [{name: record[name] for name in self.FIELDS} for record in records]
 
 
-def _wall_clock() -> str:
-    from datetime import datetime
-
-    return datetime.now().astimezone().isoformat(timespec="milliseconds")
-
-
-def poll(client: CpxClient, membership: Membership, scope: Any, full: bool, seconds: float,
+def poll(client: Any, membership: Membership, scope: Any, full: bool, seconds: float,
          first: bool = False) -> Sample:
     """One sample: /servers, then what the scope reads (the whole fleet when full), each within
     `seconds`. CPX is unreachable when /servers failed and no instance answered; on the first
     sample, an unreadable /servers is CpxUnavailable instead."""
-    moment, started = _wall_clock(), time.monotonic()
+    moment, started = utc_now(), time.monotonic()
     listing_error = None
     try:
         if first:
@@ -3333,17 +3016,6 @@ def poll(client: CpxClient, membership: Membership, scope: Any, full: bool, seco
     scope.resolve(membership, first)
     return Sample(moment, scope.values(membership, readings), None, time.monotonic() - started,
                   scope.note(membership))
-
-
-def first_sample(client: CpxClient, membership: Membership, scope: Any, settings: TrackSettings) -> Sample:
-    """The first sample, a read of the whole fleet, as of its end: the schedule starts there,
-    so that a long first read costs no skipped slot."""
-    sample = poll(client, membership, scope, True, settings.full_read_deadline, first=True)
-    missing = scope.not_found(membership)
-    if missing:
-        warn(client.options, "%s; reading them again every sample" % missing)
-    sample.moment = _wall_clock()
-    return sample
 
 
 class Schedule:
@@ -3377,44 +3049,41 @@ class Schedule:
 
 
 def render_track_header(state: TrackState) -> str:
-    """One line: what is watched, the time, the sample number, the interval (and how long the
-    sample took when that was longer), skipped slots."""
-    line = "%s  %s  sample %d  " % (state.scope.subject(state), state.last_time, state.samples)
+    """One line: what is watched, the time of day (UTC), the sample number, the interval (and
+    how long the sample took when that was longer), skipped slots."""
+    line = "%s  %sZ  sample %d  " % (state.scope.subject(state), state.last.moment[11:19], state.samples)
     if state.last_was_late:
         line += "interval %gs, sample took %.1fs" % (state.interval, state.last.seconds)
     else:
         line += "every %gs" % state.interval
-    if state.skipped:
-        line += "  %s skipped" % _plural(state.skipped, "slot")
-    return line
+    return line + ("  %s skipped" % _plural(state.skipped, "slot") if state.skipped else "")
 
 
 def render_outage(state: TrackState) -> str:
     """Why the last sample could not reach CPX, and how old the values shown are."""
     since = " (values from %s)" % state.last_good_time if state.last_good_time else ""
-    return "CPX unreachable at %s: %s; keeping the last known values%s" % (state.last_time, state.outage, since)
+    return "CPX unreachable at %s: %s; keeping the last known values%s" % (state.last.moment, state.last.outage, since)
 
 
 def render_track_summary(state: TrackState, blocks: str) -> str:
     """The end-of-session summary, like ping's: per row, then the worst moment."""
     lines = ["--- %s: %s from %s to %s, %d over the interval, %s skipped, %d unreachable ---" % (
-        state.scope.title, _plural(state.samples, "sample"), state.first_time, state.last_time, state.late,
-        _plural(state.skipped, "slot"), state.unreachable)]
-    lines.append(state.scope.summary_table(state, blocks).rstrip("\n"))
-    if state.worst is not None:
-        worst = state.worst
-        if worst.instances:
-            lines.append("worst moment: %d of %s healthy at %s (sample %d)" % (
-                worst.healthy, _plural(worst.instances, "instance"), worst.moment, worst.sample))
-        else:
-            lines.append("worst moment: no instance present at %s (sample %d)" % (worst.moment, worst.sample))
+        state.scope.title, _plural(state.samples, "sample"), state.first_time, state.last.moment, state.late,
+        _plural(state.skipped, "slot"), state.unreachable), state.scope.summary_table(state, blocks).rstrip("\n")]
+    worst = state.worst
+    if worst is not None and worst.instances:
+        lines.append("worst moment: %d of %s healthy at %s (sample %d)" % (
+            worst.healthy, _plural(worst.instances, "instance"), worst.moment, worst.sample))
+    elif worst is not None:
+        lines.append("worst moment: no instance present at %s (sample %d)" % (worst.moment, worst.sample))
     return "\n".join(lines) + "\n"
 
 
 class Keyboard:
     """`q` stops the live view, as in top: stdin without line buffering or echo while the view
     owns the screen. Only when stdin is a terminal and this process is in its foreground:
-    a background job changing the terminal's modes would be stopped by SIGTTOU."""
+    a background job changing the terminal's modes would be stopped by SIGTTOU. Where there
+    is no termios (Windows), Ctrl+C only."""
 
     def __init__(self, stream: Any):
         self.stream = stream
@@ -3429,22 +3098,20 @@ class Keyboard:
             return
         try:
             descriptor = self.stream.fileno()
-            if not os.isatty(descriptor) or os.tcgetpgrp(descriptor) != os.getpgrp():
-                return
-            saved = termios.tcgetattr(descriptor)
-            tty.setcbreak(descriptor, termios.TCSANOW)
-            self.saved = saved
+            if os.isatty(descriptor) and os.tcgetpgrp(descriptor) == os.getpgrp():
+                saved = termios.tcgetattr(descriptor)
+                tty.setcbreak(descriptor, termios.TCSANOW)
+                self.saved = saved
         except (OSError, ValueError, AttributeError, termios.error):
             self.saved = None
 
-    @property
-    def active(self) -> bool:
-        return self.saved is not None
-
     def wait(self, seconds: float) -> bool:
-        """Sleep for seconds; True as soon as q is pressed."""
+        """Sleep for seconds, or until q; True when q was pressed."""
         import select
 
+        if self.saved is None:
+            time.sleep(seconds)
+            return False
         end = time.monotonic() + seconds
         descriptor = self.stream.fileno()
         while True:
@@ -3481,16 +3148,10 @@ class TrackView:
         self.options = options
         self.settings = settings
         self.keyboard = Keyboard(sys.stdin)
+        self.blocks = spark_blocks(sys.stdout)
 
     def open(self) -> None:
         """Get ready for the first sample."""
-
-    def wait(self, seconds: float) -> bool:
-        """Wait for the next sample; True when the user pressed q."""
-        if self.keyboard.active:
-            return self.keyboard.wait(seconds)
-        time.sleep(seconds)
-        return False
 
     def show(self, state: TrackState) -> None:
         """Show one sample."""
@@ -3502,24 +3163,20 @@ class TrackView:
 
     def close(self, state: TrackState) -> None:
         """Print the session summary."""
-        emit(render_track_summary(state, spark_blocks(sys.stdout)))
+        emit(render_track_summary(state, self.blocks))
 
 
 class LogView(TrackView):
     """Each sample appended as a block: the header, the table, an outage line."""
 
-    def __init__(self, options: Options, settings: TrackSettings):
-        super().__init__(options, settings)
-        self.blocks = spark_blocks(sys.stdout)
-
     def show(self, state: TrackState) -> None:
         table = state.scope.table(state, self.blocks, self.options.color)
-        outage = [render_outage(state)] if state.outage is not None else []
+        outage = [render_outage(state)] if state.last.outage is not None else []
         emit("\n".join([render_track_header(state)] + self.note(state) + [table.rstrip("\n")] + outage) + "\n\n")
 
 
 class ScreenView(LogView):
-    """The terminal's alternate screen, redrawn in place; q quits."""
+    """The terminal's alternate screen, redrawn in place to its size; q quits."""
 
     # Alternate screen, cursor hidden, and no auto-wrap, so that a line wider than
     # the terminal is clipped rather than wrapped: the frame never scrolls.
@@ -3538,17 +3195,20 @@ class ScreenView(LogView):
 
     def footer(self, state: TrackState) -> str:
         """The screen's last line: an outage, else how the view ends."""
-        if state.outage is not None:
+        if state.last.outage is not None:
             return paint(render_outage(state), UNHEALTHY, self.options.color)
         if self.settings.count is not None:
             return "stops after %s" % _plural(self.settings.count, "sample")
-        return "%s to stop" % ("q or Ctrl+C" if self.keyboard.active else "Ctrl+C")
+        return "%s to stop" % ("q or Ctrl+C" if self.keyboard.saved is not None else "Ctrl+C")
 
     def show(self, state: TrackState) -> None:
+        import shutil
+
+        size = shutil.get_terminal_size((80, 24))
         note = self.note(state)
         # Header, (note,) blank, two table heading lines, blank, footer: 6 or 7 lines around the rows.
-        rows_that_fit = max(1, shutil.get_terminal_size((80, 24)).lines - 6 - len(note))
-        table = state.scope.table(state, self.blocks, self.options.color, rows_that_fit)
+        table = state.scope.table(state, self.blocks, self.options.color, max(1, size.lines - 6 - len(note)),
+                                  size.columns)
         lines = [render_track_header(state)] + note + [""] + table.splitlines() + ["", self.footer(state)]
         # No newline after the last line: on the bottom row it would scroll the screen.
         emit("\x1b[H" + "\x1b[K\n".join(lines) + "\x1b[K\x1b[J")
@@ -3563,56 +3223,52 @@ class ScreenView(LogView):
 
 
 class RecordsView(TrackView):
-    """Records on stdout, one per instance (or service) and sample; outages and the summary
-    on stderr, so that stdout stays machine-readable."""
+    """Records on stdout, one per instance (or service) and sample, as JSON Lines (-o json) or
+    csv (the header once); outages and the summary on stderr, so that stdout stays
+    machine-readable."""
 
     def show(self, state: TrackState) -> None:
-        if state.outage is not None:
-            warn(self.options, render_outage(state))
-        else:
-            emit(self.render(state, state.scope.records(state)))
+        import json
 
-    def render(self, state: TrackState, records: List[Dict[str, Any]]) -> str:
-        """The last sample's records as text."""
-        raise NotImplementedError
+        if state.last.outage is not None:
+            warn(self.options, render_outage(state))
+        elif self.options.output == "json":
+            emit("".join(json.dumps(record) + "\n" for record in state.scope.records(state)))
+        else:
+            emit(render_csv(state.scope.FIELDS, state.scope.records(state), state.samples == 1 and self.options.headers))
 
     def close(self, state: TrackState) -> None:
         say(render_track_summary(state, spark_blocks(sys.stderr)).rstrip("\n"))
 
 
-class JsonLinesView(RecordsView):
-    """-o json: JSON Lines, one object per line."""
-
-    def render(self, state: TrackState, records: List[Dict[str, Any]]) -> str:
-        return "".join(json.dumps(record) + "\n" for record in records)
-
-
-class CsvView(RecordsView):
-    """-o csv: rows, the header once, with the first sample."""
-
-    def render(self, state: TrackState, records: List[Dict[str, Any]]) -> str:
-        return render_csv(state.scope.FIELDS, records, state.samples == 1 and self.options.headers)
+def first_sample(client: Any, membership: Membership, scope: Any, options: Options,
+                 settings: TrackSettings) -> Sample:
+    """The first sample, a read of the whole fleet, as of its end: the schedule starts there,
+    so that a long first read costs no skipped slot."""
+    sample = poll(client, membership, scope, True, settings.full_read_deadline(options.deadline), first=True)
+    missing = scope.not_found(membership)
+    if missing:
+        warn(options, "%s; reading them again every sample" % missing)
+    return sample._replace(moment=utc_now())
 
 
 def track_view(options: Options, settings: TrackSettings) -> TrackView:
     """The view for the output asked for: records for json and csv; for a table, the screen
     on an interactive terminal, else a log."""
-    records = {"json": JsonLinesView, "csv": CsvView}.get(options.output)
-    if records is not None:
-        return records(options, settings)
+    if options.output in ("json", "csv"):
+        return RecordsView(options, settings)
     return ScreenView(options, settings) if options.interactive else LogView(options, settings)
 
 
-def cmd_track(client: CpxClient, options: Options, settings: TrackSettings) -> int:
+def cmd_track(client: Any, options: Options, settings: TrackSettings) -> int:
     """Sample one service, or the whole fleet, on a fixed schedule until q, Ctrl+C or
     --count samples, then summarize."""
-    if options.output == "prometheus" or options.write is not None:
+    if options.output not in ("table", "wide", "json", "csv") or options.write is not None:
         raise UsageError("track streams: -o prometheus and --write are for services, status and unhealthy")
-    scope = FleetScope(options.policy) if settings.service is None else ServiceScope(
-        settings.service, options.thresholds)
+    scope = FleetScope(options.policy) if settings.service is None else ServiceScope(settings.service, options.policy)
     membership = Membership()
-    sample = first_sample(client, membership, scope, settings)
-    state = TrackState(scope, options.thresholds, settings.interval)
+    sample = first_sample(client, membership, scope, options, settings)
+    state = TrackState(scope, settings.interval)
     view = track_view(options, settings)
     schedule = Schedule(settings.interval, time.monotonic(), settings.rediscover)
     code = EXIT_OK
@@ -3625,11 +3281,11 @@ def cmd_track(client: CpxClient, options: Options, settings: TrackSettings) -> i
                 break
             wait, missed = schedule.next_wait(time.monotonic())
             state.skipped += missed
-            if view.wait(wait):
+            if view.keyboard.wait(wait):
                 break  # q
             full = schedule.full_read_due(time.monotonic())
-            sample = poll(client, membership, scope, full,
-                          settings.full_read_deadline if full else settings.sample_deadline)
+            deadline = settings.full_read_deadline if full else settings.sample_deadline
+            sample = poll(client, membership, scope, full, deadline(options.deadline))
     except KeyboardInterrupt:
         pass  # Ctrl+C is how a live view is stopped: a normal end
     except Terminated:
@@ -3639,6 +3295,213 @@ def cmd_track(client: CpxClient, options: Options, settings: TrackSettings) -> i
     if code == EXIT_OK:
         scope.finish(membership)
     return code
+
+
+# ---------------------------------------------------------------------------
+# serve: a Prometheus exporter that reads the fleet at scrape time
+# ---------------------------------------------------------------------------
+
+SERVE_PORT = 9968  # serve's own port (not in Prometheus's list of exporter ports)
+SERVE_THREADS = 8  # scrapes, landing pages and health checks answered at once; more wait their turn
+REQUEST_SECONDS = 5.0  # a client has this long to send its request, however it trickles
+SCRAPE_MARGIN = 0.5  # seconds kept from Prometheus's scrape timeout, to answer in (as blackbox_exporter)
+MIN_SCRAPE_DEADLINE = 0.1
+
+
+class ServeSettings(NamedTuple):
+    """What serve was asked: where to listen, and how long a read may serve later scrapes."""
+
+    host: str = "127.0.0.1"
+    port: int = SERVE_PORT
+    min_interval: float = 0.0  # 0: every scrape reads the fleet (or shares the read in flight)
+
+
+class Exporter:
+    """serve's reads of the fleet: one at a time, shared by every scrape that comes while it
+    is in flight (two Prometheus replicas, a curl), and kept for scrapes within
+    --min-interval of its start. Errors become the answer of every scrape that shared them."""
+
+    def __init__(self, options: Options, settings: ServeSettings):
+        self.options = options
+        self.settings = settings
+        self.client = CpxClient(options)
+        self.lock = threading.Lock()
+        self.in_flight: Optional[threading.Event] = None  # set when the read in flight is done
+        self.started = float("-inf")  # when the last read began
+        self.result: Tuple[int, str] = (503, "no read yet\n")  # the last read's status and body
+
+    def scrape(self, timeout: Optional[float]) -> Tuple[int, str]:
+        """The exposition text of a read of the fleet, as (HTTP status, body), within the
+        scrape's timeout less a margin (and never more than --deadline)."""
+        deadline = self.options.deadline or DEFAULT_DEADLINE
+        if timeout is not None:
+            deadline = min(deadline, max(MIN_SCRAPE_DEADLINE, timeout - SCRAPE_MARGIN))
+        with self.lock:
+            fresh = time.monotonic() - self.started < self.settings.min_interval
+            done, reader = self.in_flight, False
+            if done is None and not fresh:
+                done, reader = threading.Event(), True
+                self.in_flight, self.started = done, time.monotonic()
+        if reader:
+            try:
+                self.result = self.read(time.monotonic() + deadline)
+            finally:
+                with self.lock:
+                    self.in_flight = None
+                done.set()
+        elif done is not None and not done.wait(deadline + SCRAPE_MARGIN / 2):
+            return 503, "the read of the fleet in flight did not end within this scrape's timeout\n"
+        return self.result
+
+    def read(self, deadline: float) -> Tuple[int, str]:
+        """One read of the fleet, rendered as `services -o prometheus` renders it."""
+        try:
+            report, _ = snapshot_report(InstancesReport, self.client, self.options, SnapshotSettings(), deadline)
+        except (CpxUnavailable, UsageError) as error:
+            return 503, "%s: %s%s\n" % (program_name(), getattr(error, "prefix", ""), error)
+        return 200, report.as_prometheus(self.options)
+
+
+LANDING_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>cpx_devops exporter</title></head>
+<body><h1>cpx_devops exporter</h1><p>The health of a CPX fleet, read at each scrape:
+<a href="/metrics">/metrics</a>. Health: <a href="/-/healthy">/-/healthy</a>.</p></body></html>
+"""
+
+
+def _http_classes() -> Tuple[Any, Any]:
+    """The HTTP server classes serve and the simulator share, made on first use: http.server
+    costs about 20 ms to import, which no other command pays."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class QuietServer(ThreadingHTTPServer):
+        """A thread per request, IPv6 as well as IPv4, and no traceback for a client that hangs up."""
+
+        daemon_threads = True
+
+        def __init__(self, address: Tuple[str, int], handler: Any):
+            import socket
+
+            self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+            super().__init__(address, handler)
+
+        @property
+        def url(self) -> str:
+            host = self.server_address[0]
+            return "http://%s:%d" % ("[%s]" % host if ":" in host else host, self.server_address[1])
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # A client that hangs up mid-answer (or sends rubbish) is the client's business.
+            # Anything else is the server's own bug, and is shown.
+            if not isinstance(sys.exc_info()[1], OSError):
+                super().handle_error(request, client_address)
+
+    return QuietServer, BaseHTTPRequestHandler
+
+
+def listening(make: Callable[[], Any], settings: Any) -> Any:
+    """A server made (on settings.host and .port) and serving in a background thread;
+    UsageError when it cannot listen there."""
+    try:
+        server = make()
+    except OSError as error:
+        raise UsageError("cannot listen on %s port %d: %s" % (settings.host, settings.port, error.strerror or error))
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    return server
+
+
+def serve_until_stopped(server: Any) -> NoReturn:
+    """Let a server serve until Ctrl+C (130) or SIGTERM (143), which reach main() as for any
+    command; then close it."""
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def serve_exporter(options: Options, settings: ServeSettings) -> Any:
+    """Start serve's HTTP server in a background thread; returns the server (see .url)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    QuietServer, BaseHTTPRequestHandler = _http_classes()
+    exporter = Exporter(options, settings)
+    watchdog = Watchdog()  # cuts a client that has not sent its whole request in time
+
+    class ExporterHandler(BaseHTTPRequestHandler):
+        server_version = "cpx_devops/" + __version__
+        timeout = REQUEST_SECONDS  # any one read or write; HTTP/1.0: one request per connection
+
+        def setup(self) -> None:
+            super().setup()
+            self.guard = watchdog.arm(time.monotonic() + REQUEST_SECONDS)
+            self.guard.connected(self.connection, 0.0)
+
+        def parse_request(self) -> bool:
+            parsed = super().parse_request()  # the request line and headers: all a GET has
+            watchdog.disarm(self.guard)
+            return parsed
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                timeout = self.headers.get("X-Prometheus-Scrape-Timeout-Seconds")
+                try:
+                    seconds: Optional[float] = float(timeout) if timeout else None
+                except ValueError:
+                    seconds = None
+                status, body = exporter.scrape(seconds if seconds is None or seconds > 0 else None)
+                self.answer(status, body, "text/plain; version=0.0.4; charset=utf-8")
+            elif path == "/":
+                self.answer(200, LANDING_PAGE, "text/html; charset=utf-8")
+            elif path == "/-/healthy":
+                self.answer(200, "OK\n", "text/plain; charset=utf-8")
+            else:
+                self.answer(404, "not found: see /\n", "text/plain; charset=utf-8")
+
+        def answer(self, status: int, text: str, content_type: str) -> None:
+            body = text.encode("utf-8")
+            gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
+            if gzipped:
+                import gzip
+
+                body = gzip.compress(body, 6)
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            if gzipped:
+                self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def refuse(self) -> None:
+            self.send_response(405)
+            self.send_header("Allow", "GET")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = refuse
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # a line per scrape would drown what matters
+
+    class ExporterServer(QuietServer):
+        """serve's server: SERVE_THREADS threads at most, whatever the clients do."""
+
+        pool = ThreadPoolExecutor(max_workers=SERVE_THREADS)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            self.pool.submit(self.process_request_thread, request, client_address)
+
+    return listening(lambda: ExporterServer((settings.host, settings.port), ExporterHandler), settings)
+
+
+def cmd_serve(options: Options, settings: ServeSettings) -> int:
+    """Serve /metrics until SIGTERM or Ctrl+C."""
+    server = serve_exporter(options, settings)
+    say("%s: serving %s/metrics (Ctrl+C to stop)" % (program_name(), server.url))
+    return serve_until_stopped(server)
 
 
 # ---------------------------------------------------------------------------
@@ -3658,8 +3521,7 @@ def _splitmix64(state: int) -> Tuple[int, float]:
     return state, ((mixed ^ (mixed >> 31)) >> 11) / float(1 << 53)
 
 
-@dataclass(frozen=True)
-class Sickness:
+class Sickness(NamedTuple):
     """What part of a simulated fleet is sick, as fractions of its instances (each at least one
     instance when above 0; which ones, the seed decides): instances that answer HTTP 500 at
     once, that never answer, and that answer slow_ms late."""
@@ -3679,17 +3541,15 @@ class Sickness:
 FAIL, HANG, SLOW = "fail", "hang", "slow"
 
 
-@dataclass
 class SimulatedInstance:
     """One simulated instance: its service, where its random walk is, where it is pulled back
     to, and its own generator's state."""
 
-    service: str
-    cpu: float
-    memory: float
-    base_cpu: float
-    base_memory: float
-    seed: int
+    __slots__ = ("service", "cpu", "memory", "base_cpu", "base_memory", "seed")
+
+    def __init__(self, service: str, cpu: float, memory: float, seed: int):
+        self.service, self.cpu, self.memory, self.base_cpu, self.base_memory, self.seed = (
+            service, cpu, memory, cpu, memory, seed)
 
 
 class SimulatedFleet:
@@ -3700,6 +3560,8 @@ class SimulatedFleet:
     which concurrent requests arrive: seeded runs are reproducible."""
 
     def __init__(self, count: int, seed: Optional[int] = None, sickness: Sickness = Sickness()):
+        import random
+
         rng = random.Random(seed)
         self.lock = threading.Lock()
         self.state: Dict[str, SimulatedInstance] = {}
@@ -3715,8 +3577,7 @@ class SimulatedFleet:
             hot = index == 0 or rng.random() < 0.04
             base_cpu = rng.uniform(93, 99) if hot else rng.uniform(5, 70)
             base_memory = rng.uniform(10, 80)
-            self.state[ip] = SimulatedInstance(service, base_cpu, base_memory, base_cpu, base_memory,
-                                               rng.getrandbits(64))
+            self.state[ip] = SimulatedInstance(service, base_cpu, base_memory, rng.getrandbits(64))
         # A generator of its own, so that a sick fleet shows the same values as a healthy one.
         order = list(self.ips)
         random.Random(None if seed is None else "sick-%d" % seed).shuffle(order)
@@ -3746,8 +3607,7 @@ class SimulatedFleet:
         return {"cpu": "%d%%" % round(cpu), "memory": "%d%%" % round(memory), "service": entry.service}
 
 
-@dataclass(frozen=True)
-class SimulatorSettings:
+class SimulatorSettings(NamedTuple):
     """What `simulate` serves, and where."""
 
     host: str = "127.0.0.1"
@@ -3759,47 +3619,43 @@ class SimulatorSettings:
     sickness: Sickness = Sickness()
 
 
-@functools.lru_cache(maxsize=None)
-def _simulator_classes() -> Tuple[Any, Any]:
-    """The simulator's server classes (threaded, single-threaded), made once on first use:
-    http.server costs about 24 ms to import, which --help, usage errors and every
-    command but `simulate` need not pay."""
-    from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+def serve_simulator(settings: SimulatorSettings) -> Any:
+    """Start a CPX-compatible server in a background thread; returns the server (see .url).
+    A thread per request and a deep listen queue; --single-threaded, the reference server:
+    one request at a time, a listen backlog of 5."""
+    import json
+    import socket
+
+    QuietServer, BaseHTTPRequestHandler = _http_classes()
+    fleet = SimulatedFleet(settings.servers, settings.seed, settings.sickness)
+    server_list = json.dumps(fleet.ips).encode()
+    stopping = threading.Event()  # set on close: hanging answers end
 
     class SimulatorHandler(BaseHTTPRequestHandler):
-        """The CPX API, answered from the server's simulated fleet."""
+        """The CPX API, answered from the simulated fleet."""
 
         server_version = "cpx-simulator/" + __version__
-        server: "SimulatorServer"
 
         def do_GET(self) -> None:
-            settings = self.server.settings
-            sick = self.server.fleet.sick.get(self.path[1:])
+            sick = fleet.sick.get(self.path[1:])
             if sick == FAIL:
-                self._answer(500, b'{"error": "Internal Server Error"}')
-                return
+                return self.answer(500, b'{"error": "Internal Server Error"}')
             if settings.latency_ms:
                 time.sleep(settings.latency_ms / 1000.0)
             if sick == HANG:
-                self._hang()
-                return
+                return self.hang()
             if sick == SLOW:
                 time.sleep(settings.sickness.slow_ms / 1000.0)
-            if self.path == "/servers":
-                self._answer(200, self.server.server_list)
-                return
-            reading = self.server.fleet.read(self.path[1:])
+            reading = server_list if self.path == "/servers" else fleet.read(self.path[1:])
             if reading is None:
-                self._answer(400, b'{"error": "Invalid IP"}')
-            else:
-                self._answer(200, json.dumps(reading).encode())
+                return self.answer(400, b'{"error": "Invalid IP"}')
+            self.answer(200, reading if isinstance(reading, bytes) else json.dumps(reading).encode())
 
-        def _hang(self) -> None:
+        def hang(self) -> None:
             """Answer nothing until the client gives up (or the simulator stops)."""
             import select
 
             self.close_connection = True
-            stopping = self.server.stopping
             while not stopping.is_set():
                 if select.select([self.connection], [], [], 0.2)[0]:
                     try:
@@ -3809,7 +3665,7 @@ def _simulator_classes() -> Tuple[Any, Any]:
                         return
                     stopping.wait(0.2)  # it sent more than its request: keep hanging
 
-        def _answer(self, status: int, body: bytes) -> None:
+        def answer(self, status: int, body: bytes) -> None:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -3819,430 +3675,64 @@ def _simulator_classes() -> Tuple[Any, Any]:
         def log_message(self, format: str, *args: Any) -> None:
             pass  # a request log would drown the demo
 
-
-    class SimulatorServer(ThreadingHTTPServer):
-        """A CPX-compatible server: a thread per request, a deep listen queue."""
-
-        request_queue_size = 1024
-        daemon_threads = True
-
-        def __init__(self, settings: SimulatorSettings):
-            self.settings = settings
-            if ":" in settings.host:
-                self.address_family = socket.AF_INET6
-            self.fleet = SimulatedFleet(settings.servers, settings.seed, settings.sickness)
-            self.server_list = json.dumps(self.fleet.ips).encode()
-            self.stopping = threading.Event()  # set on close: hanging answers end
-            super().__init__((settings.host, settings.port), SimulatorHandler)
-
-        @property
-        def url(self) -> str:
-            host = self.settings.host
-            return "http://%s:%d" % (host if ":" not in host else "[%s]" % host, self.server_address[1])
-
-        def server_close(self) -> None:
-            self.stopping.set()
-            super().server_close()
-
-        def handle_error(self, request: Any, client_address: Any) -> None:
-            # A client that hangs up mid-answer (or sends rubbish) is the client's business:
-            # no traceback. Anything else is the simulator's bug, and is shown.
-            if not isinstance(sys.exc_info()[1], OSError):
-                super().handle_error(request, client_address)
-
-
-    class SingleThreadedSimulatorServer(SimulatorServer):
-        """The reference server: one request at a time, a listen backlog of 5."""
-
-        request_queue_size = 5
+    class SimulatorServer(QuietServer):
+        request_queue_size = 5 if settings.single_threaded else 1024
+        simulated = fleet  # for the tests and the benchmark
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            # socketserver's own, without the thread ThreadingMixIn would start.
-            HTTPServer.process_request(self, request, client_address)
+            if settings.single_threaded:  # in the serving thread, as socketserver's own does
+                self.process_request_thread(request, client_address)
+            else:
+                super().process_request(request, client_address)
 
-    return SimulatorServer, SingleThreadedSimulatorServer
+        def server_close(self) -> None:
+            stopping.set()
+            super().server_close()
 
-
-def serve_simulator(settings: SimulatorSettings) -> Any:
-    """Start a CPX-compatible server in a background thread; returns the server (see .url)."""
-    threaded, single_threaded = _simulator_classes()
-    server = (single_threaded if settings.single_threaded else threaded)(settings)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="simulator", daemon=True)
-    thread.start()
-    return server
-
-
-def start_simulator(host: str = "127.0.0.1", port: int = 0, servers: int = 150, latency_ms: float = 0.0,
-                    seed: Optional[int] = None, single_threaded: bool = False,
-                    sickness: Sickness = Sickness()) -> Any:
-    """serve_simulator() with the settings as keywords (tests, the benchmark)."""
-    return serve_simulator(SimulatorSettings(host, port, servers, latency_ms, seed, single_threaded, sickness))
+    return listening(lambda: SimulatorServer((settings.host, settings.port), SimulatorHandler), settings)
 
 
 def cmd_simulate(settings: SimulatorSettings) -> int:
-    """Serve a simulated fleet until Ctrl+C."""
+    """Serve a simulated fleet until Ctrl+C or SIGTERM."""
     sickness = settings.sickness
     if sum(sickness.counts(settings.servers)) > settings.servers:
         raise UsageError("--fail-fraction, --hang-fraction and --slow-fraction add up to more than the fleet")
-    try:
-        server = serve_simulator(settings)
-    except OSError as error:
-        raise UsageError("cannot listen on %s port %d: %s" % (settings.host, settings.port, error.strerror or error))
+    server = serve_simulator(settings)
     fail, hang, slow = sickness.counts(settings.servers)
     sick = ", ".join("%d %s" % (n, what) for n, what in ((fail, "answer HTTP 500"), (hang, "hang"),
                                                           (slow, "answer %g ms late" % sickness.slow_ms)) if n)
     say("%s: simulating %d servers%s, listening on %s (Ctrl+C to stop)"
-        % (PROG, settings.servers, " (%s)" % sick if sick else "", server.url))
-    try:
-        while True:
-            time.sleep(3600)
-    finally:  # Ctrl+C (130) and SIGTERM (143) reach main() as for any command
-        server.shutdown()
-        server.server_close()
+        % (program_name(), settings.servers, " (%s)" % sick if sick else "", server.url))
+    return serve_until_stopped(server)
 
 
 # ---------------------------------------------------------------------------
-# Argument parser and main()
+# Shell completion, generated from the parser itself so that it cannot drift from it
 # ---------------------------------------------------------------------------
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, "%s: error: %s (see '%s --help')\n" % (PROG, message, self.prog))
-
-    def _print_message(self, message: str, file: Any = None) -> None:
-        # Help and version to stdout, messages to stderr, through the one output path:
-        # `--help >/dev/full` is exit 74 with one line, `2>&-` is no crash.
-        if not message:
-            return
-        if file is sys.stdout and file is not None:
-            emit(message)
-        else:
-            say(message.rstrip("\n"))
-
-    def _check_value(self, action: argparse.Action, value: Any) -> None:
-        # argparse's own check, plus the closest choice: a typo'd command or sort key.
-        choices = action.choices
-        if choices is not None and isinstance(value, str) and value not in choices:
-            names = [str(choice) for choice in choices]
-            raise argparse.ArgumentError(action, "invalid choice: %r%s (choose from %s)" % (
-                sanitize(value), _suggestion(value, names), ", ".join(names)))
-        super()._check_value(action, value)
-
-
-def _seconds(text: str) -> float:
-    """A duration option: a positive number of seconds, at most MAX_SECONDS."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number" % text)
-    if not 0 < value <= MAX_SECONDS:  # written so that NaN fails too
-        raise argparse.ArgumentTypeError("%r must be a number of seconds above 0 and at most %d (a day)"
-                                         % (text, MAX_SECONDS))
-    return value
-
-
-def _float_in(low: float, high: float, what: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError("%r is not a number" % text)
-        if not low <= value <= high:  # written so that NaN fails too
-            raise argparse.ArgumentTypeError("%r must be %s from %.10g to %.10g" % (text, what, low, high))
-        return value
-    return parse
-
-
-def _interval(text: str) -> float:
-    value = _seconds(text)
-    if value < MIN_INTERVAL:
-        raise argparse.ArgumentTypeError("%r is below the minimum interval of %g s" % (text, MIN_INTERVAL))
-    return value
-
-
-def _int_in(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError("%r is not a whole number" % text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError("%r must be from %d to %d" % (text, low, high))
-        return value
-    return parse
-
-
-def _service_names(text: str) -> List[str]:
-    """--service and status's SERVICE: a name or shell-style pattern, or several, comma-separated."""
-    names = [name.strip() for name in text.split(",")]
-    if not all(names):
-        raise argparse.ArgumentTypeError("%r has an empty service name" % text)
-    return names
-
-
-def _status_names(text: str) -> List[str]:
-    """--status: healthy, unhealthy or unknown (any case), or several, comma-separated."""
-    names = [name.strip().lower() for name in text.split(",")]
-    for name in names:
-        if name not in STATUS_FILTERS:
-            raise argparse.ArgumentTypeError("unknown status %r%s (choose from %s)" % (
-                sanitize(name), _suggestion(name, STATUS_FILTERS), ", ".join(STATUS_FILTERS)))
-    return names
-
-
-def _shard(text: str) -> Shard:
-    """--shard K/N: slice K (1 to N) of N."""
-    match = re.match(r"([0-9]{1,6})/([0-9]{1,6})\Z", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError("%r is not K/N (shard K of N, such as 1/4)" % text)
-    index, count = int(match.group(1)), int(match.group(2))
-    if not 1 <= index <= count:
-        raise argparse.ArgumentTypeError("%r: K must be from 1 to N" % text)
-    return Shard(index, count)
-
-
-def _min_healthy_option(text: str) -> MinHealthy:
-    try:
-        minimum = parse_min_healthy(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error))
-    if isinstance(minimum, HealthyCount) and minimum.count < 1:
-        raise argparse.ArgumentTypeError("%r must be 1 or more" % text)
-    return minimum
-
-
-def _percent_option(text: str) -> float:
-    try:
-        return parse_percent(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a percentage from 0 to 100" % text)
-
-
-def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    """Global options; on subcommands their defaults are suppressed so either position works."""
-    def default(value: Any) -> Any:
-        return argparse.SUPPRESS if suppress else value
-
-    group = parser.add_argument_group("global options")
-    if suppress:  # the top parser has its own, above the global options
-        group.add_argument("--version", action="version", version=_version_line())
-    group.add_argument("--url", default=default(None),
-                       help="CPX API base URL (default: $CPX_URL, else %s)" % DEFAULT_URL)
-    group.add_argument("--timeout", type=_seconds, default=default(DEFAULT_TIMEOUT), metavar="SECONDS",
-                       help="per-request timeout, for its whole life: connect, headers, body "
-                            "(default %g)" % DEFAULT_TIMEOUT)
-    group.add_argument("--deadline", type=_seconds, default=default(None), metavar="SECONDS",
-                       help="time limit for a whole command (default %g); for track, for a sample's "
-                            "/servers and again for its reads (default: the interval, at least 1 s; a full "
-                            "read of the fleet gets %g s)"
-                       % (DEFAULT_DEADLINE, DEFAULT_DEADLINE))
-    group.add_argument("--retries", type=_int_in(0, 10), default=default(DEFAULT_RETRIES), metavar="N",
-                       help="retries of a failed request: connection errors, timeouts, "
-                            "HTTP 429/502/503/504 (default %d)" % DEFAULT_RETRIES)
-    group.add_argument("--workers", type=_int_in(1, 1024), default=default(DEFAULT_WORKERS), metavar="N",
-                       help="most requests in flight at once (default %d); how many are is adapted "
-                            "to the server's latency, and requests stuck on a hanging or slow "
-                            "instance stop counting, in up to N more threads" % DEFAULT_WORKERS)
-    group.add_argument("--concurrency", choices=("adaptive", "fixed"), default=default("adaptive"),
-                       help="adaptive (default) or fixed at --workers")
-    group.add_argument("--cpu-threshold", type=_percent_option, default=default(None), metavar="PCT",
-                       help="Unhealthy above this cpu, for every service (default: the policy's, else %g)"
-                            % DEFAULT_THRESHOLD)
-    group.add_argument("--mem-threshold", type=_percent_option, default=default(None), metavar="PCT",
-                       help="Unhealthy above this memory, for every service (default: the policy's, else %g)"
-                            % DEFAULT_THRESHOLD)
-    group.add_argument("--policy", metavar="FILE", default=default(None),
-                       help="the fleet's policy (INI): expected services, their minimum of healthy instances "
-                            "and thresholds (default: $CPX_POLICY; an option given beats the file)")
-    group.add_argument("--shard", metavar="K/N", type=_shard, default=default(None),
-                       help="read only slice K of N of the fleet (a stable hash of each IP), for N exporters "
-                            "whose outputs Prometheus sums")
-    group.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default=default("table"),
-                       help="output format (default table)")
-    group.add_argument("-q", "--quiet", action="store_true", default=default(False),
-                       help="hide warnings (errors always show)")
-    group.add_argument("--no-headers", action="store_true", default=default(False),
-                       help="no header row (table, csv) and no summary line under a table")
-    group.add_argument("--write", metavar="FILE", default=default(None),
-                       help="write the output to FILE atomically (temporary file, then rename), "
-                            "e.g. for node_exporter's textfile collector")
-    group.add_argument("--color", choices=COLOR_MODES, default=default("auto"),
-                       help="colour: auto (on a terminal, unless $NO_COLOR or TERM=dumb; the default), always "
-                            "(watch -c), or never; a --write file is never coloured")
-    group.add_argument("--no-color", dest="color", action="store_const", const="never", default=default("auto"),
-                       help="the same as --color never")
-    group.add_argument("-v", "--verbose", action="store_true", default=default(False),
-                       help="say on stderr how the fetch went (time, concurrency, retries)")
-
-
-def _version_line() -> str:
-    return "%s %s" % (os.path.basename(sys.argv[0]) or "cpx_devops.py", __version__)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: global options before or after a subcommand."""
-    formatter = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(prog=os.path.basename(sys.argv[0]) or "cpx_devops.py",
-                     description="See the health of a CPX fleet in seconds.",
-                     epilog="examples:\n"
-                            "  cpx_devops.py services --sort cpu\n"
-                            "  cpx_devops.py status UserService\n"
-                            "  cpx_devops.py unhealthy || page-oncall\n"
-                            "  cpx_devops.py track UserService -n 1\n"
-                            "  cpx_devops.py track                 (the whole fleet)\n"
-                            "  cpx_devops.py simulate --port 8080\n\n"
-                            + ENVIRONMENT_HELP + "\n" + EXIT_STATUS_HELP,
-                     formatter_class=formatter, allow_abbrev=False)
-    parser.add_argument("--version", action="version", version=_version_line())
-    _add_global_options(parser, suppress=False)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
-
-    def add(name: str, help_text: str, examples: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  epilog="examples:\n" + examples + "\n" + ENVIRONMENT_HELP + "\n" + EXIT_STATUS_HELP,
-                                  formatter_class=formatter, allow_abbrev=False)
-        _add_global_options(sub, suppress=True)
-        return sub
-
-    services = add("services", "every instance: IP, service, status, cpu, memory",
-                   "  cpx_devops.py services\n  cpx_devops.py services --service UserService --sort cpu\n"
-                   "  cpx_devops.py services -o csv > fleet.csv\n")
-    services.add_argument("--service", metavar="NAME", type=_service_names, action="append", default=[],
-                          help="only these services' instances: a name, a shell-style pattern ('Pay*'), "
-                               "comma-separated or repeated")
-    services.add_argument("--status", metavar="STATUS", type=_status_names, action="append", default=[],
-                          help="only instances in this status: healthy, unhealthy or unknown "
-                               "(comma-separated or repeated)")
-    services.add_argument("--sort", choices=SORT_KEYS, default="service",
-                          help="row order (default: service, then IP numerically; cpu/memory highest first)")
-
-    status = add("status", "per service: instances, healthy, average and maximum cpu and memory",
-                 "  cpx_devops.py status\n  cpx_devops.py status UserService -o json\n"
-                 "  cpx_devops.py status 'Pay*,Auth*' -o wide\n  cpx_devops.py status --sort cpu\n")
-    status.add_argument("service", nargs="*", type=_service_names, metavar="SERVICE",
-                        help="only these services: names or shell-style patterns, comma-separated or several")
-    status.add_argument("--sort", choices=SUMMARY_SORT_KEYS, default="service",
-                        help="row order (default: service; instances most first, healthy fewest first, "
-                             "cpu/memory highest average first)")
-
-    unhealthy = add("unhealthy", "services with fewer than N healthy instances (exit 1 if any)",
-                    "  cpx_devops.py unhealthy\n  cpx_devops.py unhealthy --min-healthy 3 -o json\n")
-    for snapshot_command in (services, status, unhealthy):
-        snapshot_command.add_argument("--reverse", action="store_true", help="the rows in the opposite order")
-        snapshot_command.add_argument("--strict", action="store_true",
-                                      help="partial data is a failure: exit %d after the output when any instance "
-                                           "could not be read (unhealthy: 1 when it flags)" % EXIT_PARTIAL)
-    unhealthy.add_argument("--min-healthy", type=_min_healthy_option, default=None, metavar="N|PCT%",
-                           help="flag services with fewer healthy instances than this, a count or a share of "
-                                "their instances (50%%%%), for every service (default: the policy's, else %d)"
-                                % DEFAULT_MIN_HEALTHY)
-
-    track = add("track", "a live view of one service, or of the whole fleet, until q or Ctrl+C",
-                "  cpx_devops.py track UserService\n  cpx_devops.py track UserService -n 0.5 -c 20 -o json\n"
-                "  cpx_devops.py track          (the whole fleet, a row per service)\n")
-    watched = track.add_mutually_exclusive_group()
-    watched.add_argument("service", nargs="?", metavar="SERVICE",
-                         help="the service to watch, a row per instance (default: the whole fleet)")
-    watched.add_argument("--all", action="store_true",
-                         help="the whole fleet, a row per service, worst first (the default without SERVICE)")
-    track.add_argument("-n", "--interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
-                       help="time between sample starts, %g or more (default %g)" % (MIN_INTERVAL, DEFAULT_INTERVAL))
-    track.add_argument("-c", "--count", type=_int_in(1, 10 ** 9), metavar="N", help="stop after N samples")
-    track.add_argument("--rediscover", type=_seconds, default=DEFAULT_REDISCOVER, metavar="SECONDS",
-                       help="re-read the whole fleet this often (default %g); /servers is checked every "
-                            "sample and new instances are read at once" % DEFAULT_REDISCOVER)
-
-    completion = commands.add_parser("completion", help="print a shell completion script (bash, zsh or fish)",
-                                     description="A completion script for your shell, made from this parser.",
-                                     epilog="examples:\n  source <(cpx_devops.py completion bash)\n"
-                                            "  cpx_devops.py completion fish > ~/.config/fish/completions/"
-                                            "cpx-devops.fish\n  make install   (installs the bash one)\n",
-                                     formatter_class=formatter, allow_abbrev=False)
-    completion.add_argument("shell", choices=SHELLS, help="the shell to complete for")
-
-    simulate = commands.add_parser("simulate", help="a CPX-compatible API server on loopback",
-                                   description="A CPX-compatible API server for demos and tests.",
-                                   epilog="examples:\n  cpx_devops.py simulate\n"
-                                          "  cpx_devops.py simulate --port 0 --servers 1000 --latency-ms 20\n"
-                                          "  cpx_devops.py simulate --latency-ms 20 --hang-fraction 0.07 "
-                                          "--slow-fraction 0.5\n\n" + SIMULATE_HELP,
-                                   formatter_class=formatter, allow_abbrev=False)
-    simulate.add_argument("--version", action="version", version=_version_line())
-    simulate.add_argument("--host", default="127.0.0.1",
-                          help="address to listen on (default 127.0.0.1; ::1 for IPv6)")
-    simulate.add_argument("--port", type=_int_in(0, 65535), default=8080,
-                          help="port (default 8080; 0 picks a free one)")
-    simulate.add_argument("--servers", type=_int_in(1, 1000000), default=150, help="fleet size (default 150)")
-    simulate.add_argument("--latency-ms", type=_float_in(0, 3600000, "milliseconds"), default=0.0, metavar="MS",
-                          help="delay before every answer (default 0)")
-    simulate.add_argument("--seed", type=int, default=None, help="random seed, for a reproducible fleet")
-    simulate.add_argument("--single-threaded", action="store_true",
-                          help="answer one request at a time with a listen backlog of 5, "
-                               "like the reference server")
-    simulate.add_argument("--fail-fraction", type=_float_in(0, 1, "a fraction"), default=0.0, metavar="F",
-                          help="this fraction of the instances answer HTTP 500 at once (default 0)")
-    simulate.add_argument("--hang-fraction", type=_float_in(0, 1, "a fraction"), default=0.0, metavar="F",
-                          help="this fraction never answer, until the client gives up (default 0)")
-    simulate.add_argument("--slow-fraction", type=_float_in(0, 1, "a fraction"), default=0.0, metavar="F",
-                          help="this fraction answer --slow-ms late (default 0); each fraction is at least "
-                               "one instance when above 0, and the seed picks which")
-    simulate.add_argument("--slow-ms", type=_float_in(0, 3600000, "milliseconds"), default=700.0, metavar="MS",
-                          help="how late the slow instances answer (default 700)")
-    return parser
-
-
-# Shell completion, generated from the parser itself so that it cannot drift from it.
 COMPLETED_NAMES = ("cpx-devops", "cpx_devops.py")  # what `make install` installs, and the file
 SHELLS = ("bash", "zsh", "fish")
 
 
-@dataclass
-class CompletedOption:
-    """One option as completion sees it: its spellings, and what its value is: a fixed
-    choice, a file, a service name, a value of the user's, or none (a flag)."""
-
-    spellings: Sequence[str]
-    value: str = "none"  # "choice", "file", "service", "other" or "none"
-    choices: Sequence[str] = ()
-
-
-@dataclass
-class CompletedCommand:
-    """What one command (\"\" for the program itself) completes: its options, and its
-    positional argument (fixed words, or "@services" for service names)."""
-
-    options: List[CompletedOption] = field(default_factory=list)
-    positional: Sequence[str] = ()
-
-
-def completion_table(parser: argparse.ArgumentParser) -> Dict[str, CompletedCommand]:
-    """Per command (and \"\" for the program), what to complete, read from the parser."""
-    def read(command_parser: argparse.ArgumentParser) -> CompletedCommand:
-        command = CompletedCommand()
-        for action in command_parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                command.positional = list(action.choices)
-            elif not action.option_strings:
-                command.positional = ([str(c) for c in action.choices] if action.choices
-                                      else ["@services"] if action.dest == "service" else [])
-            elif action.nargs == 0:
-                command.options.append(CompletedOption(action.option_strings))
-            elif action.choices or action.dest == "status":
-                choices = STATUS_FILTERS if action.dest == "status" else [str(c) for c in action.choices or ()]
-                command.options.append(CompletedOption(action.option_strings, "choice", choices))
+def completion_table(parser: Any) -> Dict[str, Tuple[List[Tuple[Sequence[str], Any]], Any]]:
+    """Per command ("" for the program): its options, as (spellings, what the value completes:
+    None for a flag, "file", "service", "other" or a tuple of words), and what its positional
+    argument completes (None, "service" or words). Read from the arguments the parser
+    recorded (see _Parser.add_argument)."""
+    def read(command: Any) -> Tuple[List[Tuple[Sequence[str], Any]], Any]:
+        options, positional = [], tuple(command.commands) or None
+        for action, completes, alias in command.arguments:
+            value = completes or (None if action.nargs == 0 else "other")
+            if alias:
+                continue
+            if action.option_strings:
+                options.append((action.option_strings, value))
             else:
-                value = {"write": "file", "policy": "file", "service": "service"}.get(action.dest, "other")
-                command.options.append(CompletedOption(action.option_strings, value))
-        return command
+                positional = value
+        return options, positional
 
     table = {"": read(parser)}
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            table.update((name, read(command_parser)) for name, command_parser in action.choices.items())
+    table.update((name, read(command)) for name, command in parser.commands.items())
     return table
 
 
@@ -4277,7 +3767,7 @@ _SHELL_PROLOGUES = {
              "    COMPREPLY=()\n"
              "    for ((i = 1; i < COMP_CWORD; i++)); do\n"
              "        case ${COMP_WORDS[i]} in %(commands)s) command=${COMP_WORDS[i]}; break;; esac\n"
-             "    done\n"),
+             "    done"),
     "zsh": ("# zsh completion for cpx_devops, made by `cpx_devops.py completion zsh` from its parser.\n"
             "# It needs zsh's completion system: 'autoload -Uz compinit && compinit' in ~/.zshrc, before it.\n"
             "if (( ! $+functions[compdef] )); then\n"
@@ -4300,43 +3790,44 @@ _SHELL_PROLOGUES = {
             "    local cur=${words[CURRENT]} prev=${words[CURRENT-1]} command= i\n"
             "    for ((i = 2; i < CURRENT; i++)); do\n"
             "        case ${words[i]} in %(commands)s) command=${words[i]}; break;; esac\n"
-            "    done\n"),
+            "    done"),
 }
-_SHELL_EPILOGUES = {"bash": "}\ncomplete -F _cpx_devops %(names)s\n", "zsh": "}\ncompdef _cpx_devops %(names)s\n"}
+_SHELL_EPILOGUES = {"bash": "}\ncomplete -F _cpx_devops %s\n", "zsh": "}\ncompdef _cpx_devops %s\n"}
 
 
-def _case_completion(table: Dict[str, CompletedCommand], shell: str) -> str:
+def _reply(value: Any) -> str:
+    """The shell function call that completes a value (bash and zsh name them alike)."""
+    return {"file": "_cpx_devops_files", "service": "_cpx_devops_services", "other": ":"}.get(
+        value) or "_cpx_devops_words " + " ".join(value)
+
+
+def _case_completion(table: Dict[str, Any], shell: str) -> str:
     """bash's or zsh's script: one function, shared but for the prologue, that completes an
     option's value by `command/previous word`, else the command's options or positional words."""
-    replies = {"file": "_cpx_devops_files", "service": "_cpx_devops_services", "other": ":"}
-    by_reply: Dict[str, List[Tuple[str, str]]] = OrderedDict()  # reply -> (command, option) pairs
+    by_reply: Dict[str, List[Tuple[str, str]]] = {}  # reply -> (command, option) pairs
     meanings: Dict[str, Set[str]] = {}  # option -> its replies in every command
-    for name, command in table.items():
-        for option in command.options:
-            if option.value != "none":
-                reply = replies.get(option.value) or "_cpx_devops_words " + " ".join(option.choices)
-                for spelling in option.spellings:
-                    by_reply.setdefault(reply, []).append((name, spelling))
-                    meanings.setdefault(spelling, set()).add(reply)
-    lines = [_SHELL_PROLOGUES[shell].rstrip("\n") % {"cache": "/".join(SERVICE_CACHE),
-                                        "commands": "|".join(name for name in table if name)},
-             '    case "$command/$prev" in']
+    for name, (options, _) in table.items():
+        for spellings, value in options:
+            for spelling in spellings if value is not None else ():
+                by_reply.setdefault(_reply(value), []).append((name, spelling))
+                meanings.setdefault(spelling, set()).add(_reply(value))
+    lines = [_SHELL_PROLOGUES[shell] % {"cache": "/".join(SERVICE_CACHE), "commands": "|".join(
+        name for name in table if name)}, '    case "$command/$prev" in']
     for reply, pairs in by_reply.items():  # an option that means one thing everywhere: */option
-        patterns = OrderedDict(("*/" + spelling if len(meanings[spelling]) == 1 else name + "/" + spelling, None)
-                               for name, spelling in pairs)
+        patterns = dict.fromkeys("*/" + spelling if len(meanings[spelling]) == 1 else name + "/" + spelling
+                                 for name, spelling in pairs)
         lines.append("        %s) %s; return;;" % ("|".join(patterns), reply))
     lines += ["    esac", '    case "$command" in']
-    for name, command in table.items():
-        options = "_cpx_devops_words " + " ".join(s for option in command.options for s in option.spellings)
-        positional = ("_cpx_devops_services" if list(command.positional) == ["@services"] else
-                      "_cpx_devops_words " + " ".join(command.positional))
-        lines.append("        '%s') %s;;" % (name, 'if [[ $cur == -* ]]; then %s; else %s; fi' % (
-            options, positional) if command.positional else options))
-    lines.append("    esac")
-    return "\n".join(lines) + "\n" + _SHELL_EPILOGUES[shell] % {"names": " ".join(COMPLETED_NAMES)}
+    for name, (options, positional) in table.items():
+        words = _reply(tuple(spelling for spellings, _ in options for spelling in spellings))
+        lines.append("        '%s') %s;;" % (name, "if [[ $cur == -* ]]; then %s; else %s; fi" % (
+            words, _reply(positional)) if positional else words))
+    return "\n".join(lines + ["    esac"]) + "\n" + _SHELL_EPILOGUES[shell] % " ".join(COMPLETED_NAMES)
 
 
-def _fish_completion(table: Dict[str, CompletedCommand]) -> str:
+def _fish_completion(table: Dict[str, Any]) -> str:
+    """fish's script: a `complete` line per option and per command's words; the program's own
+    options once, for every command that takes them all (the global options)."""
     lines = ["# fish completion for cpx_devops, made by `cpx_devops.py completion fish` from its parser.",
              "function __cpx_devops_services",
              "    set -l cache $HOME/.cache/%s" % "/".join(SERVICE_CACHE),
@@ -4345,57 +3836,356 @@ def _fish_completion(table: Dict[str, CompletedCommand]) -> str:
              "    set -q CPX_COMPLETE_LIVE; and $program -q status >/dev/null 2>&1",
              "    test -f $cache -a ! -L $cache -a -O $cache; or return",
              "    string match -rv -- '^$|^-|[[:cntrl:]]' <$cache",
-             "end"]
-    commands = [name for name in table if name]
-    for program in COMPLETED_NAMES:
-        lines.append("complete -c %s -f" % program)
-        for name, command in table.items():
-            condition = ("__fish_use_subcommand" if not name else "__fish_seen_subcommand_from %s" % name)
-            head = "complete -c %s -n '%s'" % (program, condition)
-            if not name:
-                lines.append("%s -a '%s'" % (head, " ".join(commands)))
-            elif list(command.positional) == ["@services"]:
-                lines.append("%s -a '(__cpx_devops_services)'" % head)
-            elif command.positional:
-                lines.append("%s -a '%s'" % (head, " ".join(command.positional)))
-            for option in command.options:
-                spec = head + "".join(" -l %s" % s[2:] if s.startswith("--") else " -s %s" % s[1:]
-                                      for s in option.spellings)
-                spec += {"choice": " -x -a '%s'" % " ".join(option.choices), "file": " -r -F",
-                         "service": " -x -a '(__cpx_devops_services)'", "other": " -x"}.get(option.value, "")
-                lines.append(spec)
-    return "\n".join(lines) + "\n"
+             "end",
+             "complete -c %s -f" % COMPLETED_NAMES[0]]
+    values = {"file": " -r -F", "service": " -x -a '(__cpx_devops_services)'", "other": " -x", None: ""}
+    shared = {tuple(spellings) for spellings, _ in table[""][0]}
+    others = [name for name, (options, _) in table.items() if name and not shared <= {tuple(s) for s, _ in options}]
+    for name, (options, positional) in table.items():
+        condition = ("not __fish_seen_subcommand_from " + " ".join(others) if not name else
+                     "__fish_seen_subcommand_from " + name)
+        head = "complete -c %s -n '%s'" % (COMPLETED_NAMES[0], condition)
+        if positional:
+            words = ("(__cpx_devops_services)",) if positional == "service" else positional
+            lines.append("complete -c %s -n '%s' -a '%s'" % (COMPLETED_NAMES[0], condition if name else
+                                                             "__fish_use_subcommand", " ".join(words)))
+        for spellings, value in options:
+            if not name or name in others or tuple(spellings) not in shared:
+                lines.append(head + "".join(" -l " + s[2:] if s.startswith("--") else " -s " + s[1:] for s in spellings)
+                             + values.get(value, " -x -a '%s'" % " ".join(value or ())))
+    return "\n".join(lines + ["complete -c %s -w %s" % (COMPLETED_NAMES[1], COMPLETED_NAMES[0])]) + "\n"
 
 
-def completion_script(shell: str, parser: argparse.ArgumentParser) -> str:
+def completion_script(shell: str, parser: Any) -> str:
     """The completion script for bash, zsh or fish."""
     table = completion_table(parser)
     return _fish_completion(table) if shell == "fish" else _case_completion(table, shell)
 
 
-def read_policy(path: str, source: str) -> Policy:
-    """The policy in a file (UTF-8 INI); UsageError, one line, when it cannot be read or is wrong.
-    Only a regular file is read: opened without blocking, so that a FIFO is refused at once."""
-    if not path:
-        raise UsageError("%s is empty: name a policy file" % source)
+# ---------------------------------------------------------------------------
+# The command line and main()
+# ---------------------------------------------------------------------------
+
+COMMAND_ALIASES = {"unhealthy-services": "unhealthy"}  # the original exercise's spellings, not in --help
+
+ENVIRONMENT = (
+    ("CPX_URL", "the CPX API's URL without --url (default %s)" % DEFAULT_URL),
+    ("CPX_POLICY", "the policy file without --policy"),
+    ("CPX_COMPLETE_LIVE", "set: completion runs `status` at each Tab for names"),
+    ("NO_COLOR", "set and not empty: no colour with --color auto"),
+    ("TERM", "dumb: no colour with --color auto, and no live screen"),
+    ("XDG_CACHE_HOME", "where names are kept for completion (else ~/.cache)"),
+    ("COLUMNS, LINES", "track's screen size, when the terminal does not tell"),
+    ("http_proxy...", "urllib's proxies: http_proxy, https_proxy, no_proxy"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with: a usage error in one line (exit 2), a closest choice suggested; help and
+    messages through the tool's own output path (`--help >/dev/full` is exit 74, `2>&-` no
+    crash); and a record of each argument and command for shell completion (argparse keeps
+    its own list private)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.arguments: List[Tuple[argparse.Action, Any, bool]] = []  # (action, what its value completes, alias)
+        self.commands: Dict[str, "_Parser"] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, completes: Any = None, alias: bool = False, **kwargs: Any) -> Any:
+        """argparse's, and the argument recorded: what its value completes (its choices unless
+        said), and whether it is an alias (the original exercise's spellings: typed, not offered)."""
+        action = super().add_argument(*args, **kwargs)
+        self.arguments.append((action, completes or tuple(str(c) for c in action.choices or ()) or None, alias))
+        return action
+
+    def spellings(self) -> List[str]:
+        """Every option string this parser takes."""
+        return [spelling for action, _, _ in self.arguments for spelling in action.option_strings]
+
+    def add_command(self, commands: Any, name: str, help_text: str, examples: str, alias: bool = False) -> "_Parser":
+        """A subcommand: its help is what it takes, and a line pointing to the program's help."""
+        epilog = "examples:\n%s\nThe global options and the exit statuses: %s --help" % (
+            "".join("  %(prog)s " + example + "\n" for example in examples.split("\n")), self.prog)
+        kwargs = {} if alias else {"help": help_text}
+        command = commands.add_parser(name, description=help_text, epilog=epilog, allow_abbrev=False,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        command.add_argument("--version", action=_Version, help=argparse.SUPPRESS)
+        if not alias:
+            self.commands[name] = command
+        return command
+
+    def format_help(self) -> str:
+        """argparse's help; the program's own ends with the environment and the exit statuses."""
+        text = super().format_help()
+        if self.commands:
+            import textwrap
+
+            text += "\nenvironment:\n" + "".join("  %-18s %s\n" % pair for pair in ENVIRONMENT) + "\nexit status:\n"
+            for code, meaning in EXIT_STATUSES:
+                text += "\n".join(textwrap.wrap(meaning.replace("`", ""), 79, initial_indent="  %-5d" % code,
+                                                subsequent_indent=" " * 7)) + "\n"
+        return text
+
+    def print_help(self, file: Any = None) -> None:
+        emit(self.format_help())
+
+    def exit(self, status: int = 0, message: Optional[str] = None) -> NoReturn:
+        if message:
+            say(message.rstrip("\n"))
+        sys.exit(status)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, "%s: error: %s (see '%s --help')" % (program_name(), message, self.prog))
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # argparse's own check, plus the closest choice: a typo'd command or sort key. A private
+        # method: argparse has no public hook for this before 3.14's suggest_on_error.
+        choices = [str(choice) for choice in action.choices or () if choice not in COMMAND_ALIASES]
+        if action.choices is not None and value not in action.choices:
+            raise argparse.ArgumentError(action, "invalid choice: %r%s (choose from %s)" % (
+                sanitize(value), _suggestion(value, choices), ", ".join(choices)))
+
+
+class _Version(argparse.Action):
+    """--version: the program's name and version on stdout, exit 0."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 help: str = "show the version and exit", **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, help=help, default=argparse.SUPPRESS)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Optional[str] = None) -> None:
+        emit("%s %s\n" % (os.path.basename(sys.argv[0]) or "cpx_devops.py", __version__))
+        parser.exit()
+
+
+def _number(kind: Callable[[str], Any], low: Any, high: Any, what: str) -> Callable[[str], Any]:
+    """An option's type: a number of this kind from low to high (NaN refused)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not %s" % (text, "a whole number" if kind is int else "a number"))
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError("%r must be %s from %g to %g" % (text, what, low, high))
+        return value
+    return parse
+
+
+_seconds = _number(float, 0.001, MAX_SECONDS, "a number of seconds")
+_interval = _number(float, MIN_INTERVAL, MAX_SECONDS, "a number of seconds")
+
+
+def _names(choices: Optional[Sequence[str]] = None) -> Callable[[str], List[str]]:
+    """An option's type: names (or shell-style patterns) separated by commas; with choices,
+    each one of them, in any case."""
+    def parse(text: str) -> List[str]:
+        names = [name.strip() for name in text.split(",")]
+        if not all(names):
+            raise argparse.ArgumentTypeError("%r has an empty name" % text)
+        for name in names if choices else ():
+            if name.lower() not in choices:
+                raise argparse.ArgumentTypeError("unknown status %r%s (choose from %s)" % (
+                    sanitize(name), _suggestion(name.lower(), choices), ", ".join(choices)))
+        return [name.lower() for name in names] if choices else names
+    return parse
+
+
+def _shard(text: str) -> Shard:
+    """--shard K/N: slice K (1 to N) of N."""
+    match = re.match(r"([0-9]{1,6})/([0-9]{1,6})\Z", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError("%r is not K/N (shard K of N, such as 1/4)" % text)
+    if not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise argparse.ArgumentTypeError("%r: K must be from 1 to N" % text)
+    return Shard(int(match.group(1)), int(match.group(2)))
+
+
+def _min_healthy_option(text: str) -> Any:
     try:
-        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        kind = file_kind(os.fstat(descriptor).st_mode)
-        if kind:
-            os.close(descriptor)
-            raise UsageError("cannot read policy %s: it is %s, not a regular file" % (sanitize(path), kind))
-        with os.fdopen(descriptor, "rb") as stream:
-            data = stream.read(POLICY_SIZE_CAP + 1)
-    except OSError as error:
-        raise UsageError("cannot read policy %s: %s" % (sanitize(path), error.strerror or error))
-    if len(data) > POLICY_SIZE_CAP:
-        raise UsageError("policy %s: more than %s; is it the right file?" % (sanitize(path), _size(POLICY_SIZE_CAP)))
+        minimum = parse_min_healthy(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error))
+    if isinstance(minimum, HealthyCount) and minimum.count < 1:
+        raise argparse.ArgumentTypeError("%r must be 1 or more" % text)
+    return minimum
+
+
+def _percent_option(text: str) -> float:
     try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = len(_POLICY_LINE_ENDS.split(data[:error.start].decode("ascii", "replace")))
-        raise UsageError("policy %s, line %d: not UTF-8 text" % (sanitize(path), line))
-    return parse_policy(text, path)
+        return parse_percent(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a percentage from 0 to 100" % text)
+
+
+def _listen(text: str) -> Tuple[str, int]:
+    """--listen HOST:PORT, [IPV6]:PORT or :PORT (every interface)."""
+    match = re.match(r"(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]*)):([0-9]{1,5})\Z", text.strip())
+    if not match or int(match.group(3)) > 65535:
+        raise argparse.ArgumentTypeError("%r is not HOST:PORT, [IPV6]:PORT or :PORT (a port from 0 to 65535)"
+                                         % sanitize(text))
+    return match.group(1) or match.group(2) or "", int(match.group(3))
+
+
+def _add_global_options(parser: _Parser, on_command: bool) -> None:
+    """The global options, on the program and on each command that reads CPX, so that either
+    position works; on a command, out of its help and its defaults (the program's stand)."""
+    def add(*args: Any, **kwargs: Any) -> None:
+        if on_command:
+            kwargs.update(help=argparse.SUPPRESS, default=argparse.SUPPRESS)
+        parser.add_argument(*args, **kwargs)
+
+    add("--url", help="CPX API base URL (default: $CPX_URL, else %s)" % DEFAULT_URL)
+    add("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+        help="per-request timeout, for its whole life (default %g)" % DEFAULT_TIMEOUT)
+    add("--deadline", type=_seconds, metavar="SECONDS",
+        help="time limit for a command (default %g); for track, for a sample's /servers and again for its reads "
+             "(default: the interval, at least 1 s); for serve, at most this per scrape" % DEFAULT_DEADLINE)
+    add("--retries", type=_number(int, 0, 10, "a count"), default=DEFAULT_RETRIES, metavar="N",
+        help="retries of a failed request: connection errors, timeouts, HTTP 429/502/503/504 (default %d)"
+             % DEFAULT_RETRIES)
+    add("--workers", type=_number(int, 1, 1024, "a count"), default=DEFAULT_WORKERS, metavar="N",
+        help="most requests in flight at once (default %d), adapted to the server's latency" % DEFAULT_WORKERS)
+    add("--concurrency", choices=("adaptive", "fixed"), default="adaptive",
+        help="adaptive (default) or fixed at --workers")
+    add("--cpu-threshold", type=_percent_option, metavar="PCT",
+        help="Unhealthy above this cpu, for every service (default: the policy's, else %g)" % DEFAULT_THRESHOLD)
+    add("--mem-threshold", type=_percent_option, metavar="PCT",
+        help="Unhealthy above this memory, for every service (default: the policy's, else %g)" % DEFAULT_THRESHOLD)
+    add("--policy", metavar="FILE", completes="file",
+        help="the fleet's policy (INI): expected services, minimums, thresholds (default: $CPX_POLICY)")
+    add("--shard", metavar="K/N", type=_shard, help="read only slice K of N of the fleet, for N exporters")
+    add("-o", "--output", choices=OUTPUT_FORMATS, default="table", help="output format (default table)")
+    add("-q", "--quiet", action="store_true", help="hide warnings (errors always show)")
+    add("--no-headers", action="store_true", help="no header row (table, csv) and no line under a table")
+    add("--write", metavar="FILE", completes="file",
+        help="write the output to FILE atomically (temporary file, then rename)")
+    add("--color", choices=COLOR_MODES, default="auto",
+        help="colour: auto (on a terminal; the default), always (watch -c), or never")
+    add("--no-color", dest="color", action="store_const", const="never", help="the same as --color never")
+    add("-v", "--verbose", action="store_true", help="say on stderr how the fetch went (time, concurrency, retries)")
+    parser.add_argument("--cp-url", dest="url", alias=True, help=argparse.SUPPRESS,
+                        **({"default": argparse.SUPPRESS} if on_command else {}))
+
+
+def build_parser() -> _Parser:
+    """The command line: global options before or after a command."""
+    parser = _Parser(prog=os.path.basename(sys.argv[0]) or "cpx_devops.py", allow_abbrev=False,
+                     description="See the health of a CPX fleet in seconds.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="examples:\n" + "".join("  %(prog)s " + line + "\n" for line in (
+                         "services --sort cpu", "status UserService", "unhealthy || page-oncall",
+                         "track UserService -n 1", "track                  (the whole fleet)", "serve",
+                         "simulate --port 8080")))
+    parser.add_argument("--version", action=_Version)
+    _add_global_options(parser, on_command=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    def add(name: str, help_text: str, examples: str, alias: bool = False) -> _Parser:
+        command = parser.add_command(commands, name, help_text, examples, alias)
+        _add_global_options(command, on_command=True)
+        return command
+
+    services = add("services", "every instance: IP, service, status, cpu, memory",
+                   "--service UserService --sort cpu\n-o csv > fleet.csv\n--status unhealthy,unknown")
+    services.add_argument("--service", metavar="NAME", type=_names(), action="append", default=[], completes="service",
+                          help="only these services' instances: names or shell-style patterns ('Pay*'), "
+                               "comma-separated or repeated")
+    services.add_argument("--status", metavar="STATUS", type=_names(STATUS_FILTERS), action="append", default=[],
+                          completes=STATUS_FILTERS, help="only instances in this status: healthy, unhealthy or "
+                                                         "unknown (comma-separated or repeated)")
+    services.add_argument("--sort", choices=SORT_KEYS, default="service",
+                          help="row order (default: service, then IP; cpu/memory highest first)")
+
+    status = add("status", "per service: instances, healthy, average and maximum cpu and memory",
+                 "UserService -o json\n'Pay*,Auth*' -o wide\n--sort cpu")
+    status.add_argument("service", nargs="*", type=_names(), metavar="SERVICE", completes="service",
+                        help="only these services: names or shell-style patterns, comma-separated or several")
+    status.add_argument("--service", dest="named", type=_names(), action="append", default=[], alias=True,
+                        help=argparse.SUPPRESS)
+    status.add_argument("--sort", choices=SUMMARY_SORT_KEYS, default="service",
+                        help="row order (default: service; instances most first, healthy fewest first, "
+                             "cpu/memory highest average first)")
+
+    for name, alias in (("unhealthy", False), ("unhealthy-services", True)):
+        unhealthy = add(name, "services with fewer healthy instances than their minimum, or expected and missing "
+                              "(exit 1 if any)", "--min-healthy 3 -o json\n--policy fleet.ini", alias)
+        unhealthy.add_argument("--min-healthy", type=_min_healthy_option, metavar="N|PCT%",
+                               help="the minimum for every service, a count or a share of its instances "
+                                    "(50%%%%) (default: the policy's, else %d)" % DEFAULT_MIN_HEALTHY)
+    for command in (services, status, unhealthy, parser.commands["unhealthy"]):
+        command.add_argument("--reverse", action="store_true", help="the rows in the opposite order")
+        command.add_argument("--strict", action="store_true", help="partial data is a failure: exit %d after "
+                                                                   "the output if any instance was unreadable"
+                                                                   % EXIT_PARTIAL)
+
+    track = add("track", "a live view of one service, or of the whole fleet, until q or Ctrl+C",
+                "UserService\nUserService -n 0.5 -c 20 -o json\n--all          (the whole fleet, a row per service)")
+    watched = track.add_mutually_exclusive_group()
+    track.arguments.append((watched.add_argument("service", nargs="?", metavar="SERVICE", help=(
+        "the service to watch, a row per instance (default: the whole fleet)")), "service", False))
+    track.arguments.append((watched.add_argument("--all", action="store_true", help=(
+        "the whole fleet, a row per service, worst first (the default without SERVICE)")), None, False))
+    track.add_argument("-n", "--interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
+                       help="time between sample starts, %g or more (default %g)" % (MIN_INTERVAL, DEFAULT_INTERVAL))
+    track.add_argument("-c", "--count", type=_number(int, 1, 10 ** 9, "a count"), metavar="N",
+                       help="stop after N samples")
+    track.add_argument("--rediscover", type=_seconds, default=DEFAULT_REDISCOVER, metavar="SECONDS",
+                       help="re-read the whole fleet this often (default %g); /servers is checked every sample"
+                            % DEFAULT_REDISCOVER)
+
+    serve = add("serve", "a Prometheus exporter: reads the fleet at each scrape of /metrics",
+                "\n--listen :%d --policy /etc/cpx/policy.ini\n--listen 127.0.0.1:0     (a free port)" % SERVE_PORT)
+    serve.add_argument("--listen", type=_listen, default=("127.0.0.1", SERVE_PORT), metavar="HOST:PORT",
+                       help="where to listen (default 127.0.0.1:%d, loopback only; :PORT for every interface)"
+                            % SERVE_PORT)
+    serve.add_argument("--min-interval", type=_number(float, 0, MAX_SECONDS, "a number of seconds"), default=0.0,
+                       metavar="SECONDS", help="serve the last read to scrapes this close to its start (default 0: "
+                                               "every scrape reads, or shares the read in flight)")
+
+    completion = parser.add_command(commands, "completion", "print a shell completion script (bash, zsh or fish)",
+                                    "bash > ~/.local/share/bash-completion/completions/cpx-devops\n"
+                                    "fish > ~/.config/fish/completions/cpx-devops.fish")
+    completion.add_argument("shell", choices=SHELLS, help="the shell to complete for")
+
+    simulate = parser.add_command(commands, "simulate", "a CPX-compatible API server on loopback, for demos and "
+                                                        "tests", "--port 0 --servers 1000 --latency-ms 20\n"
+                                                                 "--latency-ms 20 --hang-fraction 0.07 --slow-fraction 0.5")
+    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; ::1 for IPv6)")
+    simulate.add_argument("--port", type=_number(int, 0, 65535, "a port"), default=8080,
+                          help="port (default 8080; 0 picks a free one)")
+    simulate.add_argument("--servers", type=_number(int, 1, 10 ** 6, "a count"), default=150,
+                          help="fleet size (default 150)")
+    simulate.add_argument("--latency-ms", type=_number(float, 0, 3600000, "milliseconds"), default=0.0, metavar="MS",
+                          help="delay before every answer (default 0)")
+    simulate.add_argument("--seed", type=int, help="random seed, for a reproducible fleet")
+    simulate.add_argument("--single-threaded", action="store_true",
+                          help="answer one request at a time with a listen backlog of 5, like the reference server")
+    for kind, what in (("fail", "answer HTTP 500 at once"), ("hang", "never answer, until the client gives up"),
+                       ("slow", "answer --slow-ms late")):
+        simulate.add_argument("--%s-fraction" % kind, type=_number(float, 0, 1, "a fraction"), default=0.0,
+                              metavar="F", help="this fraction of the instances %s (default 0)" % what)
+    simulate.add_argument("--slow-ms", type=_number(float, 0, 3600000, "milliseconds"), default=700.0, metavar="MS",
+                          help="how late the slow instances answer (default 700)")
+    return parser
+
+
+def _unknown_option(parser: _Parser, argv: Sequence[str]) -> Optional[str]:
+    """The first option before the command that the program does not take, or None: argparse
+    reads one as a value (`--bogus http://x status` is "invalid choice: 'http://x'")."""
+    takes = {s: action for action, _, _ in parser.arguments for s in action.option_strings}
+    value_next = False
+    for word in argv:
+        if value_next:
+            value_next = False
+        elif word in parser.commands or word in COMMAND_ALIASES or word == "--":
+            return None
+        elif word.startswith("-") and word != "-":
+            action = takes.get(word.split("=", 1)[0]) or takes.get(word[:2])
+            if action is None:
+                return word
+            value_next = action.nargs != 0 and word in action.option_strings
+    return None
 
 
 def use_color(stream: Any, mode: str, environ: Dict[str, str]) -> bool:
@@ -4419,46 +4209,22 @@ def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Opti
     cache_home = environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(cache_home):  # as the XDG spec says: a relative one is ignored
         cache_home = os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
-    policy_file = args.policy if args.policy is not None else environ.get("CPX_POLICY") or None
-    policy = read_policy(policy_file, "--policy" if args.policy is not None else "$CPX_POLICY") if policy_file \
-        is not None else Policy()
-    policy = policy.overridden(args.cpu_threshold, args.mem_threshold, getattr(args, "min_healthy", None))
-    return Options(url=url, authorization=authorization, timeout=args.timeout,
-                   deadline=args.deadline if args.deadline is not None else DEFAULT_DEADLINE,
+    policy = Policy()
+    if args.policy is not None or environ.get("CPX_POLICY"):
+        policy = read_policy(args.policy if args.policy is not None else environ["CPX_POLICY"],
+                             "--policy" if args.policy is not None else "$CPX_POLICY")
+    return Options(url=url, authorization=authorization, timeout=args.timeout, deadline=args.deadline,
                    retries=args.retries, workers=args.workers, adaptive=args.concurrency == "adaptive",
-                   policy=policy, shard=args.shard,
-                   output=args.output, quiet=args.quiet, verbose=args.verbose,
+                   policy=policy.overridden(args.cpu_threshold, args.mem_threshold, getattr(args, "min_healthy", None)),
+                   shard=args.shard, output=args.output, quiet=args.quiet, verbose=args.verbose,
                    # Never colour a file: --write's codes would be read by a collector, not a terminal.
-                   color=args.write is None and use_color(sys.stdout, args.color, environ),
-                   interactive=interactive,
+                   color=args.write is None and use_color(sys.stdout, args.color, environ), interactive=interactive,
                    headers=not args.no_headers, write=args.write,
                    service_cache=os.path.join(cache_home, *SERVICE_CACHE)
                    if interactive or environ.get("CPX_COMPLETE_LIVE") else None)
 
 
-COMMANDS = {"services": cmd_services, "status": cmd_status, "unhealthy": cmd_unhealthy}
-
-
-def simulator_settings(args: argparse.Namespace) -> SimulatorSettings:
-    """simulate's settings record, from parsed arguments."""
-    return SimulatorSettings(args.host, args.port, args.servers, args.latency_ms, args.seed, args.single_threaded,
-                             Sickness(args.fail_fraction, args.hang_fraction, args.slow_fraction, args.slow_ms))
-
-
-def snapshot_settings(args: argparse.Namespace) -> SnapshotSettings:
-    """A snapshot command's settings record, from parsed arguments."""
-    def flat(lists: Sequence[Sequence[str]]) -> Tuple[str, ...]:
-        return tuple(name for names in lists for name in names)
-
-    return SnapshotSettings(services=flat(getattr(args, "service", None) or ()),
-                            statuses=flat(getattr(args, "status", None) or ()),
-                            sort=getattr(args, "sort", "service"), reverse=args.reverse, strict=args.strict)
-
-
-def track_settings(args: argparse.Namespace) -> TrackSettings:
-    """track's settings record, from parsed arguments."""
-    return TrackSettings(service=args.service, interval=args.interval, count=args.count,
-                         rediscover=args.rediscover, deadline=args.deadline)
+REPORTS = {"services": InstancesReport, "status": SummariesReport, "unhealthy": FlaggedReport}
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -4466,26 +4232,41 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse, build the options and run one command; exceptions are left to main()."""
+    """Parse, build the settings of the command asked for, and run it; exceptions are left to main()."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "simulate":
-        return cmd_simulate(simulator_settings(args))
-    if args.command == "completion":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    unknown = _unknown_option(parser, argv)
+    if unknown is not None:
+        parser.error("unrecognized arguments: %s%s" % (unknown, _suggestion(unknown, parser.spellings())))
+    args, extras = parser.parse_known_args(argv)
+    command = COMMAND_ALIASES.get(args.command, args.command)
+    if extras:
+        parser.error("unrecognized arguments: %s%s" % (" ".join(extras), _suggestion(
+            extras[0], parser.commands[command].spellings())))
+    if command == "simulate":
+        return cmd_simulate(SimulatorSettings(args.host, args.port, args.servers, args.latency_ms, args.seed,
+                                              args.single_threaded, Sickness(args.fail_fraction, args.hang_fraction,
+                                                                             args.slow_fraction, args.slow_ms)))
+    if command == "completion":
         emit(completion_script(args.shell, parser))
         return EXIT_OK
     options = options_from_args(args, dict(os.environ))
-    settings = track_settings(args) if args.command == "track" else None
-    if options.write is not None and settings is None:
+    if command == "serve":
+        return cmd_serve(options, ServeSettings(args.listen[0], args.listen[1], args.min_interval))
+    if options.write is not None and command != "track":
         check_writable(options.write)
     elif sys.stdout is None:
         raise UsageError("stdout is closed (>&-): nowhere to write the output; use --write FILE")
     client = CpxClient(options)
     interrupted = False
     try:
-        if settings is not None:
-            return cmd_track(client, options, settings)
-        return COMMANDS[args.command](client, options, snapshot_settings(args))
+        if command == "track":
+            return cmd_track(client, options, TrackSettings(args.service, args.interval, args.count, args.rediscover))
+        services = [name for names in args.service + getattr(args, "named", []) for name in names] \
+            if command != "unhealthy" else []
+        return cmd_snapshot(REPORTS[command], client, options, SnapshotSettings(
+            tuple(services), tuple(s for names in getattr(args, "status", ()) for s in names),
+            getattr(args, "sort", "service"), args.reverse, args.strict))
     except (KeyboardInterrupt, Terminated):
         # Left open: the process ends at once (os._exit), and an interrupt that lands
         # inside one of the pool's `with lock:` blocks can leave that lock held
@@ -4499,28 +4280,28 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 
 def _quiet_stdout() -> None:
     """Point stdout at /dev/null, so that the interpreter's final flush is quiet too."""
-    if sys.stdout is not None:
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The program: one line on stderr for any failure, an exit status from the contract."""
+    name = program_name()
     try:
         if signal.getsignal(signal.SIGINT) is _interrupted_at_start:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # start-up is over
         signal.signal(signal.SIGTERM, _on_sigterm)
         return run(argv)
     except UsageError as error:
-        say("%s: error: %s" % (PROG, error))
+        say("%s: error: %s" % (name, error))
         return EXIT_USAGE
     except CpxUnavailable as error:
-        say("%s: error: %s%s" % (PROG, error.prefix, error))
+        say("%s: error: %s%s" % (name, error.prefix, error))
         return EXIT_UNAVAILABLE
     except OutputFailed as error:
-        say("%s: error: %s" % (PROG, error))
+        say("%s: error: %s" % (name, error))
         _quiet_stdout()
         return EXIT_OUTPUT
     except KeyboardInterrupt:
@@ -4532,7 +4313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_BROKEN_PIPE
 
 
-def _exit(code: int) -> None:
+def _exit(code: int) -> NoReturn:
     """Exit now: requests still in flight must not hold the process (Ctrl+C, deadline)."""
     try:
         if sys.stdout is not None:
