@@ -56,12 +56,14 @@ EXIT_TERMINATED = 143
 EXIT_STATUSES = (
     (EXIT_OK, "success; for `unhealthy`, no service flagged"),
     (EXIT_FLAGGED, "`unhealthy` flagged at least one service (under its minimum, or expected and missing)"),
-    (EXIT_USAGE, "usage error: a bad option or value, an unknown service or command, a URL that cannot be "
-                 "requested, a `--write` FILE that cannot be written, a policy file that cannot be read or is "
-                 "wrong, stdout closed without `--write`, an address `serve` or `simulate` cannot listen on"),
+    (EXIT_USAGE, "usage error: a bad option or value, an unknown service or command, a URL that "
+                 "cannot be requested, a `--write` FILE that cannot be written, a policy file that "
+                 "cannot be read or is wrong, stdout closed without `--write`, an address `serve` or "
+                 "`simulate` cannot listen on"),
     (EXIT_UNAVAILABLE, "CPX unavailable: the server list could not be read or lists no instance, no instance "
                        "could be read, or none of the service asked for while some could not be read"),
-    (EXIT_PARTIAL, "`--strict` and some instance could not be read: the output was printed, from partial data"),
+    (EXIT_PARTIAL, "`--strict` and some instance could not be read: the output was printed, from partial "
+                   "data"),
     (EXIT_OUTPUT, "the output could not be written: stdout or the `--write` FILE failed (a full disk, say)"),
     (EXIT_INTERRUPTED, "interrupted by Ctrl+C (`track` exits 0: Ctrl+C is how it stops)"),
     (EXIT_BROKEN_PIPE, "stdout closed early, as for any Unix tool killed by SIGPIPE (`| head`)"),
@@ -107,14 +109,12 @@ COLOR_MODES = ("auto", "always", "never")
 
 class CpxUnavailable(Exception):
     """CPX cannot be used at all: main() prints one line and exits 3."""
-
     prefix = "CPX unavailable: "
 
 
 class ServiceUnreadable(CpxUnavailable):
     """No readable instance has the service asked for, but some could not be read: exit 3, not
     a usage error, since during an incident the service may well be among them."""
-
     prefix = ""
 
 
@@ -145,7 +145,6 @@ def program_name() -> str:
 class Instance(NamedTuple):
     """One instance as read from CPX: error says why it could not be read, and answered whether
     it sent JSON at all (an answer, valid or not, rather than a failure)."""
-
     ip: str
     service: Optional[str] = None
     cpu: Optional[float] = None
@@ -161,7 +160,6 @@ class Instance(NamedTuple):
 
 class ServiceSummary(NamedTuple):
     """Per-service aggregate; service is None for the instances of unknown service."""
-
     service: Optional[str]
     instances: int
     healthy: int
@@ -175,7 +173,6 @@ class ServiceSummary(NamedTuple):
 
 class Snapshot(NamedTuple):
     """One read of the whole fleet, how long it took, and when it started (ISO 8601, UTC)."""
-
     instances: List[Instance]
     seconds: float
     started: str = ""
@@ -183,7 +180,6 @@ class Snapshot(NamedTuple):
 
 class ServerList(NamedTuple):
     """The fleet as /servers listed it: valid IPs once each, and what was refused."""
-
     ips: List[str]
     rejected: List[Any]
     duplicates: int
@@ -237,7 +233,6 @@ def address_key(entry: Any) -> Optional[Any]:
         octet = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
         return entry if re.match(r"%s(?:\.%s){3}\Z" % (octet, octet), entry) else None
     import socket
-
     try:
         return socket.inet_pton(socket.AF_INET6, entry)
     except (OSError, ValueError):
@@ -279,7 +274,6 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
     if not value or not value.isascii():  # an HTTP date is ASCII
         return None
     from email.utils import parsedate_to_datetime
-
     try:
         moment = parsedate_to_datetime(value)
         return max(0.0, moment.timestamp() - (time.time() if now is None else now))
@@ -292,14 +286,12 @@ def shard_of(ip: str, count: int) -> int:
     same on every machine and Python (hash() is salted per process), and about count-th each."""
     import hashlib
     import ipaddress
-
     digest = hashlib.sha256(ipaddress.ip_address(ip).compressed.encode("ascii")).digest()
     return int.from_bytes(digest[:8], "big") % count + 1
 
 
 class Shard(NamedTuple):
     """--shard K/N: this run reads only the instances of slice K (from 1) of N."""
-
     index: int
     count: int
 
@@ -318,7 +310,6 @@ class Shard(NamedTuple):
 
 class HealthyCount(NamedTuple):
     """A fixed minimum of healthy instances: '3'."""
-
     count: int
 
     def required(self, instances: int) -> int:
@@ -333,7 +324,6 @@ class HealthyShare(NamedTuple):
     """A share of the service's instances, rounded up as a PodDisruptionBudget's minAvailable
     is: '50%' of 3 instances is 2. Kept as the exact decimal written (a Fraction): 7% of 100
     is 7, where floats make it 8."""
-
     percent: Any  # a fractions.Fraction, 0 to 100
 
     def required(self, instances: int) -> int:
@@ -351,7 +341,6 @@ class HealthyShare(NamedTuple):
 
 class ExpectedService(NamedTuple):
     """A service a policy expects, and what it asks of it beyond the policy's defaults."""
-
     name: str
     min_healthy: Any = None  # a HealthyCount or HealthyShare, None for the policy's
     instances: Optional[int] = None  # how many it should have: a share's base, when above those seen
@@ -363,7 +352,6 @@ class Policy(NamedTuple):
     """What the fleet should look like: thresholds and a minimum of healthy instances for every
     service, with exceptions for the services it expects (a --policy file; without one, the
     defaults). The one place that says which thresholds and minimum a service has."""
-
     cpu: float = DEFAULT_THRESHOLD
     memory: float = DEFAULT_THRESHOLD
     min_healthy: Any = HealthyCount(DEFAULT_MIN_HEALTHY)
@@ -463,7 +451,7 @@ def parse_policy(text: str, source: str) -> Policy:
         if stripped[0] == "[":
             end = re.search(r"\]\s*(?:[#;]|\Z)", stripped)  # the first ']' that only a comment follows
             if end is None:
-                fail(number, "a [section] line ends with its ']', and only a comment may follow: %s" % stripped)
+                fail(number, "a [section] line ends with its ']', then a comment at most: %s" % stripped)
             section = stripped[1:end.start()]
             if section in sections:
                 fail(number, "[%s] is there twice" % section)
@@ -507,8 +495,10 @@ def parse_policy(text: str, source: str) -> Policy:
     services = {name[len("service:"):]: ExpectedService(
         name[len("service:"):], v.get("min_healthy"), v.get("instances"), v.get("cpu_threshold"),
         v.get("memory_threshold")) for name, v in read.items()}
-    return Policy(defaults.get("cpu_threshold", DEFAULT_THRESHOLD), defaults.get("memory_threshold", DEFAULT_THRESHOLD),
-                  defaults.get("min_healthy", HealthyCount(DEFAULT_MIN_HEALTHY)), MappingProxyType(services), source)
+    default = Policy()
+    return Policy(defaults.get("cpu_threshold", default.cpu), defaults.get("memory_threshold",
+                  default.memory), defaults.get("min_healthy", default.min_healthy), MappingProxyType(services),
+                  source)
 
 
 def read_policy(path: str, source: str) -> Policy:
@@ -527,7 +517,7 @@ def read_policy(path: str, source: str) -> Policy:
     except OSError as error:
         raise UsageError("cannot read policy %s: %s" % (sanitize(path), error.strerror or error))
     if len(data) > POLICY_SIZE_CAP:
-        raise UsageError("policy %s: more than %s; is it the right file?" % (sanitize(path), _size(POLICY_SIZE_CAP)))
+        raise UsageError("policy %s: over %s, the wrong file?" % (sanitize(path), _size(POLICY_SIZE_CAP)))
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -539,15 +529,14 @@ def read_policy(path: str, source: str) -> Policy:
 def file_kind(mode: int) -> Optional[str]:
     """What a file of this mode is when it is not a regular file ("a FIFO or pipe"...), else None."""
     import stat
-
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO or pipe"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO or pipe"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISLNK, "a symbolic link"))
     return next((kind for is_kind, kind in kinds if is_kind(mode)), None)
 
 
 class Options(NamedTuple):
     """Everything a command needs to know, built once from the arguments."""
-
     url: str = DEFAULT_URL
     timeout: float = DEFAULT_TIMEOUT
     deadline: Optional[float] = None  # --deadline; None for the command's default
@@ -567,7 +556,8 @@ class Options(NamedTuple):
     authorization: Optional[str] = None  # from credentials in the URL: never shown
 
     def __repr__(self) -> str:
-        return "Options(%s)" % ", ".join("%s=%r" % pair for pair in zip(self._fields, self) if pair[0] != "authorization")
+        shown = (pair for pair in zip(self._fields, self) if pair[0] != "authorization")
+        return "Options(%s)" % ", ".join("%s=%r" % pair for pair in shown)
 
 
 # ---------------------------------------------------------------------------
@@ -600,7 +590,6 @@ def _plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
 def _suggestion(word: str, choices: Sequence[str], cutoff: float = 0.6) -> str:
     """"; did you mean 'x'?" for the closest of choices, or nothing."""
     import difflib
-
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
     return "; did you mean %r?" % sanitize(close[0]) if close else ""
 
@@ -613,7 +602,6 @@ def service_sort_key(service: Optional[str]) -> Tuple[int, str, str]:
 def ip_sort_key(ip: str) -> Tuple[int, int, str]:
     """Numeric order: 10.58.1.9 before 10.58.1.10, IPv4 before IPv6."""
     import ipaddress
-
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
@@ -657,7 +645,8 @@ def flag_services(summaries: Iterable[ServiceSummary], policy: Policy) -> List[S
     """Services with fewer healthy instances than the policy's minimum for them, zero included,
     and expected services with no instance (rows of fleet_summaries); worst first, missing first
     among equals."""
-    flagged = [s for s in summaries if s.healthy < policy.min_healthy_for(s.service, s.instances) or not s.instances]
+    flagged = [s for s in summaries if not s.instances
+               or s.healthy < policy.min_healthy_for(s.service, s.instances)]
     return sorted(flagged, key=lambda s: (s.healthy, s.instances > 0, service_sort_key(s.service)))
 
 
@@ -687,7 +676,8 @@ def sort_instances(instances: Iterable[Instance], key: str, policy: Policy) -> L
     if key == "status":
         return sorted(instances, key=lambda i: (_STATUS_RANK[instance_status(i, policy)],) + by_service(i))
     if key in ("cpu", "memory"):
-        return sorted(instances, key=lambda i: (getattr(i, key) is None, -(getattr(i, key) or 0.0)) + by_service(i))
+        return sorted(instances, key=lambda i: (getattr(i, key) is None, -(getattr(i, key) or 0),
+                                                 *by_service(i)))
     return sorted(instances, key=by_service)
 
 
@@ -709,7 +699,6 @@ def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str
     when every instance was read, UsageError naming the closest. Two services that differ only
     in case and match neither exactly are a UsageError too: which one was meant is not known."""
     import difflib
-
     known = sorted(set(known), key=str.lower)
     if name in known:
         return name
@@ -725,7 +714,7 @@ def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str
         close = [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)]
     if unreadable:
         raise ServiceUnreadable("no readable instance of %r; %s could not be read, it may be among them%s" % (
-            sanitize(name), _plural(unreadable, "instance"), "; did you mean %r?" % sanitize(close[0]) if close else ""))
+            sanitize(name), _plural(unreadable, "instance"), _suggestion(close[0], close) if close else ""))
     message = "unknown service %r" % sanitize(name)
     if close:
         message += " (did you mean %r?)" % sanitize(close[0])
@@ -828,8 +817,10 @@ def summarize_failures(instances: Sequence[Instance]) -> Optional[str]:
         by_reason.setdefault(instance.error or "no value", []).append(instance.ip)
     parts = []
     for reason, ips in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
-        parts.append("%s %s" % (reason, _listed(sorted(ips, key=ip_sort_key)[:IPS_LISTED_PER_REASON], len(ips))))
-    return "%d of %s could not be read: %s" % (len(failed), _plural(len(instances), "instance"), "; ".join(parts))
+        ips = sorted(ips, key=ip_sort_key)
+        parts.append("%s %s" % (reason, _listed(ips[:IPS_LISTED_PER_REASON], len(ips))))
+    return "%d of %s could not be read: %s" % (len(failed), _plural(len(instances), "instance"),
+                                               "; ".join(parts))
 
 
 def _listed(shown: Sequence[str], total: int) -> str:
@@ -846,7 +837,6 @@ class FetchError(Exception):
     """One request failed; reason is short and stable so failures group well. pushback: how the
     server said it is overloaded, as the limiter names it (HTTP 429, or a connection timed out
     in a listen queue that drops SYNs), or None."""
-
     def __init__(self, reason: str, retryable: bool = False, retry_after: Optional[float] = None,
                  detail: str = "", pushback: Optional[str] = None):
         super().__init__(reason)
@@ -869,7 +859,6 @@ def parse_base_url(text: str, source: str = "--url") -> Tuple[str, Optional[str]
     its trailing slash and without credentials; and the Authorization header the credentials
     make (Basic), or None. UsageError naming where the URL came from, never its password."""
     from urllib.parse import unquote, urlsplit
-
     text = text.strip()
 
     def refuse(why: str) -> NoReturn:
@@ -879,8 +868,8 @@ def parse_base_url(text: str, source: str = "--url") -> Tuple[str, Optional[str]
         refuse("is empty")
     bad = re.search(r"[\x00-\x20\x7f\\]", text)
     if bad:
-        refuse({" ": "contains a space", "\\": "contains a backslash"}.get(bad.group(), "contains a control character")
-               + " (percent-encode it)")
+        what = {" ": "a space", "\\": "a backslash"}.get(bad.group(), "a control character")
+        refuse("contains %s (percent-encode it)" % what)
     try:
         parts = urlsplit(text)
         port = parts.port  # ValueError on a port that is not a number in range
@@ -914,7 +903,6 @@ def parse_base_url(text: str, source: str = "--url") -> Tuple[str, Optional[str]
 
 class RequestGuard:
     """One request's time limit, and the connection to cut when it passes."""
-
     def __init__(self, give_up_at: float):
         self.give_up_at = give_up_at
         self.lock = threading.Lock()
@@ -937,7 +925,6 @@ class RequestGuard:
 
     def _cut(self) -> None:
         import socket
-
         if self.sock is not None:
             try:
                 # The socket level, not ssl's: shutdown wakes a thread blocked in recv.
@@ -955,7 +942,6 @@ class Watchdog:
     sleeps until the earliest limit, then shuts down the sockets of the requests
     that passed theirs. Limit: a TLS handshake and a DNS lookup are bounded by the
     socket timeout only (the socket is not ours until connect() returns)."""
-
     SLACK = 0.01  # seconds: limits this close together are handled in one wake-up
 
     def __init__(self) -> None:
@@ -1012,7 +998,6 @@ class Watchdog:
 def _origin(url: str) -> Tuple[str, Optional[str], Optional[int]]:
     """A URL's scheme, host and port (the scheme's own when none is given)."""
     from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme)
@@ -1024,7 +1009,6 @@ def _build_opener(watchdog: Watchdog) -> Any:
     import http.client
     import urllib.request
     from urllib.parse import urljoin
-
     def guarded(connection_class: Any) -> Any:
         class Guarded(connection_class):  # type: ignore[misc,valid-type]
             def connect(self) -> None:
@@ -1048,7 +1032,6 @@ def _build_opener(watchdog: Watchdog) -> Any:
     class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
         """Follow a redirect only to the same scheme, host and port (https to http never), so
         that the request's Authorization goes nowhere but where the user sent it."""
-
         def http_error_302(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
             location = headers.get("Location") or headers.get("URI")
             if location:
@@ -1068,7 +1051,8 @@ def _build_opener(watchdog: Watchdog) -> Any:
     opener = urllib.request.OpenerDirector()
     handlers = [urllib.request.ProxyHandler(), urllib.request.UnknownHandler(),
                 type("GuardedHTTPHandler", (GuardedConnections, urllib.request.HTTPHandler), {})(),
-                urllib.request.HTTPDefaultErrorHandler(), SameOriginRedirects(), urllib.request.HTTPErrorProcessor()]
+                urllib.request.HTTPDefaultErrorHandler(), SameOriginRedirects(),
+                urllib.request.HTTPErrorProcessor()]
     if hasattr(urllib.request, "HTTPSHandler"):
         handlers.append(type("GuardedHTTPSHandler", (GuardedConnections, urllib.request.HTTPSHandler), {})())
     for handler in handlers:
@@ -1101,7 +1085,6 @@ def _describe_network_error(error: BaseException) -> FetchError:
     """Map what urllib, http.client and socket raise to a short, groupable reason."""
     import http.client
     import socket
-
     reason = getattr(error, "reason", error)
     if isinstance(reason, socket.timeout) or isinstance(error, socket.timeout):
         return FetchError("timeout", retryable=True)
@@ -1114,7 +1097,8 @@ def _describe_network_error(error: BaseException) -> FetchError:
         return FetchError("connection reset", retryable=True)
     if isinstance(reason, http.client.HTTPException):
         return FetchError("bad HTTP answer", retryable=True)
-    return FetchError(sanitize(str(reason) or reason.__class__.__name__)[:80], retryable=isinstance(reason, OSError))
+    text = sanitize(str(reason) or reason.__class__.__name__)[:80]
+    return FetchError(text, retryable=isinstance(reason, OSError))
 
 
 def backoff_delay(attempt: int, retry_after: Optional[float] = None, rng: Any = None) -> float:
@@ -1122,7 +1106,6 @@ def backoff_delay(attempt: int, retry_after: Optional[float] = None, rng: Any = 
     if retry_after is not None:
         return min(retry_after, RETRY_AFTER_CAP)
     import random
-
     # Full jitter: clients that failed together do not retry together.
     return (rng or random).uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))
 
@@ -1135,7 +1118,6 @@ class ConcurrencyLimit:
     runs; AdaptiveLimit moves the limit and stops counting requests that are stuck.
     start(), finish() and room() are for the one thread that dispatches requests,
     observe() for the worker threads."""
-
     # What one attempt came to, as observe() is told.
     ANSWERED = "answered"  # a valid answer: its latency is a sample
     REFUSED = "refused"  # HTTP 429: the server asks for fewer requests
@@ -1163,7 +1145,8 @@ class ConcurrencyLimit:
     def begin_batch(self) -> None:
         """A batch of reads starts (on a server idle since the last one)."""
 
-    def observe(self, ticket: int, outcome: str, latency: float = 0.0, connect: Optional[float] = None) -> None:
+    def observe(self, ticket: int, outcome: str, latency: float = 0.0,
+                connect: Optional[float] = None) -> None:
         """Learn from one attempt of a request: its outcome, latency and connect time (None: no
         connection was made)."""
 
@@ -1210,49 +1193,28 @@ class ConcurrencyLimit:
 class AdaptiveLimit(ConcurrencyLimit):
     """Requests in flight, adapted to what the server can take, up to a ceiling.
 
-    Only valid answers teach latency: an error, a timeout or the deadline is an
-    outcome of one instance and says nothing of queueing (a fast HTTP 500 once
-    taught a best latency near 0 s, and the limit fell to 1 for good).
+    Only valid answers teach latency: a fast HTTP 500 once taught a best latency near 0 s,
+    and the limit fell to 1 for good. The base is the latency when nothing queues: the
+    median of the burst that opens each batch of reads (a failed or stuck request counts as
+    slow), learnt anew each batch (each track sample). A request running STUCK_RATIO times
+    the base is stuck: it stops counting, in up to STUCK_ROOM x the ceiling more threads, so
+    that hung or slow instances wait side by side instead of starving the fleet.
 
-    The base is the server's latency when nothing queues, measured where nothing
-    can: the burst that opens a batch of reads on an idle server. It is the
-    median of the burst's requests (one that failed or got stuck counts as
-    slow), so that a few odd instances cannot set it, and it is measured anew
-    in every batch (every track sample): nothing learnt is for good.
-
-    A request running for STUCK_RATIO times the base (at least STUCK_FLOOR) is
-    stuck: it stops counting against the limit and its answer is no sample.
-    Slow is not congestion: hung or slow instances wait out their time side by
-    side, in up to STUCK_ROOM x the ceiling more threads, instead of starving
-    the rest of the fleet, and half the fleet at 700 ms teaches nothing.
-
-    A round is `limit` answers (at least ROUND_ANSWERS). Queueing is latency
-    that rises with concurrency: a round's lower quartile over the base. A flat
-    round grows the limit (fourfold per round at first, answer by answer as in
-    TCP's slow start, once the start proved flat; by an eighth per round
-    later); over QUEUEING_RATIO the limit scales down by that ratio. Growth also
-    needs clean evidence (see GROWTH_MIN_BASE and _can_grow): the client's own
-    noise must not pass for a server that takes more.
-
-    Pushback halves the limit, once per limit's worth of outcomes: HTTP 429
-    (regained at double per flat round once it stops, since one sick instance
-    can answer it), or a connection whose SYN was dropped (a listen queue
-    overflowing: the server is full, so growth goes on by an eighth only).
-    """
-
+    A round is `limit` answers (at least ROUND_ANSWERS); queueing is a round's lower quartile
+    over the base. A flat round grows the limit: fourfold per round, answer by answer as in
+    TCP's slow start, then by an eighth; past QUEUEING_RATIO it scales down by that ratio.
+    Pushback halves it once per limit's worth of outcomes: HTTP 429 (regained once it
+    stops: one sick instance can answer it) or a dropped SYN (a full listen queue)."""
     INITIAL = 5  # in flight at first: never overflows a listen backlog of 5
     GROWTH_FACTOR = 4  # per round, in slow start
     PROBE_DIVISOR = 8  # after slow start, grow by limit / 8 per flat round
     FLAT_RATIO = 1.5  # a round's lower quartile within this of the base: flat
     QUEUEING_RATIO = 2.5  # over this: requests are queueing at the server
-    # The first growth decides whether a server takes concurrency at all, so the
-    # start must be flatter, for rounds worth STARTUP_EVIDENCE_SECONDS of latency:
-    # one round at 20 ms, four at 5 ms. And never below GROWTH_MIN_BASE: there the
-    # client's own cost (about 0.5 ms of CPU a request, 1-5 ms of latency under
-    # load) hides any queueing (measured against the single-threaded simulator:
-    # 1-3 ms at 5 in flight, as flat as a concurrent server, until the 8th in
-    # flight overflows its listen backlog and waits 1 s), and 5 in flight
-    # already keep the client busy (5 / 2.5 ms is about what it can send).
+    # The first growth decides whether a server takes concurrency at all, so the start must
+    # be flatter, for STARTUP_EVIDENCE_SECONDS of latency, and never below GROWTH_MIN_BASE:
+    # there the client's own cost (0.5 ms of CPU a request, 1-5 ms under load) hides any
+    # queueing (measured: the single-threaded simulator looks flat until its backlog of 5
+    # overflows and waits 1 s), and 5 in flight already keep the client busy.
     FIRST_ROUND_RATIO = 1.2
     STARTUP_EVIDENCE_SECONDS = 0.02
     GROWTH_MIN_BASE = 0.005
@@ -1310,11 +1272,12 @@ class AdaptiveLimit(ConcurrencyLimit):
     def _turned_stuck(self, ticket: int) -> None:
         self._burst_answer(ticket, float("inf"))
 
-    def observe(self, ticket: int, outcome: str, latency: float = 0.0, connect: Optional[float] = None) -> None:
+    def observe(self, ticket: int, outcome: str, latency: float = 0.0,
+                connect: Optional[float] = None) -> None:
         with self.lock:
             self.cut_guard -= 1
             if outcome == self.ANSWERED and connect is not None:
-                if connect > self.CONNECT_STALL_SECONDS and connect > self.CONNECT_STALL_RATIO * self.best_connect:
+                if connect > max(self.CONNECT_STALL_SECONDS, self.CONNECT_STALL_RATIO * self.best_connect):
                     outcome = self.DROPPED  # answered, but only after its SYN was sent again
                 else:
                     self.best_connect = min(self.best_connect, connect)
@@ -1334,7 +1297,7 @@ class AdaptiveLimit(ConcurrencyLimit):
             return  # not of the burst, or already told
         self.burst[ticket] = latency
         self.burst_left -= 1
-        answered = sorted(seconds for seconds in self.burst.values() if seconds is not None and seconds != float("inf"))
+        answered = sorted(seconds for seconds in self.burst.values() if seconds not in (None, float("inf")))
         if self.burst_left > 0 or len(answered) < 2:
             return  # with fewer than two answers, the next round sets the base
         self.base = answered[len(answered) // 2]
@@ -1365,7 +1328,8 @@ class AdaptiveLimit(ConcurrencyLimit):
                 self.base = sorted(self.round)[len(self.round) // 2]
                 self.round = []
             return
-        if self.slow_start and not self.proving and self._can_grow() and latency <= self.FLAT_RATIO * self.base:
+        flat = latency <= self.FLAT_RATIO * self.base
+        if self.slow_start and not self.proving and self._can_grow() and flat:
             # As TCP's slow start: more for each answer that did not queue, so the limit
             # grows fourfold in a round however long the round's slowest answers take.
             self.limit = min(self.ceiling, self.limit + self.GROWTH_FACTOR - 1)
@@ -1424,15 +1388,13 @@ class AdaptiveLimit(ConcurrencyLimit):
 
 class CpxClient:
     """Reads the CPX API with timeouts, a deadline, retries and bounded concurrency."""
-
     def __init__(self, options: Options):
         from concurrent.futures import ThreadPoolExecutor
-
         self.options = options
         self.base_url = options.url
         self.watchdog = Watchdog()
         self.opener = _build_opener(self.watchdog)
-        self.limiter = AdaptiveLimit(options.workers) if options.adaptive else ConcurrencyLimit(options.workers)
+        self.limiter = (AdaptiveLimit if options.adaptive else ConcurrencyLimit)(options.workers)
         self.retried = 0  # retries made, for -v; workers add to it under the lock
         self.retried_lock = threading.Lock()
         # One more thread than requests may be in flight: /servers never waits for a free one.
@@ -1452,7 +1414,6 @@ class CpxClient:
         import http.client
         import urllib.error
         import urllib.request
-
         started = time.monotonic()
         give_up_at = min(started + self.options.timeout, deadline)
         if give_up_at <= started:
@@ -1502,7 +1463,6 @@ class CpxClient:
         """GET base_url+path and decode JSON, retrying what is worth retrying before the deadline;
         ticket: the limiter's, to tell it how each attempt went (instance requests only)."""
         import json
-
         url = self.base_url + path
         limiter = self.limiter
         attempt = 0
@@ -1542,7 +1502,6 @@ class CpxClient:
     def list_servers(self, deadline: float) -> ServerList:
         """The fleet from /servers; CpxUnavailable when it cannot be read or is not a list."""
         from concurrent.futures import TimeoutError as FutureTimeout
-
         url = self.base_url + "/servers"
         # Run in a worker so that even a hanging DNS lookup cannot outlive the deadline.
         future = self.executor.submit(self.get_json, "/servers", SERVERS_BODY_CAP, deadline)
@@ -1573,7 +1532,6 @@ class CpxClient:
     def read_instances(self, ips: Sequence[str], deadline: float) -> List[Instance]:
         """All the given instances, concurrently within the limit; late ones are Unknown (deadline)."""
         import queue
-
         results: Dict[str, Instance] = {}
         waiting = list(reversed(ips))
         # Finished futures arrive on a queue: one wake-up per answer, where
@@ -1626,10 +1584,10 @@ class CpxClient:
 # same answer; the tests check it against this Python's own unicodedata. Limit:
 # variation selectors are among them, so an emoji's U+FE0F shows as '?'. A pattern, not
 # a compiled regex: re compiles it on first use and keeps it (nothing at import).
-UNSAFE_TEXT = ("[\x00-\x1f\x7f-\x9f\xad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u115f-\u1160"
-               "\u17b4-\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164\ud800-\udfff\ufe00-\ufe0f"
-               "\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
-               "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
+UNSAFE_TEXT = ("[\x00-\x1f\x7f-\x9f\xad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2"
+               "\u115f-\u1160\u17b4-\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164"
+               "\ud800-\udfff\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+               "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
 COLORS = {UNHEALTHY: "31", UNKNOWN: "33", "stale": "2"}
 
 
@@ -1655,7 +1613,6 @@ def display_width(text: str) -> int:
     if text.isascii() and text.isprintable():  # the usual case, at C speed
         return len(text)
     import unicodedata
-
     return sum(0 if unicodedata.category(char) in ("Mn", "Me") or re.match(UNSAFE_TEXT, char)
                or re.match("[\u1160-\u11ff\ud7b0-\ud7ff]", char)
                else 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1 for char in text)
@@ -1669,13 +1626,12 @@ def paint(text: str, status: Optional[str], color: bool) -> str:
 
 class Column(NamedTuple):
     """A table's column: its title, and whether its cells are right-aligned (numbers)."""
-
     title: str
     right: bool = False
 
 
-def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]],
-                 colors: Optional[Sequence[Optional[str]]] = None, color: bool = False, headers: bool = True) -> str:
+def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], colors: Any = None,
+                 color: bool = False, headers: bool = True) -> str:
     """An org-style table; colors gives a status per row, for its colour."""
     widths = [display_width(column.title) for column in columns]
     for row in rows:
@@ -1689,7 +1645,8 @@ def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]],
             padded.append(paint(gap + cell if column.right else cell + gap, status, color))
         return "| " + " | ".join(padded) + " |\n"
 
-    top = [line([c.title for c in columns]), "|" + "+".join("-" * (w + 2) for w in widths) + "|\n"] if headers else []
+    rule = "|" + "+".join("-" * (w + 2) for w in widths) + "|\n"
+    top = [line([c.title for c in columns]), rule] if headers else []
     return "".join(top + [line(row, colors[k] if colors else None) for k, row in enumerate(rows)])
 
 
@@ -1699,7 +1656,6 @@ def shown_percent(value: float, decimals: int, threshold: Optional[float] = None
     90.0 (at the threshold, so healthy), nor 99.999 as 100. Past 3 decimals, rounded
     towards the value's side instead (90.0000001 reads 90.001)."""
     import math
-
     def same_side(shown: float) -> bool:
         return ((threshold is None or (shown > threshold) == (value > threshold))
                 and (shown >= 100) == (value >= 100))
@@ -1752,7 +1708,8 @@ def status_label(instance: Instance, policy: Policy) -> str:
 # The columns of every table, each said once: the reports and track's views pick theirs.
 IP, SERVICE, STATUS = Column("IP"), Column("Service"), Column("Status")
 CPU, MEMORY, OVER = Column("CPU", True), Column("Memory", True), Column("Over threshold")
-INSTANCES, HEALTHY_COUNT, MIN_HEALTHY = Column("Instances", True), Column("Healthy", True), Column("Min healthy", True)
+INSTANCES, HEALTHY_COUNT = Column("Instances", True), Column("Healthy", True)
+MIN_HEALTHY = Column("Min healthy", True)
 AVG_CPU, MAX_CPU = Column("Avg CPU", True), Column("Max CPU", True)
 AVG_MEMORY, MAX_MEMORY = Column("Avg Memory", True), Column("Max Memory", True)
 MAX_CPU_AT, MAX_MEMORY_AT = Column("Max CPU at"), Column("Max Memory at")
@@ -1763,8 +1720,9 @@ def instance_cells(instances: Sequence[Instance], policy: Policy) -> List[Dict[C
     limits = [policy.limits(i.service) for i in instances]
     cpus = percent_cells([i.cpu for i in instances], [cpu for cpu, _ in limits])
     memories = percent_cells([i.memory for i in instances], [memory for _, memory in limits])
-    return [{IP: sanitize(i.ip), SERVICE: service_label(i.service), STATUS: status_label(i, policy), CPU: cpus[k],
-             MEMORY: memories[k], OVER: ", ".join(instance_reasons(i, policy)) or "-"} for k, i in enumerate(instances)]
+    return [{IP: sanitize(i.ip), SERVICE: service_label(i.service), STATUS: status_label(i, policy),
+             CPU: cpus[k], MEMORY: memories[k], OVER: ", ".join(instance_reasons(i, policy)) or "-"}
+            for k, i in enumerate(instances)]
 
 
 def summary_cells(summaries: Sequence[ServiceSummary], policy: Policy) -> List[Dict[Column, str]]:
@@ -1795,8 +1753,9 @@ def summary_record(summary: ServiceSummary, policy: Policy) -> Dict[str, Any]:
     """The json/csv fields of a service summary."""
     cpu, memory = policy.limits(summary.service)
     return {"service": summary.service, "instances": summary.instances, "healthy": summary.healthy,
-            "avg_cpu": _json_number(summary.avg_cpu, cpu), "avg_memory": _json_number(summary.avg_memory, memory),
-            "max_cpu": _json_number(summary.max_cpu, cpu), "max_memory": _json_number(summary.max_memory, memory),
+            "avg_cpu": _json_number(summary.avg_cpu, cpu), "max_cpu": _json_number(summary.max_cpu, cpu),
+            "avg_memory": _json_number(summary.avg_memory, memory),
+            "max_memory": _json_number(summary.max_memory, memory),
             "max_cpu_ip": summary.max_cpu_ip, "max_memory_ip": summary.max_memory_ip,
             "min_healthy": policy.min_healthy_for(summary.service, summary.instances)}
 
@@ -1820,7 +1779,6 @@ def render_csv(fieldnames: Sequence[str], records: Sequence[Dict[str, Any]], hea
     """A header then one row per record (cells as csv_cell makes them)."""
     import csv
     import io
-
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     if header:
@@ -1860,12 +1818,12 @@ PROMETHEUS_FAMILIES = (
     ("cpx_instance_healthy", "1 when the instance is Healthy (cpu and memory at or under their thresholds)."),
     ("cpx_instance_up", "1 when the instance could be read, 0 when it could not or its data was invalid."),
     ("cpx_service_instances", "Instances of a service (0 for an expected service that has none)."),
-    ("cpx_service_healthy_instances", "Healthy instances of a service (0 for an expected service that has none)."),
+    ("cpx_service_healthy_instances", "Healthy instances of a service (0 for an expected one with none)."),
     ("cpx_service_min_healthy_instances", "Healthy instances a service needs: its policy's minimum."),
     ("cpx_service_expected", "1 for every service the policy expects, whether or not it has instances."),
-    ("cpx_service_flagged", "1 when unhealthy flags the service (under its minimum, or expected and missing), else 0."),
-    ("cpx_service_threshold_ratio", "A service's threshold, 0-1, by resource: its instances are Unhealthy above it."),
-    ("cpx_threshold_ratio", "The default threshold, 0-1, by resource (cpu, memory), of services without their own."),
+    ("cpx_service_flagged", "1 when unhealthy flags the service (under its minimum, or missing), else 0."),
+    ("cpx_service_threshold_ratio", "A service's threshold, 0-1, by resource: Unhealthy above it."),
+    ("cpx_threshold_ratio", "The default threshold, 0-1, by resource, of services without their own."),
     ("cpx_scrape_duration_seconds", "How long reading CPX took."),
     ("cpx_scrape_errors", "Instances that could not be read in this scrape."),
 )
@@ -1883,8 +1841,8 @@ def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = T
 
     def add(name: str, pairs: Sequence[Tuple[str, Optional[str]]], value: str) -> None:
         labels = tuple(pairs) + tail
-        samples[name].append(("{%s}" % ",".join('%s="%s"' % (key, prometheus_label(text)) for key, text in labels)
-                              if labels else "") + " " + value)
+        text = ",".join('%s="%s"' % (key, prometheus_label(label)) for key, label in labels)
+        samples[name].append(("{%s}" % text if labels else "") + " " + value)
 
     instances = sort_instances(snapshot.instances, "service", policy)
     for instance in instances if per_instance else ():
@@ -1908,7 +1866,8 @@ def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = T
         if flagged is not None:
             add("cpx_service_flagged", service, "%d" % (summary.service in flagged_services))
         for resource, limit in zip(("cpu", "memory"), policy.limits(summary.service)):
-            add("cpx_service_threshold_ratio", service + (("resource", resource),), _prometheus_number(limit / 100.0))
+            add("cpx_service_threshold_ratio", service + (("resource", resource),),
+                _prometheus_number(limit / 100.0))
     for resource, limit in (("cpu", policy.cpu), ("memory", policy.memory)):
         add("cpx_threshold_ratio", (("resource", resource),), _prometheus_number(limit / 100.0))
     add("cpx_scrape_duration_seconds", (), _prometheus_number(snapshot.seconds))
@@ -1926,7 +1885,6 @@ class Report:
     becomes table, json, csv or Prometheus (commands never ask which format is wanted), a
     method as_<format> each. One small class per command; each format computes only what
     it shows."""
-
     COLUMNS: Sequence[Column] = ()  # the table's
     WIDE: Sequence[Column] = ()  # the columns -o wide adds
     FIELDS: Sequence[str] = ()  # the json/csv fields; new ones go last, so a csv column keeps its place
@@ -1978,8 +1936,8 @@ class Report:
         if not self.rows and empty is not None:
             return empty
         columns = tuple(self.COLUMNS) + (tuple(self.WIDE) if wide else ())
-        table = render_table(columns, [[cells[c] for c in columns] for cells in self.cells()], self.statuses(),
-                             options.color, options.headers)
+        rows = [[cells[c] for c in columns] for cells in self.cells()]
+        table = render_table(columns, rows, self.statuses(), options.color, options.headers)
         return table + self.footer() if options.headers else table
 
     def as_wide(self, options: Options) -> str:
@@ -1987,7 +1945,6 @@ class Report:
 
     def as_json(self, options: Options) -> str:
         import json
-
         return json.dumps(self.records(), indent=2) + "\n"
 
     def as_csv(self, options: Options) -> str:
@@ -2000,7 +1957,6 @@ class Report:
 
 class InstancesReport(Report):
     """services: a row per instance, in the order given, and the fleet's footer."""
-
     COLUMNS, WIDE = (IP, SERVICE, STATUS, CPU, MEMORY), (OVER,)
     FIELDS = ("ip", "service", "status", "cpu", "memory", "error", "reasons", "time")
     PER_INSTANCE = True
@@ -2020,7 +1976,6 @@ class InstancesReport(Report):
 
 class SummariesReport(Report):
     """status: a row per service (an expected service with no instance too), and the fleet's footer."""
-
     COLUMNS = (SERVICE, INSTANCES, HEALTHY_COUNT, AVG_CPU, MAX_CPU, AVG_MEMORY, MAX_MEMORY)
     WIDE = (MIN_HEALTHY, MAX_CPU_AT, MAX_MEMORY_AT)
     FIELDS = ("service", "instances", "healthy", "avg_cpu", "avg_memory", "max_cpu", "max_memory",
@@ -2038,17 +1993,18 @@ class SummariesReport(Report):
 
 class FlaggedReport(Report):
     """unhealthy: a row per flagged service, worst first; a sentence when there is none."""
-
     COLUMNS = (SERVICE, HEALTHY_COUNT, INSTANCES, Column("Minimum", True), Column("Problem"))
     FIELDS = ("service", "healthy", "instances", "time", "min_healthy", "missing")
 
     def cells(self) -> List[Dict[Column, str]]:
         return [{**cells, SERVICE: service_label(s.service), self.COLUMNS[3]: cells[MIN_HEALTHY],
-                 self.COLUMNS[4]: flag_problem(s)} for s, cells in zip(self.rows, summary_cells(self.rows, self.policy))]
+                 self.COLUMNS[4]: flag_problem(s)}
+                for s, cells in zip(self.rows, summary_cells(self.rows, self.policy))]
 
     def untimed_records(self) -> List[Dict[str, Any]]:
-        return [{"service": s.service, "healthy": s.healthy, "instances": s.instances, "missing": not s.instances,
-                 "min_healthy": self.policy.min_healthy_for(s.service, s.instances)} for s in self.rows]
+        return [{"service": s.service, "healthy": s.healthy, "instances": s.instances,
+                 "min_healthy": self.policy.min_healthy_for(s.service, s.instances),
+                 "missing": not s.instances} for s in self.rows]
 
     def statuses(self) -> Optional[List[str]]:
         return [UNHEALTHY] * len(self.rows)
@@ -2098,7 +2054,6 @@ def _write_all(descriptor: int, data: bytes) -> None:
     """Every byte to the descriptor: partial writes continued, and a non-blocking one that
     is full waited on (Python's own stream drops the rest there when unbuffered)."""
     import select
-
     view = memoryview(data)
     while view:
         try:
@@ -2150,15 +2105,16 @@ def write_target(path: str) -> Tuple[str, Any]:
         raise UsageError("cannot write %s: it is %s, not a regular file" % (sanitize(path), kind))
     target = os.path.realpath(path)
     if not os.path.isdir(os.path.dirname(target)):
-        raise UsageError("cannot write %s: no directory %s" % (sanitize(path), sanitize(os.path.dirname(target))))
+        folder = os.path.dirname(target)
+        raise UsageError("cannot write %s: no directory %s" % (sanitize(path), sanitize(folder)))
     return target, status
 
 
 def _temporary_beside(target: str) -> Tuple[int, str]:
     """A new temporary file in the target's directory (the same file system: the rename is atomic)."""
     import tempfile
-
-    return tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=os.path.dirname(target))
+    folder, name = os.path.split(target)
+    return tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=folder)
 
 
 def check_writable(path: str) -> None:
@@ -2201,7 +2157,6 @@ def write_atomically(path: str, text: str) -> None:
     makes 0600, and a collector running as another user must read it). OutputFailed when it
     cannot be done."""
     import stat
-
     target, old = write_target(path)
     if old is not None:
         mode = stat.S_IMODE(old.st_mode)
@@ -2210,7 +2165,8 @@ def write_atomically(path: str, text: str) -> None:
         os.umask(umask)
         mode = 0o666 & ~umask
     # POSIX only: Windows has no geteuid and no owners to keep.
-    owner = (old.st_uid, old.st_gid) if old is not None and getattr(os, "geteuid", lambda: None)() == 0 else None
+    root = getattr(os, "geteuid", lambda: None)() == 0
+    owner = (old.st_uid, old.st_gid) if old is not None and root else None
     try:
         _replace_with(target, text, mode, owner)
     except OSError as error:
@@ -2238,7 +2194,6 @@ def remember_services(instances: Iterable[Instance], options: Options) -> None:
     left alone, and so is any failure: completion is a convenience. Limit: the folders above
     the cache's own are trusted (a home, or a sticky /tmp)."""
     import stat
-
     if options.service_cache is None:
         return
     folder = os.path.dirname(options.service_cache)
@@ -2270,12 +2225,12 @@ def remember_services(instances: Iterable[Instance], options: Options) -> None:
 def list_fleet(client: Any, options: Options, deadline: float) -> List[str]:
     """The IPs /servers lists; a warning for entries refused, CpxUnavailable when there is none."""
     import json
-
     servers = client.list_servers(deadline)
     if servers.rejected:
         shown = [sanitize(json.dumps(entry))[:60] for entry in servers.rejected[:IPS_LISTED_PER_REASON]]
         warn(options, "/servers listed %s, not requested: %s" % (
-            _plural(len(servers.rejected), "entry that is not an IP address", "entries that are not IP addresses"),
+            _plural(len(servers.rejected), "entry that is not an IP address",
+                    "entries that are not IP addresses"),
             _listed(shown, len(servers.rejected))))
     if servers.duplicates:
         warn(options, "/servers listed %s, each address requested once"
@@ -2288,7 +2243,6 @@ def list_fleet(client: Any, options: Options, deadline: float) -> List[str]:
 def utc_now() -> str:
     """This moment in ISO 8601, UTC, to the millisecond: the time of every record and view."""
     from datetime import datetime, timezone
-
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
@@ -2315,7 +2269,6 @@ def take_snapshot(client: Any, options: Options, deadline: Optional[float] = Non
 class SnapshotSettings(NamedTuple):
     """What a snapshot command was asked, beyond the options: which services (names or
     patterns) and statuses, which order, and whether partial data is a failure."""
-
     services: Tuple[str, ...] = ()
     statuses: Tuple[str, ...] = ()
     sort: str = "service"
@@ -2349,17 +2302,17 @@ def snapshot_report(kind: Any, client: Any, options: Options, settings: Snapshot
     goes to shell completion's cache, whatever the report shows."""
     whole = take_snapshot(client, options, deadline)
     chosen = chosen_services(whole, settings.services, options)
-    snapshot = whole if chosen is None else whole._replace(instances=[i for i in whole.instances if i.service in chosen])
+    snapshot = whole._replace(instances=[i for i in whole.instances if chosen is None or i.service in chosen])
     policy = options.policy
     if kind is InstancesReport:
-        rows: List[Any] = sort_instances(filter_statuses(snapshot.instances, settings.statuses, policy), settings.sort,
-                                         policy)
+        shown = filter_statuses(snapshot.instances, settings.statuses, policy)
+        rows: List[Any] = sort_instances(shown, settings.sort, policy)
     elif kind is SummariesReport:
         rows = sort_summaries(fleet_summaries(snapshot.instances, policy, chosen), settings.sort)
     else:
         if options.shard is not None:
-            warn(options, "--shard %s: this judges only the shard's own instances; judge the whole fleet on the "
-                          "shards' sum, in Prometheus (see the README)" % (options.shard,))
+            warn(options, "--shard %s: this judges only the shard's own instances; judge the whole fleet "
+                          "on the shards' sum, in Prometheus (see the README)" % (options.shard,))
         rows = flag_services(fleet_summaries(snapshot.instances, policy), policy)
     remember_services(whole.instances, options)
     code = EXIT_OK
@@ -2389,7 +2342,6 @@ def cmd_snapshot(kind: Any, client: Any, options: Options, settings: SnapshotSet
 
 class TrackSettings(NamedTuple):
     """What track was asked for: one service (None: the whole fleet) and its schedule."""
-
     service: Optional[str] = None
     interval: float = DEFAULT_INTERVAL
     count: Optional[int] = None
@@ -2409,7 +2361,6 @@ class TrackSettings(NamedTuple):
 
 class _NotRead:
     """The membership of an instance that never answered: it may belong to any service."""
-
     def __repr__(self) -> str:
         return "NOT_READ"
 
@@ -2421,7 +2372,6 @@ class Membership:
     """The one owner of which service each listed instance belongs to, as its answers said:
     a service name; None once it answered without a valid one (the "(unknown)" group);
     NOT_READ until it answers at all (a body that is not JSON is no answer)."""
-
     # An instance that never answered may be the service's: it is read again at the
     # next sample, then after 2, 4, 8... samples, at most RETRY_CAP apart. Read every
     # sample, a few hanging ones would hold every sample to its deadline.
@@ -2433,7 +2383,8 @@ class Membership:
         self.retry: Dict[str, Tuple[int, int]] = {}  # never answered: (failed reads, sample due)
 
     def forget(self, listed: Sequence[str]) -> List[str]:
-        """Follow /servers: instances it no longer lists are forgotten (and returned); new ones are NOT_READ."""
+        """Follow /servers: instances it no longer lists are forgotten (and returned); new ones
+        are NOT_READ."""
         still = set(listed)
         left = [ip for ip in self.services if ip not in still]
         for ip in left:
@@ -2493,7 +2444,6 @@ class Membership:
 
 class RunningStats:
     """Count, min, mean and max in constant memory."""
-
     def __init__(self) -> None:
         self.count, self.total, self.minimum, self.maximum = 0, 0.0, float("inf"), float("-inf")
 
@@ -2512,7 +2462,6 @@ class RunningStats:
 class SessionTrend:
     """A whole session's values in at most `size` buckets of consecutive samples: when full,
     neighbours merge. A bucket is [sum of its values, how many values, how many samples]."""
-
     BUCKETS = 32  # characters of the session summary's sparklines
 
     def __init__(self, size: int = BUCKETS):
@@ -2542,12 +2491,10 @@ class SessionTrend:
 class Series:
     """One value across a session: the last WINDOW samples for a live sparkline, running
     min/avg/max and the session trend, all in constant memory. None is a gap."""
-
     WINDOW = 20  # characters of the live sparklines
 
     def __init__(self) -> None:
         from collections import deque
-
         self.recent: Any = deque(maxlen=self.WINDOW)
         self.stats = RunningStats()
         self.trend = SessionTrend()
@@ -2562,7 +2509,6 @@ class Series:
 
 class InstanceTrack:
     """A row of `track SERVICE`: one instance across the session."""
-
     def __init__(self, ip: str, policy: Policy):
         self.key = ip
         self.policy = policy
@@ -2595,7 +2541,6 @@ class InstanceTrack:
 
 class ServiceTrack:
     """A row of the whole-fleet view: one service (None: the "(unknown)" group) across the session."""
-
     def __init__(self, service: Optional[str], policy: Policy):
         self.key = service
         self.policy = policy  # the minimum of healthy instances
@@ -2609,7 +2554,8 @@ class ServiceTrack:
 
     def add(self, summary: Optional[ServiceSummary]) -> None:
         """One sample: the service's summary, or None when CPX could not be reached (a gap)."""
-        self.healthy_share.add(100.0 * summary.healthy / summary.instances if summary and summary.instances else None)
+        share = 100.0 * summary.healthy / summary.instances if summary and summary.instances else None
+        self.healthy_share.add(share)
         self.cpu.add(summary.avg_cpu if summary else None)
         self.memory.add(summary.avg_memory if summary else None)
         if summary is not None:
@@ -2627,7 +2573,8 @@ class ServiceTrack:
         if self.gone or self.last is None:
             return (2, 0.0, service_sort_key(self.key))
         last = self.last
-        return (int(not self.under_minimum(last)), last.healthy / max(1, last.instances), service_sort_key(self.key))
+        return (int(not self.under_minimum(last)), last.healthy / max(1, last.instances),
+                service_sort_key(self.key))
 
     def counts(self) -> Tuple[int, int]:
         """(healthy, instances) now: for the worst moment."""
@@ -2636,7 +2583,6 @@ class ServiceTrack:
 
 class Sample(NamedTuple):
     """One sample as read: its rows by key, in display order, or why CPX was unreachable."""
-
     moment: str
     values: Dict[Any, Any]
     outage: Optional[str] = None
@@ -2646,7 +2592,6 @@ class Sample(NamedTuple):
 
 class WorstMoment(NamedTuple):
     """The sample with the fewest healthy instances."""
-
     healthy: int
     instances: int
     moment: str
@@ -2656,7 +2601,6 @@ class WorstMoment(NamedTuple):
 class TrackState:
     """Everything track knows of a session, in bounded memory: a row track per key (an
     instance, or a service), counters, and the worst moment."""
-
     def __init__(self, scope: Any, interval: float):
         self.scope = scope
         self.interval = interval
@@ -2673,7 +2617,7 @@ class TrackState:
 
     @property
     def last_was_late(self) -> bool:
-        """The last sample took longer than the interval (the first, a read of the whole fleet, never counts)."""
+        """The last sample took longer than the interval (the first, a full read, never counts)."""
         return self.samples > 1 and self.last.seconds > self.interval
 
     def tracks(self) -> List[Any]:
@@ -2786,7 +2730,6 @@ def _left_out(hidden: int, noun: str) -> str:
 
 class ServiceScope:
     """`track SERVICE`: a row per instance of one service, found by name (exact, then any case)."""
-
     FIELDS = ("time", "ip", "service", "status", "cpu", "memory")
     CPU_TREND, MEMORY_TREND = Column("CPU trend"), Column("Memory trend")
     COLUMNS = (IP, STATUS, CPU, CPU_TREND, MEMORY, MEMORY_TREND)
@@ -2841,7 +2784,7 @@ class ServiceScope:
 
     def values(self, membership: Membership, readings: Sequence[Instance]) -> Dict[Any, Any]:
         """The sample's rows: each member's reading, by IP."""
-        ours = [r for r in membership.attribute(readings) if self.service is not None and r.service == self.service]
+        ours = [r for r in membership.attribute(readings) if self.service and r.service == self.service]
         return {r.ip: r for r in sorted(ours, key=lambda r: ip_sort_key(r.ip))}
 
     def note(self, membership: Membership) -> Optional[str]:
@@ -2850,7 +2793,9 @@ class ServiceScope:
         if missing is not None:
             return missing
         waiting = membership.not_read_count()
-        return "%s not read yet: read again in later samples" % _plural(waiting, "instance") if waiting else None
+        if waiting:
+            return "%s not read yet: read again in later samples" % _plural(waiting, "instance")
+        return None
 
     def order(self, tracks: List[InstanceTrack]) -> List[InstanceTrack]:
         return sorted(tracks, key=lambda t: t.order)
@@ -2863,8 +2808,8 @@ class ServiceScope:
         """Every instance with its status, values and recent trend, as the services table shows
         them; when only max_rows fit, the worst instances (then the lowest IPs) and a line
         counting the others."""
-        tracks, hidden = _fit_rows(state.tracks(), max_rows, lambda t: _STATUS_RANK.get(t.status(), 3))  # Gone last
-        readings = [t.last if t.status() in (HEALTHY, UNHEALTHY) else Instance(t.key, self.service) for t in tracks]
+        tracks, hidden = _fit_rows(state.tracks(), max_rows, lambda t: _STATUS_RANK.get(t.status(), 3))
+        readings = [t.last if t.status() in (HEALTHY, UNHEALTHY) else Instance(t.key) for t in tracks]
         rows, styles = instance_cells(readings, self.policy), []
         for track, cells in zip(tracks, rows):
             cells[self.CPU_TREND], cells[self.MEMORY_TREND] = (sparkline(track.cpu.recent, blocks),
@@ -2877,15 +2822,16 @@ class ServiceScope:
                 cells[STATUS], style = status_label(track.last, self.policy), track.status()
             styles.append(style)
         columns, rows = fit_table(self.COLUMNS, rows, self.DROP, width)
-        return render_table(columns, [[cells[c] for c in columns] for cells in rows], styles, color) + _left_out(
-            hidden, "more instance")
+        table = render_table(columns, [[cells[c] for c in columns] for cells in rows], styles, color)
+        return table + _left_out(hidden, "more instance")
 
     def summary_table(self, state: TrackState, blocks: str) -> str:
         """Per instance: samples, min/avg/max, samples unhealthy, the session's trend."""
         cpu, memory = self.policy.limits(self.service)
-        rows = [[sanitize(t.key) + (" (gone)" if t.gone else ""), str(t.samples), _min_avg_max(t.cpu.stats, "%", cpu),
-                 _min_avg_max(t.memory.stats, "%", memory), str(t.unhealthy), sparkline(t.cpu.trend.values(), blocks),
-                 sparkline(t.memory.trend.values(), blocks)] for t in state.tracks()]
+        rows = [[sanitize(t.key) + (" (gone)" if t.gone else ""), str(t.samples),
+                 _min_avg_max(t.cpu.stats, "%", cpu), _min_avg_max(t.memory.stats, "%", memory), str(t.unhealthy),
+                 sparkline(t.cpu.trend.values(), blocks), sparkline(t.memory.trend.values(), blocks)]
+                for t in state.tracks()]
         return render_table(self.SUMMARY_COLUMNS, rows)
 
     def records(self, state: TrackState) -> List[Dict[str, Any]]:
@@ -2901,10 +2847,10 @@ class ServiceScope:
 class FleetScope:
     """`track` with no SERVICE (or --all): the whole fleet, a row per service, worst first;
     an expected service with no instance is a row of its own (missing)."""
-
     FIELDS = ("time", "service", "instances", "healthy", "avg_cpu", "max_cpu", "avg_memory", "max_memory")
     HEALTHY_TREND, CPU_TREND = Column("Healthy trend"), Column("CPU trend")
-    COLUMNS = (SERVICE, INSTANCES, HEALTHY_COUNT, HEALTHY_TREND, AVG_CPU, MAX_CPU, CPU_TREND, AVG_MEMORY, MAX_MEMORY)
+    COLUMNS = (SERVICE, INSTANCES, HEALTHY_COUNT, HEALTHY_TREND, AVG_CPU, MAX_CPU, CPU_TREND, AVG_MEMORY,
+               MAX_MEMORY)
     DROP = (CPU_TREND, AVG_CPU, AVG_MEMORY, HEALTHY_TREND)  # what a narrow terminal loses first
     SUMMARY_COLUMNS = (SERVICE, Column("Samples", True), Column("Healthy min/avg/max", True),
                        Column("Avg CPU min/avg/max", True), Column("Avg Memory min/avg/max", True),
@@ -2963,8 +2909,8 @@ class FleetScope:
                 cells[HEALTHY_COUNT] += "!"
             styles.append(self._style(track, state))
         columns, rows = fit_table(self.COLUMNS, rows, self.DROP, width)
-        return render_table(columns, [[cells[c] for c in columns] for cells in rows], styles, color) + _left_out(
-            hidden, "more service")
+        table = render_table(columns, [[cells[c] for c in columns] for cells in rows], styles, color)
+        return table + _left_out(hidden, "more service")
 
     @staticmethod
     def _style(track: ServiceTrack, state: TrackState) -> Optional[str]:
@@ -3021,7 +2967,6 @@ def poll(client: Any, membership: Membership, scope: Any, full: bool, seconds: f
 class Schedule:
     """Sample k starts at start + k x interval; a slot that began while the previous
     sample was still running is skipped and counted, never made up in a burst."""
-
     def __init__(self, interval: float, start: float, rediscover: float = float("inf")):
         self.interval = interval
         self.start = start
@@ -3062,14 +3007,16 @@ def render_track_header(state: TrackState) -> str:
 def render_outage(state: TrackState) -> str:
     """Why the last sample could not reach CPX, and how old the values shown are."""
     since = " (values from %s)" % state.last_good_time if state.last_good_time else ""
-    return "CPX unreachable at %s: %s; keeping the last known values%s" % (state.last.moment, state.last.outage, since)
+    return "CPX unreachable at %s: %s; keeping the last known values%s" % (
+        state.last.moment, state.last.outage, since)
 
 
 def render_track_summary(state: TrackState, blocks: str) -> str:
     """The end-of-session summary, like ping's: per row, then the worst moment."""
     lines = ["--- %s: %s from %s to %s, %d over the interval, %s skipped, %d unreachable ---" % (
         state.scope.title, _plural(state.samples, "sample"), state.first_time, state.last.moment, state.late,
-        _plural(state.skipped, "slot"), state.unreachable), state.scope.summary_table(state, blocks).rstrip("\n")]
+        _plural(state.skipped, "slot"), state.unreachable),
+        state.scope.summary_table(state, blocks).rstrip("\n")]
     worst = state.worst
     if worst is not None and worst.instances:
         lines.append("worst moment: %d of %s healthy at %s (sample %d)" % (
@@ -3084,7 +3031,6 @@ class Keyboard:
     owns the screen. Only when stdin is a terminal and this process is in its foreground:
     a background job changing the terminal's modes would be stopped by SIGTTOU. Where there
     is no termios (Windows), Ctrl+C only."""
-
     def __init__(self, stream: Any):
         self.stream = stream
         self.saved: Any = None  # the terminal's modes, to give back
@@ -3108,7 +3054,6 @@ class Keyboard:
     def wait(self, seconds: float) -> bool:
         """Sleep for seconds, or until q; True when q was pressed."""
         import select
-
         if self.saved is None:
             time.sleep(seconds)
             return False
@@ -3132,7 +3077,6 @@ class Keyboard:
         if self.saved is None:
             return
         import termios
-
         try:
             termios.tcsetattr(self.stream.fileno(), termios.TCSADRAIN, self.saved)
         except (OSError, ValueError, termios.error):
@@ -3143,7 +3087,6 @@ class Keyboard:
 class TrackView:
     """Where track's samples go; one small class per kind: LogView (an appended log),
     ScreenView (a screen redrawn in place) and RecordsView (JSON Lines or csv)."""
-
     def __init__(self, options: Options, settings: TrackSettings):
         self.options = options
         self.settings = settings
@@ -3168,16 +3111,15 @@ class TrackView:
 
 class LogView(TrackView):
     """Each sample appended as a block: the header, the table, an outage line."""
-
     def show(self, state: TrackState) -> None:
         table = state.scope.table(state, self.blocks, self.options.color)
         outage = [render_outage(state)] if state.last.outage is not None else []
-        emit("\n".join([render_track_header(state)] + self.note(state) + [table.rstrip("\n")] + outage) + "\n\n")
+        lines = [render_track_header(state)] + self.note(state) + [table.rstrip("\n")] + outage
+        emit("\n".join(lines) + "\n\n")
 
 
 class ScreenView(LogView):
     """The terminal's alternate screen, redrawn in place to its size; q quits."""
-
     # Alternate screen, cursor hidden, and no auto-wrap, so that a line wider than
     # the terminal is clipped rather than wrapped: the frame never scrolls.
     ENTER = "\x1b[?1049h\x1b[?25l\x1b[?7l"
@@ -3203,7 +3145,6 @@ class ScreenView(LogView):
 
     def show(self, state: TrackState) -> None:
         import shutil
-
         size = shutil.get_terminal_size((80, 24))
         note = self.note(state)
         # Header, (note,) blank, two table heading lines, blank, footer: 6 or 7 lines around the rows.
@@ -3226,16 +3167,15 @@ class RecordsView(TrackView):
     """Records on stdout, one per instance (or service) and sample, as JSON Lines (-o json) or
     csv (the header once); outages and the summary on stderr, so that stdout stays
     machine-readable."""
-
     def show(self, state: TrackState) -> None:
         import json
-
         if state.last.outage is not None:
             warn(self.options, render_outage(state))
         elif self.options.output == "json":
             emit("".join(json.dumps(record) + "\n" for record in state.scope.records(state)))
         else:
-            emit(render_csv(state.scope.FIELDS, state.scope.records(state), state.samples == 1 and self.options.headers))
+            header = state.samples == 1 and self.options.headers
+            emit(render_csv(state.scope.FIELDS, state.scope.records(state), header))
 
     def close(self, state: TrackState) -> None:
         say(render_track_summary(state, spark_blocks(sys.stderr)).rstrip("\n"))
@@ -3265,7 +3205,8 @@ def cmd_track(client: Any, options: Options, settings: TrackSettings) -> int:
     --count samples, then summarize."""
     if options.output not in ("table", "wide", "json", "csv") or options.write is not None:
         raise UsageError("track streams: -o prometheus and --write are for services, status and unhealthy")
-    scope = FleetScope(options.policy) if settings.service is None else ServiceScope(settings.service, options.policy)
+    scope = FleetScope(options.policy) if settings.service is None else ServiceScope(settings.service,
+                                                                                     options.policy)
     membership = Membership()
     sample = first_sample(client, membership, scope, options, settings)
     state = TrackState(scope, settings.interval)
@@ -3310,7 +3251,6 @@ MIN_SCRAPE_DEADLINE = 0.1
 
 class ServeSettings(NamedTuple):
     """What serve was asked: where to listen, and how long a read may serve later scrapes."""
-
     host: str = "127.0.0.1"
     port: int = SERVE_PORT
     min_interval: float = 0.0  # 0: every scrape reads the fleet (or shares the read in flight)
@@ -3320,7 +3260,6 @@ class Exporter:
     """serve's reads of the fleet: one at a time, shared by every scrape that comes while it
     is in flight (two Prometheus replicas, a curl), and kept for scrapes within
     --min-interval of its start. Errors become the answer of every scrape that shared them."""
-
     def __init__(self, options: Options, settings: ServeSettings):
         self.options = options
         self.settings = settings
@@ -3356,7 +3295,8 @@ class Exporter:
     def read(self, deadline: float) -> Tuple[int, str]:
         """One read of the fleet, rendered as `services -o prometheus` renders it."""
         try:
-            report, _ = snapshot_report(InstancesReport, self.client, self.options, SnapshotSettings(), deadline)
+            report, _ = snapshot_report(InstancesReport, self.client, self.options, SnapshotSettings(),
+                                        deadline)
         except (CpxUnavailable, UsageError) as error:
             return 503, "%s: %s%s\n" % (program_name(), getattr(error, "prefix", ""), error)
         return 200, report.as_prometheus(self.options)
@@ -3373,15 +3313,12 @@ def _http_classes() -> Tuple[Any, Any]:
     """The HTTP server classes serve and the simulator share, made on first use: http.server
     costs about 20 ms to import, which no other command pays."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     class QuietServer(ThreadingHTTPServer):
         """A thread per request, IPv6 as well as IPv4, and no traceback for a client that hangs up."""
-
         daemon_threads = True
 
         def __init__(self, address: Tuple[str, int], handler: Any):
             import socket
-
             self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
             super().__init__(address, handler)
 
@@ -3405,7 +3342,8 @@ def listening(make: Callable[[], Any], settings: Any) -> Any:
     try:
         server = make()
     except OSError as error:
-        raise UsageError("cannot listen on %s port %d: %s" % (settings.host, settings.port, error.strerror or error))
+        raise UsageError("cannot listen on %s port %d: %s" % (settings.host, settings.port,
+                                                               error.strerror or error))
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return server
 
@@ -3424,7 +3362,6 @@ def serve_until_stopped(server: Any) -> NoReturn:
 def serve_exporter(options: Options, settings: ServeSettings) -> Any:
     """Start serve's HTTP server in a background thread; returns the server (see .url)."""
     from concurrent.futures import ThreadPoolExecutor
-
     QuietServer, BaseHTTPRequestHandler = _http_classes()
     exporter = Exporter(options, settings)
     watchdog = Watchdog()  # cuts a client that has not sent its whole request in time
@@ -3488,7 +3425,6 @@ def serve_exporter(options: Options, settings: ServeSettings) -> Any:
 
     class ExporterServer(QuietServer):
         """serve's server: SERVE_THREADS threads at most, whatever the clients do."""
-
         pool = ThreadPoolExecutor(max_workers=SERVE_THREADS)
 
         def process_request(self, request: Any, client_address: Any) -> None:
@@ -3525,7 +3461,6 @@ class Sickness(NamedTuple):
     """What part of a simulated fleet is sick, as fractions of its instances (each at least one
     instance when above 0; which ones, the seed decides): instances that answer HTTP 500 at
     once, that never answer, and that answer slow_ms late."""
-
     fail_fraction: float = 0.0
     hang_fraction: float = 0.0
     slow_fraction: float = 0.0
@@ -3544,7 +3479,6 @@ FAIL, HANG, SLOW = "fail", "hang", "slow"
 class SimulatedInstance:
     """One simulated instance: its service, where its random walk is, where it is pulled back
     to, and its own generator's state."""
-
     __slots__ = ("service", "cpu", "memory", "base_cpu", "base_memory", "seed")
 
     def __init__(self, service: str, cpu: float, memory: float, seed: int):
@@ -3558,10 +3492,8 @@ class SimulatedFleet:
     Each instance walks on its own generator, so with a seed the values an
     instance shows depend only on how often it was read, not on the order in
     which concurrent requests arrive: seeded runs are reproducible."""
-
     def __init__(self, count: int, seed: Optional[int] = None, sickness: Sickness = Sickness()):
         import random
-
         rng = random.Random(seed)
         self.lock = threading.Lock()
         self.state: Dict[str, SimulatedInstance] = {}
@@ -3609,7 +3541,6 @@ class SimulatedFleet:
 
 class SimulatorSettings(NamedTuple):
     """What `simulate` serves, and where."""
-
     host: str = "127.0.0.1"
     port: int = 0
     servers: int = 150
@@ -3625,7 +3556,6 @@ def serve_simulator(settings: SimulatorSettings) -> Any:
     one request at a time, a listen backlog of 5."""
     import json
     import socket
-
     QuietServer, BaseHTTPRequestHandler = _http_classes()
     fleet = SimulatedFleet(settings.servers, settings.seed, settings.sickness)
     server_list = json.dumps(fleet.ips).encode()
@@ -3633,7 +3563,6 @@ def serve_simulator(settings: SimulatorSettings) -> Any:
 
     class SimulatorHandler(BaseHTTPRequestHandler):
         """The CPX API, answered from the simulated fleet."""
-
         server_version = "cpx-simulator/" + __version__
 
         def do_GET(self) -> None:
@@ -3654,7 +3583,6 @@ def serve_simulator(settings: SimulatorSettings) -> Any:
         def hang(self) -> None:
             """Answer nothing until the client gives up (or the simulator stops)."""
             import select
-
             self.close_connection = True
             while not stopping.is_set():
                 if select.select([self.connection], [], [], 0.2)[0]:
@@ -3769,9 +3697,10 @@ _SHELL_PROLOGUES = {
              "        case ${COMP_WORDS[i]} in %(commands)s) command=${COMP_WORDS[i]}; break;; esac\n"
              "    done"),
     "zsh": ("# zsh completion for cpx_devops, made by `cpx_devops.py completion zsh` from its parser.\n"
-            "# It needs zsh's completion system: 'autoload -Uz compinit && compinit' in ~/.zshrc, before it.\n"
+            "# It needs zsh's completion system: 'autoload -Uz compinit && compinit' in ~/.zshrc first.\n"
             "if (( ! $+functions[compdef] )); then\n"
-            "    print -u2 \"cpx_devops: add 'autoload -Uz compinit && compinit' to ~/.zshrc, before this script\"\n"
+            "    print -u2 \"cpx_devops: add 'autoload -Uz compinit && compinit' to ~/.zshrc, before this "
+            "script\"\n"
             "    return 1\n"
             "fi\n"
             "_cpx_devops_words() { compadd -- \"$@\" }\n"
@@ -3840,7 +3769,8 @@ def _fish_completion(table: Dict[str, Any]) -> str:
              "complete -c %s -f" % COMPLETED_NAMES[0]]
     values = {"file": " -r -F", "service": " -x -a '(__cpx_devops_services)'", "other": " -x", None: ""}
     shared = {tuple(spellings) for spellings, _ in table[""][0]}
-    others = [name for name, (options, _) in table.items() if name and not shared <= {tuple(s) for s, _ in options}]
+    others = [name for name, (options, _) in table.items()
+              if name and not shared <= {tuple(s) for s, _ in options}]
     for name, (options, positional) in table.items():
         condition = ("not __fish_seen_subcommand_from " + " ".join(others) if not name else
                      "__fish_seen_subcommand_from " + name)
@@ -3851,8 +3781,8 @@ def _fish_completion(table: Dict[str, Any]) -> str:
                                                              "__fish_use_subcommand", " ".join(words)))
         for spellings, value in options:
             if not name or name in others or tuple(spellings) not in shared:
-                lines.append(head + "".join(" -l " + s[2:] if s.startswith("--") else " -s " + s[1:] for s in spellings)
-                             + values.get(value, " -x -a '%s'" % " ".join(value or ())))
+                flags = "".join(" -l " + s[2:] if s.startswith("--") else " -s " + s[1:] for s in spellings)
+                lines.append(head + flags + values.get(value, " -x -a '%s'" % " ".join(value or ())))
     return "\n".join(lines + ["complete -c %s -w %s" % (COMPLETED_NAMES[1], COMPLETED_NAMES[0])]) + "\n"
 
 
@@ -3869,7 +3799,7 @@ def completion_script(shell: str, parser: Any) -> str:
 COMMAND_ALIASES = {"unhealthy-services": "unhealthy"}  # the original exercise's spellings, not in --help
 
 ENVIRONMENT = (
-    ("CPX_URL", "the CPX API's URL without --url (default %s)" % DEFAULT_URL),
+    ("CPX_URL", "base URL without --url (default %s)" % DEFAULT_URL),
     ("CPX_POLICY", "the policy file without --policy"),
     ("CPX_COMPLETE_LIVE", "set: completion runs `status` at each Tab for names"),
     ("NO_COLOR", "set and not empty: no colour with --color auto"),
@@ -3882,12 +3812,10 @@ ENVIRONMENT = (
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with: a usage error in one line (exit 2), a closest choice suggested; help and
-    messages through the tool's own output path (`--help >/dev/full` is exit 74, `2>&-` no
-    crash); and a record of each argument and command for shell completion (argparse keeps
-    its own list private)."""
-
+    messages through the tool's output path (`--help >/dev/full` is exit 74, `2>&-` no crash);
+    and a record of each argument and command, for completion (argparse's own is private)."""
     def __init__(self, *args: Any, **kwargs: Any):
-        self.arguments: List[Tuple[argparse.Action, Any, bool]] = []  # (action, what its value completes, alias)
+        self.arguments: List[Tuple[argparse.Action, Any, bool]] = []  # (action, what it completes, alias)
         self.commands: Dict[str, "_Parser"] = {}
         super().__init__(*args, **kwargs)
 
@@ -3895,20 +3823,21 @@ class _Parser(argparse.ArgumentParser):
         """argparse's, and the argument recorded: what its value completes (its choices unless
         said), and whether it is an alias (the original exercise's spellings: typed, not offered)."""
         action = super().add_argument(*args, **kwargs)
-        self.arguments.append((action, completes or tuple(str(c) for c in action.choices or ()) or None, alias))
+        self.arguments.append((action, completes or tuple(map(str, action.choices or ())) or None, alias))
         return action
 
     def spellings(self) -> List[str]:
         """Every option string this parser takes."""
         return [spelling for action, _, _ in self.arguments for spelling in action.option_strings]
 
-    def add_command(self, commands: Any, name: str, help_text: str, examples: str, alias: bool = False) -> "_Parser":
-        """A subcommand: its help is what it takes, and a line pointing to the program's help."""
+    def add_command(self, commands: Any, name: str, help_text: str, examples: str,
+                    alias: bool = False) -> "_Parser":
+        """A command: its help says what it takes, and points to the program's for the rest."""
         epilog = "examples:\n%s\nThe global options and the exit statuses: %s --help" % (
             "".join("  %(prog)s " + example + "\n" for example in examples.split("\n")), self.prog)
-        kwargs = {} if alias else {"help": help_text}
         command = commands.add_parser(name, description=help_text, epilog=epilog, allow_abbrev=False,
-                                      formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+                                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                                      **({} if alias else {"help": help_text}))
         command.add_argument("--version", action=_Version, help=argparse.SUPPRESS)
         if not alias:
             self.commands[name] = command
@@ -3919,11 +3848,9 @@ class _Parser(argparse.ArgumentParser):
         text = super().format_help()
         if self.commands:
             import textwrap
-
-            text += "\nenvironment:\n" + "".join("  %-18s %s\n" % pair for pair in ENVIRONMENT) + "\nexit status:\n"
-            for code, meaning in EXIT_STATUSES:
-                text += "\n".join(textwrap.wrap(meaning.replace("`", ""), 79, initial_indent="  %-5d" % code,
-                                                subsequent_indent=" " * 7)) + "\n"
+            text += "\nenvironment:\n" + "".join("  %-18s %s\n" % pair for pair in ENVIRONMENT)
+            text += "\nexit status:\n" + "".join(textwrap.fill(meaning.replace("`", ""), 79, initial_indent=(
+                "  %-5d" % code), subsequent_indent=" " * 7) + "\n" for code, meaning in EXIT_STATUSES)
         return text
 
     def print_help(self, file: Any = None) -> None:
@@ -3948,7 +3875,6 @@ class _Parser(argparse.ArgumentParser):
 
 class _Version(argparse.Action):
     """--version: the program's name and version on stdout, exit 0."""
-
     def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
                  help: str = "show the version and exit", **kwargs: Any):
         super().__init__(option_strings, dest, nargs=0, help=help, default=argparse.SUPPRESS)
@@ -3964,7 +3890,7 @@ def _number(kind: Callable[[str], Any], low: Any, high: Any, what: str) -> Calla
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError("%r is not %s" % (text, "a whole number" if kind is int else "a number"))
+            raise argparse.ArgumentTypeError("%r is not a %snumber" % (text, "whole " if kind is int else ""))
         if not low <= value <= high:
             raise argparse.ArgumentTypeError("%r must be %s from %g to %g" % (text, what, low, high))
         return value
@@ -4021,7 +3947,7 @@ def _listen(text: str) -> Tuple[str, int]:
     """--listen HOST:PORT, [IPV6]:PORT or :PORT (every interface)."""
     match = re.match(r"(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]*)):([0-9]{1,5})\Z", text.strip())
     if not match or int(match.group(3)) > 65535:
-        raise argparse.ArgumentTypeError("%r is not HOST:PORT, [IPV6]:PORT or :PORT (a port from 0 to 65535)"
+        raise argparse.ArgumentTypeError("%r is not HOST:PORT, [IPV6]:PORT or :PORT (a port up to 65535)"
                                          % sanitize(text))
     return match.group(1) or match.group(2) or "", int(match.group(3))
 
@@ -4038,31 +3964,29 @@ def _add_global_options(parser: _Parser, on_command: bool) -> None:
     add("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
         help="per-request timeout, for its whole life (default %g)" % DEFAULT_TIMEOUT)
     add("--deadline", type=_seconds, metavar="SECONDS",
-        help="time limit for a command (default %g); for track, for a sample's /servers and again for its reads "
-             "(default: the interval, at least 1 s); for serve, at most this per scrape" % DEFAULT_DEADLINE)
+        help="time limit for a command (default %g); for track, for a sample's /servers and again for "
+             "its reads (default: the interval, at least 1 s); for serve, a scrape's most" % DEFAULT_DEADLINE)
     add("--retries", type=_number(int, 0, 10, "a count"), default=DEFAULT_RETRIES, metavar="N",
         help="retries of a failed request: connection errors, timeouts, HTTP 429/502/503/504 (default %d)"
              % DEFAULT_RETRIES)
     add("--workers", type=_number(int, 1, 1024, "a count"), default=DEFAULT_WORKERS, metavar="N",
-        help="most requests in flight at once (default %d), adapted to the server's latency" % DEFAULT_WORKERS)
+        help="most requests in flight at once, adapted to the server (default %d)" % DEFAULT_WORKERS)
     add("--concurrency", choices=("adaptive", "fixed"), default="adaptive",
         help="adaptive (default) or fixed at --workers")
-    add("--cpu-threshold", type=_percent_option, metavar="PCT",
-        help="Unhealthy above this cpu, for every service (default: the policy's, else %g)" % DEFAULT_THRESHOLD)
-    add("--mem-threshold", type=_percent_option, metavar="PCT",
-        help="Unhealthy above this memory, for every service (default: the policy's, else %g)" % DEFAULT_THRESHOLD)
+    for resource in ("cpu", "mem"):
+        add("--%s-threshold" % resource, type=_percent_option, metavar="PCT", help="Unhealthy above this %s, "
+            "for every service (default: the policy's, else %g)" % (resource, DEFAULT_THRESHOLD))
     add("--policy", metavar="FILE", completes="file",
         help="the fleet's policy (INI): expected services, minimums, thresholds (default: $CPX_POLICY)")
     add("--shard", metavar="K/N", type=_shard, help="read only slice K of N of the fleet, for N exporters")
     add("-o", "--output", choices=OUTPUT_FORMATS, default="table", help="output format (default table)")
     add("-q", "--quiet", action="store_true", help="hide warnings (errors always show)")
     add("--no-headers", action="store_true", help="no header row (table, csv) and no line under a table")
-    add("--write", metavar="FILE", completes="file",
-        help="write the output to FILE atomically (temporary file, then rename)")
-    add("--color", choices=COLOR_MODES, default="auto",
-        help="colour: auto (on a terminal; the default), always (watch -c), or never")
+    add("--write", metavar="FILE", completes="file", help="write the output to FILE atomically")
+    add("--color", choices=COLOR_MODES, default="auto", help="colour: auto (on a terminal; the default), "
+                                                             "always (watch -c), or never")
     add("--no-color", dest="color", action="store_const", const="never", help="the same as --color never")
-    add("-v", "--verbose", action="store_true", help="say on stderr how the fetch went (time, concurrency, retries)")
+    add("-v", "--verbose", action="store_true", help="say on stderr how the fetch went")
     parser.add_argument("--cp-url", dest="url", alias=True, help=argparse.SUPPRESS,
                         **({"default": argparse.SUPPRESS} if on_command else {}))
 
@@ -4088,85 +4012,81 @@ def build_parser() -> _Parser:
 
     services = add("services", "every instance: IP, service, status, cpu, memory",
                    "--service UserService --sort cpu\n-o csv > fleet.csv\n--status unhealthy,unknown")
-    services.add_argument("--service", metavar="NAME", type=_names(), action="append", default=[], completes="service",
-                          help="only these services' instances: names or shell-style patterns ('Pay*'), "
-                               "comma-separated or repeated")
-    services.add_argument("--status", metavar="STATUS", type=_names(STATUS_FILTERS), action="append", default=[],
-                          completes=STATUS_FILTERS, help="only instances in this status: healthy, unhealthy or "
-                                                         "unknown (comma-separated or repeated)")
+    services.add_argument("--service", metavar="NAME", type=_names(), action="append", default=[],
+                          completes="service", help="only these services' instances: names or shell-style "
+                                                    "patterns ('Pay*'), comma-separated or repeated")
+    services.add_argument("--status", metavar="STATUS", type=_names(STATUS_FILTERS), action="append",
+                          default=[], completes=STATUS_FILTERS,
+                          help="only instances in these statuses: healthy, unhealthy, unknown")
     services.add_argument("--sort", choices=SORT_KEYS, default="service",
                           help="row order (default: service, then IP; cpu/memory highest first)")
-
     status = add("status", "per service: instances, healthy, average and maximum cpu and memory",
                  "UserService -o json\n'Pay*,Auth*' -o wide\n--sort cpu")
     status.add_argument("service", nargs="*", type=_names(), metavar="SERVICE", completes="service",
-                        help="only these services: names or shell-style patterns, comma-separated or several")
+                        help="only these services: names or shell-style patterns")
     status.add_argument("--service", dest="named", type=_names(), action="append", default=[], alias=True,
                         help=argparse.SUPPRESS)
-    status.add_argument("--sort", choices=SUMMARY_SORT_KEYS, default="service",
-                        help="row order (default: service; instances most first, healthy fewest first, "
-                             "cpu/memory highest average first)")
-
-    for name, alias in (("unhealthy", False), ("unhealthy-services", True)):
-        unhealthy = add(name, "services with fewer healthy instances than their minimum, or expected and missing "
-                              "(exit 1 if any)", "--min-healthy 3 -o json\n--policy fleet.ini", alias)
+    status.add_argument("--sort", choices=SUMMARY_SORT_KEYS, default="service", help="row order (default: "
+                        "service; instances most first, healthy fewest first, cpu/memory highest first)")
+    snapshots = [services, status]
+    for name in ("unhealthy", "unhealthy-services"):
+        unhealthy = add(name, "services under their minimum of healthy instances, or expected and missing "
+                              "(exit 1 if any)", "--min-healthy 3 -o json\n--policy fleet.ini", name != "unhealthy")
         unhealthy.add_argument("--min-healthy", type=_min_healthy_option, metavar="N|PCT%",
-                               help="the minimum for every service, a count or a share of its instances "
-                                    "(50%%%%) (default: the policy's, else %d)" % DEFAULT_MIN_HEALTHY)
-    for command in (services, status, unhealthy, parser.commands["unhealthy"]):
+                               help="every service's minimum, a count or a share of its instances (50%%%%) "
+                                    "(default: the policy's, else %d)" % DEFAULT_MIN_HEALTHY)
+        snapshots.append(unhealthy)
+    for command in snapshots:
         command.add_argument("--reverse", action="store_true", help="the rows in the opposite order")
-        command.add_argument("--strict", action="store_true", help="partial data is a failure: exit %d after "
-                                                                   "the output if any instance was unreadable"
-                                                                   % EXIT_PARTIAL)
+        command.add_argument("--strict", action="store_true", help="exit %d after the output when any "
+                                                                   "instance could not be read" % EXIT_PARTIAL)
 
     track = add("track", "a live view of one service, or of the whole fleet, until q or Ctrl+C",
-                "UserService\nUserService -n 0.5 -c 20 -o json\n--all          (the whole fleet, a row per service)")
+                "UserService\nUserService -n 0.5 -c 20 -o json\n--all          (a row per service)")
     watched = track.add_mutually_exclusive_group()
-    track.arguments.append((watched.add_argument("service", nargs="?", metavar="SERVICE", help=(
-        "the service to watch, a row per instance (default: the whole fleet)")), "service", False))
-    track.arguments.append((watched.add_argument("--all", action="store_true", help=(
-        "the whole fleet, a row per service, worst first (the default without SERVICE)")), None, False))
+    track.arguments += [(watched.add_argument("service", nargs="?", metavar="SERVICE", help="the service to "
+                                              "watch, a row per instance (default: the whole fleet)"), "service", False),
+                        (watched.add_argument("--all", action="store_true", help="the whole fleet, a row per "
+                                              "service, worst first (the default)"), None, False)]
     track.add_argument("-n", "--interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
-                       help="time between sample starts, %g or more (default %g)" % (MIN_INTERVAL, DEFAULT_INTERVAL))
+                       help="time between samples, %g or more (default %g)" % (MIN_INTERVAL, DEFAULT_INTERVAL))
     track.add_argument("-c", "--count", type=_number(int, 1, 10 ** 9, "a count"), metavar="N",
                        help="stop after N samples")
     track.add_argument("--rediscover", type=_seconds, default=DEFAULT_REDISCOVER, metavar="SECONDS",
-                       help="re-read the whole fleet this often (default %g); /servers is checked every sample"
-                            % DEFAULT_REDISCOVER)
+                       help="re-read the whole fleet this often (default %g)" % DEFAULT_REDISCOVER)
 
     serve = add("serve", "a Prometheus exporter: reads the fleet at each scrape of /metrics",
                 "\n--listen :%d --policy /etc/cpx/policy.ini\n--listen 127.0.0.1:0     (a free port)" % SERVE_PORT)
     serve.add_argument("--listen", type=_listen, default=("127.0.0.1", SERVE_PORT), metavar="HOST:PORT",
-                       help="where to listen (default 127.0.0.1:%d, loopback only; :PORT for every interface)"
-                            % SERVE_PORT)
-    serve.add_argument("--min-interval", type=_number(float, 0, MAX_SECONDS, "a number of seconds"), default=0.0,
-                       metavar="SECONDS", help="serve the last read to scrapes this close to its start (default 0: "
-                                               "every scrape reads, or shares the read in flight)")
+                       help="where (default 127.0.0.1:%d, loopback only; :PORT: every interface)" % SERVE_PORT)
+    serve.add_argument("--min-interval", type=_number(float, 0, MAX_SECONDS, "a number of seconds"),
+                       default=0.0, metavar="SECONDS", help="serve the last read to scrapes this close to its "
+                                                            "start (default 0: each scrape reads)")
 
-    completion = parser.add_command(commands, "completion", "print a shell completion script (bash, zsh or fish)",
+    completion = parser.add_command(commands, "completion", "print a shell completion script",
                                     "bash > ~/.local/share/bash-completion/completions/cpx-devops\n"
                                     "fish > ~/.config/fish/completions/cpx-devops.fish")
     completion.add_argument("shell", choices=SHELLS, help="the shell to complete for")
 
-    simulate = parser.add_command(commands, "simulate", "a CPX-compatible API server on loopback, for demos and "
-                                                        "tests", "--port 0 --servers 1000 --latency-ms 20\n"
-                                                                 "--latency-ms 20 --hang-fraction 0.07 --slow-fraction 0.5")
-    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; ::1 for IPv6)")
+    simulate = parser.add_command(commands, "simulate", "a CPX-compatible API server, for demos and tests",
+                                  "--port 0 --servers 1000 --latency-ms 20\n"
+                                  "--latency-ms 20 --hang-fraction 0.07 --slow-fraction 0.5")
+    simulate.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1; ::1 for IPv6)")
     simulate.add_argument("--port", type=_number(int, 0, 65535, "a port"), default=8080,
                           help="port (default 8080; 0 picks a free one)")
     simulate.add_argument("--servers", type=_number(int, 1, 10 ** 6, "a count"), default=150,
                           help="fleet size (default 150)")
-    simulate.add_argument("--latency-ms", type=_number(float, 0, 3600000, "milliseconds"), default=0.0, metavar="MS",
-                          help="delay before every answer (default 0)")
     simulate.add_argument("--seed", type=int, help="random seed, for a reproducible fleet")
     simulate.add_argument("--single-threaded", action="store_true",
-                          help="answer one request at a time with a listen backlog of 5, like the reference server")
-    for kind, what in (("fail", "answer HTTP 500 at once"), ("hang", "never answer, until the client gives up"),
+                          help="one request at a time, a listen backlog of 5: the reference server")
+    for name, default, what in (("--latency-ms", 0.0, "delay before every answer"),
+                                ("--slow-ms", 700.0, "how late the slow instances answer")):
+        simulate.add_argument(name, type=_number(float, 0, 3600000, "milliseconds"), default=default,
+                              metavar="MS", help="%s (default %g)" % (what, default))
+    for kind, what in (("fail", "answer HTTP 500 at once"), ("hang", "never answer"),
                        ("slow", "answer --slow-ms late")):
         simulate.add_argument("--%s-fraction" % kind, type=_number(float, 0, 1, "a fraction"), default=0.0,
                               metavar="F", help="this fraction of the instances %s (default 0)" % what)
-    simulate.add_argument("--slow-ms", type=_number(float, 0, 3600000, "milliseconds"), default=700.0, metavar="MS",
-                          help="how late the slow instances answer (default 700)")
     return parser
 
 
@@ -4215,10 +4135,12 @@ def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Opti
                              "--policy" if args.policy is not None else "$CPX_POLICY")
     return Options(url=url, authorization=authorization, timeout=args.timeout, deadline=args.deadline,
                    retries=args.retries, workers=args.workers, adaptive=args.concurrency == "adaptive",
-                   policy=policy.overridden(args.cpu_threshold, args.mem_threshold, getattr(args, "min_healthy", None)),
+                   policy=policy.overridden(args.cpu_threshold, args.mem_threshold,
+                                            getattr(args, "min_healthy", None)),
                    shard=args.shard, output=args.output, quiet=args.quiet, verbose=args.verbose,
                    # Never colour a file: --write's codes would be read by a collector, not a terminal.
-                   color=args.write is None and use_color(sys.stdout, args.color, environ), interactive=interactive,
+                   color=args.write is None and use_color(sys.stdout, args.color, environ),
+                   interactive=interactive,
                    headers=not args.no_headers, write=args.write,
                    service_cache=os.path.join(cache_home, *SERVICE_CACHE)
                    if interactive or environ.get("CPX_COMPLETE_LIVE") else None)
@@ -4244,9 +4166,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("unrecognized arguments: %s%s" % (" ".join(extras), _suggestion(
             extras[0], parser.commands[command].spellings())))
     if command == "simulate":
+        sickness = Sickness(args.fail_fraction, args.hang_fraction, args.slow_fraction, args.slow_ms)
         return cmd_simulate(SimulatorSettings(args.host, args.port, args.servers, args.latency_ms, args.seed,
-                                              args.single_threaded, Sickness(args.fail_fraction, args.hang_fraction,
-                                                                             args.slow_fraction, args.slow_ms)))
+                                              args.single_threaded, sickness))
     if command == "completion":
         emit(completion_script(args.shell, parser))
         return EXIT_OK
@@ -4261,7 +4183,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     interrupted = False
     try:
         if command == "track":
-            return cmd_track(client, options, TrackSettings(args.service, args.interval, args.count, args.rediscover))
+            settings = TrackSettings(args.service, args.interval, args.count, args.rediscover)
+            return cmd_track(client, options, settings)
         services = [name for names in args.service + getattr(args, "named", []) for name in names] \
             if command != "unhealthy" else []
         return cmd_snapshot(REPORTS[command], client, options, SnapshotSettings(

@@ -3111,8 +3111,8 @@ class PolicyCliTest(ServerTestCase):
                 self.assertEqual((result.returncode, result.stdout, result.stderr), (2, "", message))
         huge = self.write_policy("# padding\n" * 120000, "huge.ini")
         result = self.cli("--policy", huge, "status")
-        self.assertEqual((result.returncode, result.stderr), (2, "cpx_devops: error: policy %s: more than 1 MiB; is it "
-                                                                 "the right file?\n" % huge))
+        self.assertEqual((result.returncode, result.stderr), (2, "cpx_devops: error: policy %s: over 1 MiB, the "
+                                                                 "wrong file?\n" % huge))
         latin = os.path.join(os.path.dirname(bad), "latin.ini")
         with open(latin, "wb") as policy:
             policy.write(b"[service:A]\n# caf\xe9\n")
@@ -4578,10 +4578,10 @@ class PolicyFileTest(ServerTestCase):
 
     def test_what_configparser_dropped_is_now_an_error_with_its_line(self):
         for text, message in (
-                ("[service:X] min_healthy = 5\n", "policy fleet.ini, line 1: a [section] line ends with its ']', and "
-                                                  "only a comment may follow: [service:X] min_healthy = 5"),
-                ("[defaults\n", "policy fleet.ini, line 1: a [section] line ends with its ']', and only a comment "
-                                "may follow: [defaults"),
+                ("[service:X] min_healthy = 5\n", "policy fleet.ini, line 1: a [section] line ends with its ']', "
+                                                  "then a comment at most: [service:X] min_healthy = 5"),
+                ("[defaults\n", "policy fleet.ini, line 1: a [section] line ends with its ']', then a comment at "
+                                "most: [defaults"),
                 ("[defaults]\nmin_healthy = 1\n\x0c\n[service:A]\nbogus = 1\n",
                  "policy fleet.ini, line 5: unknown key 'bogus' in [service:A]; it takes min_healthy, instances, "
                  "cpu_threshold, memory_threshold"),
