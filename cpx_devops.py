@@ -2940,17 +2940,18 @@ class FleetScope:
 
 
 def poll(client: Any, membership: Membership, scope: Any, full: bool, seconds: float,
-         first: bool = False) -> Sample:
+         first: bool = False, clock: Any = time) -> Sample:
     """One sample: /servers, then what the scope reads (the whole fleet when full), each within
     `seconds`. CPX is unreachable when /servers failed and no instance answered; on the first
-    sample, an unreadable /servers is CpxUnavailable instead."""
-    moment, started = utc_now(), time.monotonic()
+    sample, an unreadable /servers is CpxUnavailable instead. clock times the sample (the
+    schedule's; the tests' can be a controlled one); deadlines are the client's, real time."""
+    moment, started, deadline = utc_now(), clock.monotonic(), time.monotonic() + seconds
     listing_error = None
     try:
         if first:
-            membership.forget(list_fleet(client, client.options, started + seconds))
+            membership.forget(list_fleet(client, client.options, deadline))
         else:
-            membership.forget(client.list_servers(started + seconds).ips)
+            membership.forget(client.list_servers(deadline).ips)
     except CpxUnavailable as error:
         if first:
             raise
@@ -2958,9 +2959,9 @@ def poll(client: Any, membership: Membership, scope: Any, full: bool, seconds: f
     readings = client.read_instances(scope.to_read(membership, full), time.monotonic() + seconds)
     membership.learn(readings)
     if listing_error is not None and not any(r.readable for r in readings):
-        return Sample(moment, {}, listing_error, time.monotonic() - started)
+        return Sample(moment, {}, listing_error, clock.monotonic() - started)
     scope.resolve(membership, first)
-    return Sample(moment, scope.values(membership, readings), None, time.monotonic() - started,
+    return Sample(moment, scope.values(membership, readings), None, clock.monotonic() - started,
                   scope.note(membership))
 
 
@@ -3051,11 +3052,11 @@ class Keyboard:
         except (OSError, ValueError, AttributeError, termios.error):
             self.saved = None
 
-    def wait(self, seconds: float) -> bool:
+    def wait(self, seconds: float, clock: Any = time) -> bool:
         """Sleep for seconds, or until q; True when q was pressed."""
         import select
         if self.saved is None:
-            time.sleep(seconds)
+            clock.sleep(seconds)
             return False
         end = time.monotonic() + seconds
         descriptor = self.stream.fileno()
@@ -3181,11 +3182,11 @@ class RecordsView(TrackView):
         say(render_track_summary(state, spark_blocks(sys.stderr)).rstrip("\n"))
 
 
-def first_sample(client: Any, membership: Membership, scope: Any, options: Options,
-                 settings: TrackSettings) -> Sample:
+def first_sample(client: Any, membership: Membership, scope: Any, options: Options, settings: TrackSettings,
+                 clock: Any) -> Sample:
     """The first sample, a read of the whole fleet, as of its end: the schedule starts there,
     so that a long first read costs no skipped slot."""
-    sample = poll(client, membership, scope, True, settings.full_read_deadline(options.deadline), first=True)
+    sample = poll(client, membership, scope, True, settings.full_read_deadline(options.deadline), True, clock)
     missing = scope.not_found(membership)
     if missing:
         warn(options, "%s; reading them again every sample" % missing)
@@ -3200,18 +3201,18 @@ def track_view(options: Options, settings: TrackSettings) -> TrackView:
     return ScreenView(options, settings) if options.interactive else LogView(options, settings)
 
 
-def cmd_track(client: Any, options: Options, settings: TrackSettings) -> int:
+def cmd_track(client: Any, options: Options, settings: TrackSettings, clock: Any = time) -> int:
     """Sample one service, or the whole fleet, on a fixed schedule until q, Ctrl+C or
-    --count samples, then summarize."""
+    --count samples, then summarize. clock: its monotonic() and sleep() keep the schedule."""
     if options.output not in ("table", "wide", "json", "csv") or options.write is not None:
         raise UsageError("track streams: -o prometheus and --write are for services, status and unhealthy")
     scope = FleetScope(options.policy) if settings.service is None else ServiceScope(settings.service,
                                                                                      options.policy)
     membership = Membership()
-    sample = first_sample(client, membership, scope, options, settings)
+    sample = first_sample(client, membership, scope, options, settings, clock)
     state = TrackState(scope, settings.interval)
     view = track_view(options, settings)
-    schedule = Schedule(settings.interval, time.monotonic(), settings.rediscover)
+    schedule = Schedule(settings.interval, clock.monotonic(), settings.rediscover)
     code = EXIT_OK
     try:
         view.open()
@@ -3220,13 +3221,13 @@ def cmd_track(client: Any, options: Options, settings: TrackSettings) -> int:
             view.show(state)
             if settings.count is not None and state.samples >= settings.count:
                 break
-            wait, missed = schedule.next_wait(time.monotonic())
+            wait, missed = schedule.next_wait(clock.monotonic())
             state.skipped += missed
-            if view.keyboard.wait(wait):
+            if view.keyboard.wait(wait, clock):
                 break  # q
-            full = schedule.full_read_due(time.monotonic())
+            full = schedule.full_read_due(clock.monotonic())
             deadline = settings.full_read_deadline if full else settings.sample_deadline
-            sample = poll(client, membership, scope, full, deadline(options.deadline))
+            sample = poll(client, membership, scope, full, deadline(options.deadline), clock=clock)
     except KeyboardInterrupt:
         pass  # Ctrl+C is how a live view is stopped: a normal end
     except Terminated:
