@@ -8,15 +8,16 @@
                                                              from a seeded simulator
 """
 
+import glob
 import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 import time
 
 import cpx_devops as cpx
-from test_cpx_devops import CLI, HERE, README_SEED, cli_env, finish, run_readme_command, start_simulator_process
+from test_cpx_devops import CLI, HERE, cli_env, finish, run_readme_command, start_simulator_process
 
 # ---------------------------------------------------------------------------
 # Benchmark (make bench): prints, asserts nothing
@@ -221,36 +222,30 @@ def bench(quick=False, only=None):
 # ---------------------------------------------------------------------------
 
 def update_readme():
-    """Rewrite the output under each README example with what it prints now (after a change
-    to the output; the README test then checks it)."""
-    path = os.path.join(HERE, "README.md")
-    with open(path, encoding="utf-8") as readme:
-        lines = readme.read().splitlines()
-    import tempfile
-    simulator, url = start_simulator_process(150, 0, [], seed=README_SEED)
-    folder = tempfile.mkdtemp()
-    out, inside, skipping = [], False, False
-    try:
+    """Rewrite the output under each example of the README and the docs with what it prints now
+    (after a change to the output; the README tests then check it)."""
+    for path in [os.path.join(HERE, "README.md")] + sorted(glob.glob(os.path.join(HERE, "docs", "*.md"))):
+        with open(path, encoding="utf-8") as document:
+            lines = document.read().splitlines()
+        out, inside, skipping, setup = [], False, False, []
         for line in lines:
             if line.startswith("```"):
                 inside, skipping = not inside, False
+            elif inside and line.startswith("$ printf "):
+                setup.append(line[2:])
             elif inside and line.startswith("$ "):
                 skipping = False
-                if line.startswith("$ printf "):
-                    run_readme_command(line[2:], url, folder)
-                elif line.startswith("$ python3 cpx_devops.py") and " simulate" not in line:
+                if line.startswith("$ python3 cpx_devops.py") and not re.search(r" (simulate|serve)\b", line):
                     out.append(line)
-                    out.extend(run_readme_command(line[2:], url, folder))
-                    skipping = True
+                    out.extend(run_readme_command("; ".join(setup + [line[2:]])))
+                    skipping, setup = True, []
                     continue
+                setup = []
             elif skipping:
                 continue
             out.append(line)
-    finally:
-        finish(simulator)
-        shutil.rmtree(folder)
-    with open(path, "w", encoding="utf-8") as readme:
-        readme.write("\n".join(out) + "\n")
+        with open(path, "w", encoding="utf-8") as document:
+            document.write("\n".join(out) + "\n")
 
 
 if __name__ == "__main__":

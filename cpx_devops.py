@@ -2053,12 +2053,12 @@ def warn(options: Options, message: str) -> None:
 def _write_all(descriptor: int, data: bytes) -> None:
     """Every byte to the descriptor: partial writes continued, and a non-blocking one that
     is full waited on (Python's own stream drops the rest there when unbuffered)."""
-    import select
     view = memoryview(data)
     while view:
         try:
             view = view[os.write(descriptor, view):]
         except BlockingIOError:
+            import select
             select.select([], [descriptor], [])
 
 
@@ -3661,7 +3661,7 @@ def completion_table(parser: Any) -> Dict[str, Tuple[List[Tuple[Sequence[str], A
         return options, positional
 
     table = {"": read(parser)}
-    table.update((name, read(command)) for name, command in parser.commands.items())
+    table.update((name, read(command.populate())) for name, command in parser.commands.items())
     return table
 
 
@@ -3818,6 +3818,7 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any):
         self.arguments: List[Tuple[argparse.Action, Any, bool]] = []  # (action, what it completes, alias)
         self.commands: Dict[str, "_Parser"] = {}
+        self.builders: List[Callable[["_Parser"], None]] = []  # what adds its arguments, not run yet
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args: Any, completes: Any = None, alias: bool = False, **kwargs: Any) -> Any:
@@ -3832,17 +3833,31 @@ class _Parser(argparse.ArgumentParser):
         return [spelling for action, _, _ in self.arguments for spelling in action.option_strings]
 
     def add_command(self, commands: Any, name: str, help_text: str, examples: str,
-                    alias: bool = False) -> "_Parser":
-        """A command: its help says what it takes, and points to the program's for the rest."""
+                    arguments: Callable[["_Parser"], None], reads_cpx: bool, alias: bool = False) -> "_Parser":
+        """A command: its help says what it takes, and points to the program's for the rest. Its
+        arguments are added when it is first parsed (or completed): see populate()."""
         epilog = "examples:\n%s\nThe global options and the exit statuses: %s --help" % (
             "".join("  %(prog)s " + example + "\n" for example in examples.split("\n")), self.prog)
         command = commands.add_parser(name, description=help_text, epilog=epilog, allow_abbrev=False,
                                       formatter_class=argparse.RawDescriptionHelpFormatter,
                                       **({} if alias else {"help": help_text}))
-        command.add_argument("--version", action=_Version, help=argparse.SUPPRESS)
+        command.builders = [arguments] + ([functools.partial(_add_global_options, on_command=True)]
+                                          if reads_cpx else [])
         if not alias:
             self.commands[name] = command
         return command
+
+    def populate(self) -> "_Parser":
+        """This command's arguments, added once, now."""
+        builders, self.builders = self.builders, []
+        if builders:
+            self.add_argument("--version", action=_Version, help=argparse.SUPPRESS)
+        for build in builders:
+            build(self)
+        return self
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        return super(_Parser, self.populate()).parse_known_args(args, namespace)
 
     def format_help(self) -> str:
         """argparse's help; the program's own ends with the environment and the exit statuses."""
@@ -3992,6 +4007,109 @@ def _add_global_options(parser: _Parser, on_command: bool) -> None:
                         **({"default": argparse.SUPPRESS} if on_command else {}))
 
 
+def _services_arguments(command: _Parser) -> None:
+    command.add_argument("--service", metavar="NAME", type=_names(), action="append", default=[],
+                         completes="service", help="only these services' instances: names or shell-style "
+                                                   "patterns ('Pay*'), comma-separated or repeated")
+    command.add_argument("--status", metavar="STATUS", type=_names(STATUS_FILTERS), action="append",
+                         default=[], completes=STATUS_FILTERS,
+                         help="only instances in these statuses: healthy, unhealthy, unknown")
+    command.add_argument("--sort", choices=SORT_KEYS, default="service",
+                         help="row order (default: service, then IP; cpu/memory highest first)")
+    _snapshot_arguments(command)
+
+
+def _status_arguments(command: _Parser) -> None:
+    command.add_argument("service", nargs="*", type=_names(), metavar="SERVICE", completes="service",
+                         help="only these services: names or shell-style patterns")
+    command.add_argument("--service", dest="named", type=_names(), action="append", default=[], alias=True,
+                         help=argparse.SUPPRESS)
+    command.add_argument("--sort", choices=SUMMARY_SORT_KEYS, default="service", help="row order (default: "
+                         "service; instances most first, healthy fewest first, cpu/memory highest first)")
+    _snapshot_arguments(command)
+
+
+def _unhealthy_arguments(command: _Parser) -> None:
+    command.add_argument("--min-healthy", type=_min_healthy_option, metavar="N|PCT%",
+                         help="every service's minimum, a count or a share of its instances (50%%%%) "
+                              "(default: the policy's, else %d)" % DEFAULT_MIN_HEALTHY)
+    _snapshot_arguments(command)
+
+
+def _snapshot_arguments(command: _Parser) -> None:
+    command.add_argument("--reverse", action="store_true", help="the rows in the opposite order")
+    command.add_argument("--strict", action="store_true", help="exit %d after the output when any instance "
+                                                               "could not be read" % EXIT_PARTIAL)
+
+
+def _track_arguments(command: _Parser) -> None:
+    watched = command.add_mutually_exclusive_group()
+    command.arguments += [(watched.add_argument("service", nargs="?", metavar="SERVICE", help="the service to "
+                                                "watch, a row per instance (default: the whole fleet)"),
+                           "service", False),
+                          (watched.add_argument("--all", action="store_true", help="the whole fleet, a row per "
+                                                "service, worst first (the default)"), None, False)]
+    command.add_argument("-n", "--interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
+                         help="time between samples, %g or more (default %g)" % (MIN_INTERVAL, DEFAULT_INTERVAL))
+    command.add_argument("-c", "--count", type=_number(int, 1, 10 ** 9, "a count"), metavar="N",
+                         help="stop after N samples")
+    command.add_argument("--rediscover", type=_seconds, default=DEFAULT_REDISCOVER, metavar="SECONDS",
+                         help="re-read the whole fleet this often (default %g)" % DEFAULT_REDISCOVER)
+
+
+def _serve_arguments(command: _Parser) -> None:
+    command.add_argument("--listen", type=_listen, default=("127.0.0.1", SERVE_PORT), metavar="HOST:PORT",
+                         help="where (default 127.0.0.1:%d, loopback only; :PORT: every interface)" % SERVE_PORT)
+    command.add_argument("--min-interval", type=_number(float, 0, MAX_SECONDS, "a number of seconds"),
+                         default=0.0, metavar="SECONDS", help="serve the last read to scrapes this close to "
+                                                              "its start (default 0: each scrape reads)")
+
+
+def _completion_arguments(command: _Parser) -> None:
+    command.add_argument("shell", choices=SHELLS, help="the shell to complete for")
+
+
+def _simulate_arguments(command: _Parser) -> None:
+    command.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1; ::1 for IPv6)")
+    command.add_argument("--port", type=_number(int, 0, 65535, "a port"), default=8080,
+                         help="port (default 8080; 0 picks a free one)")
+    command.add_argument("--servers", type=_number(int, 1, 10 ** 6, "a count"), default=150,
+                         help="fleet size (default 150)")
+    command.add_argument("--seed", type=int, help="random seed, for a reproducible fleet")
+    command.add_argument("--single-threaded", action="store_true",
+                         help="one request at a time, a listen backlog of 5: the reference server")
+    for name, default, what in (("--latency-ms", 0.0, "delay before every answer"),
+                                ("--slow-ms", 700.0, "how late the slow instances answer")):
+        command.add_argument(name, type=_number(float, 0, 3600000, "milliseconds"), default=default,
+                             metavar="MS", help="%s (default %g)" % (what, default))
+    for kind, what in (("fail", "answer HTTP 500 at once"), ("hang", "never answer"),
+                       ("slow", "answer --slow-ms late")):
+        command.add_argument("--%s-fraction" % kind, type=_number(float, 0, 1, "a fraction"), default=0.0,
+                             metavar="F", help="this fraction of the instances %s (default 0)" % what)
+
+
+# Each command: its help, its examples, what adds its arguments, and whether it reads CPX (and so
+# takes the global options). A command's arguments are added when it is parsed: --help and every
+# other command pay nothing for them.
+COMMANDS = (
+    ("services", "every instance: IP, service, status, cpu, memory",
+     "--service UserService --sort cpu\n-o csv > fleet.csv\n--status unhealthy,unknown", _services_arguments, True),
+    ("status", "per service: instances, healthy, average and maximum cpu and memory",
+     "UserService -o json\n'Pay*,Auth*' -o wide\n--sort cpu", _status_arguments, True),
+    ("unhealthy", "services under their minimum of healthy instances, or expected and missing (exit 1 if any)",
+     "--min-healthy 3 -o json\n--policy fleet.ini", _unhealthy_arguments, True),
+    ("track", "a live view of one service, or of the whole fleet, until q or Ctrl+C",
+     "UserService\nUserService -n 0.5 -c 20 -o json\n--all          (a row per service)", _track_arguments, True),
+    ("serve", "a Prometheus exporter: reads the fleet at each scrape of /metrics",
+     "\n--listen :%d --policy /etc/cpx/policy.ini\n--listen 127.0.0.1:0     (a free port)" % SERVE_PORT,
+     _serve_arguments, True),
+    ("completion", "print a shell completion script", "bash > ~/.local/share/bash-completion/completions/"
+     "cpx-devops\nfish > ~/.config/fish/completions/cpx-devops.fish", _completion_arguments, False),
+    ("simulate", "a CPX-compatible API server, for demos and tests", "--port 0 --servers 1000 --latency-ms 20\n"
+     "--latency-ms 20 --hang-fraction 0.07 --slow-fraction 0.5", _simulate_arguments, False),
+)
+
+
 def build_parser() -> _Parser:
     """The command line: global options before or after a command."""
     parser = _Parser(prog=os.path.basename(sys.argv[0]) or "cpx_devops.py", allow_abbrev=False,
@@ -4005,89 +4123,10 @@ def build_parser() -> _Parser:
     _add_global_options(parser, on_command=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
-
-    def add(name: str, help_text: str, examples: str, alias: bool = False) -> _Parser:
-        command = parser.add_command(commands, name, help_text, examples, alias)
-        _add_global_options(command, on_command=True)
-        return command
-
-    services = add("services", "every instance: IP, service, status, cpu, memory",
-                   "--service UserService --sort cpu\n-o csv > fleet.csv\n--status unhealthy,unknown")
-    services.add_argument("--service", metavar="NAME", type=_names(), action="append", default=[],
-                          completes="service", help="only these services' instances: names or shell-style "
-                                                    "patterns ('Pay*'), comma-separated or repeated")
-    services.add_argument("--status", metavar="STATUS", type=_names(STATUS_FILTERS), action="append",
-                          default=[], completes=STATUS_FILTERS,
-                          help="only instances in these statuses: healthy, unhealthy, unknown")
-    services.add_argument("--sort", choices=SORT_KEYS, default="service",
-                          help="row order (default: service, then IP; cpu/memory highest first)")
-    status = add("status", "per service: instances, healthy, average and maximum cpu and memory",
-                 "UserService -o json\n'Pay*,Auth*' -o wide\n--sort cpu")
-    status.add_argument("service", nargs="*", type=_names(), metavar="SERVICE", completes="service",
-                        help="only these services: names or shell-style patterns")
-    status.add_argument("--service", dest="named", type=_names(), action="append", default=[], alias=True,
-                        help=argparse.SUPPRESS)
-    status.add_argument("--sort", choices=SUMMARY_SORT_KEYS, default="service", help="row order (default: "
-                        "service; instances most first, healthy fewest first, cpu/memory highest first)")
-    snapshots = [services, status]
-    for name in ("unhealthy", "unhealthy-services"):
-        unhealthy = add(name, "services under their minimum of healthy instances, or expected and missing "
-                              "(exit 1 if any)", "--min-healthy 3 -o json\n--policy fleet.ini", name != "unhealthy")
-        unhealthy.add_argument("--min-healthy", type=_min_healthy_option, metavar="N|PCT%",
-                               help="every service's minimum, a count or a share of its instances (50%%%%) "
-                                    "(default: the policy's, else %d)" % DEFAULT_MIN_HEALTHY)
-        snapshots.append(unhealthy)
-    for command in snapshots:
-        command.add_argument("--reverse", action="store_true", help="the rows in the opposite order")
-        command.add_argument("--strict", action="store_true", help="exit %d after the output when any "
-                                                                   "instance could not be read" % EXIT_PARTIAL)
-
-    track = add("track", "a live view of one service, or of the whole fleet, until q or Ctrl+C",
-                "UserService\nUserService -n 0.5 -c 20 -o json\n--all          (a row per service)")
-    watched = track.add_mutually_exclusive_group()
-    track.arguments += [(watched.add_argument("service", nargs="?", metavar="SERVICE", help="the service to "
-                                              "watch, a row per instance (default: the whole fleet)"), "service", False),
-                        (watched.add_argument("--all", action="store_true", help="the whole fleet, a row per "
-                                              "service, worst first (the default)"), None, False)]
-    track.add_argument("-n", "--interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
-                       help="time between samples, %g or more (default %g)" % (MIN_INTERVAL, DEFAULT_INTERVAL))
-    track.add_argument("-c", "--count", type=_number(int, 1, 10 ** 9, "a count"), metavar="N",
-                       help="stop after N samples")
-    track.add_argument("--rediscover", type=_seconds, default=DEFAULT_REDISCOVER, metavar="SECONDS",
-                       help="re-read the whole fleet this often (default %g)" % DEFAULT_REDISCOVER)
-
-    serve = add("serve", "a Prometheus exporter: reads the fleet at each scrape of /metrics",
-                "\n--listen :%d --policy /etc/cpx/policy.ini\n--listen 127.0.0.1:0     (a free port)" % SERVE_PORT)
-    serve.add_argument("--listen", type=_listen, default=("127.0.0.1", SERVE_PORT), metavar="HOST:PORT",
-                       help="where (default 127.0.0.1:%d, loopback only; :PORT: every interface)" % SERVE_PORT)
-    serve.add_argument("--min-interval", type=_number(float, 0, MAX_SECONDS, "a number of seconds"),
-                       default=0.0, metavar="SECONDS", help="serve the last read to scrapes this close to its "
-                                                            "start (default 0: each scrape reads)")
-
-    completion = parser.add_command(commands, "completion", "print a shell completion script",
-                                    "bash > ~/.local/share/bash-completion/completions/cpx-devops\n"
-                                    "fish > ~/.config/fish/completions/cpx-devops.fish")
-    completion.add_argument("shell", choices=SHELLS, help="the shell to complete for")
-
-    simulate = parser.add_command(commands, "simulate", "a CPX-compatible API server, for demos and tests",
-                                  "--port 0 --servers 1000 --latency-ms 20\n"
-                                  "--latency-ms 20 --hang-fraction 0.07 --slow-fraction 0.5")
-    simulate.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1; ::1 for IPv6)")
-    simulate.add_argument("--port", type=_number(int, 0, 65535, "a port"), default=8080,
-                          help="port (default 8080; 0 picks a free one)")
-    simulate.add_argument("--servers", type=_number(int, 1, 10 ** 6, "a count"), default=150,
-                          help="fleet size (default 150)")
-    simulate.add_argument("--seed", type=int, help="random seed, for a reproducible fleet")
-    simulate.add_argument("--single-threaded", action="store_true",
-                          help="one request at a time, a listen backlog of 5: the reference server")
-    for name, default, what in (("--latency-ms", 0.0, "delay before every answer"),
-                                ("--slow-ms", 700.0, "how late the slow instances answer")):
-        simulate.add_argument(name, type=_number(float, 0, 3600000, "milliseconds"), default=default,
-                              metavar="MS", help="%s (default %g)" % (what, default))
-    for kind, what in (("fail", "answer HTTP 500 at once"), ("hang", "never answer"),
-                       ("slow", "answer --slow-ms late")):
-        simulate.add_argument("--%s-fraction" % kind, type=_number(float, 0, 1, "a fraction"), default=0.0,
-                              metavar="F", help="this fraction of the instances %s (default 0)" % what)
+    for name, help_text, examples, arguments, reads_cpx in COMMANDS:
+        parser.add_command(commands, name, help_text, examples, arguments, reads_cpx)
+    for alias, name in COMMAND_ALIASES.items():
+        parser.add_command(commands, alias, *next(c[1:] for c in COMMANDS if c[0] == name), alias=True)
     return parser
 
 

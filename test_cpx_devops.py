@@ -25,7 +25,6 @@ import sys
 import threading
 import time
 import unittest
-import unittest.mock
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cpx_devops as cpx
@@ -222,20 +221,13 @@ def instance(service, cpu, memory):
     return {"cpu": cpu, "memory": memory, "service": service}
 
 
-def alone(test):
-    """Run this test apart from the rest of the suite (beside other such tests only): it
-    measures the client's own speed, which the suite's other workers would take away."""
-    test.alone = True
-    return test
-
-
-def require_tool(test, name, package):
+def require_tool(test, name, package, environ=os.environ):
     """Skip a test whose tool is missing here, but fail it in CI (.ci/run sets CI and installs
     the tools): a check that CI skipped would pass unnoticed."""
     if shutil.which(name):
         return
     message = "%s is missing (.ci/run installs it: Debian package %s)" % (name, package)
-    if os.environ.get("CI"):
+    if environ.get("CI"):
         test.fail(message + "; in CI a check that cannot run is a failure")
     test.skipTest(message)
 
@@ -1678,11 +1670,9 @@ class ClientTest(ServerTestCase):
         # would span 9 timeouts.
         self.assertLess(max(hanging.closed) - min(hanging.closed), 2 * timeout)
 
-    @alone
     def test_hanging_instances_do_not_hold_back_the_healthy_ones(self):
         self.check_hanging_instances_do_not_hold_back_the_healthy_ones(64)
 
-    @alone
     def test_hanging_instances_do_not_hold_back_the_healthy_ones_with_fewer_workers_than_them(self):
         self.check_hanging_instances_do_not_hold_back_the_healthy_ones(8)
 
@@ -1833,16 +1823,16 @@ class SickFleetCliTest(ServerTestCase):
         self.server.fleet(fleet)
         # Timeouts of a second: the healthy answer in milliseconds, whatever the machine's load.
         code, out, err = run_in_process("--url", self.server.url, "--timeout", "1", "--retries", "0",
-                                        "--deadline", "3", "track", "A", "-n", "0.5", "-c", "6", "-o", "json")
+                                        "--deadline", "3", "track", "A", "-n", "0.5", "-c", "5", "-o", "json")
         self.assertEqual(code, 0, err)
         samples = samples_of(out)
-        self.assertEqual(len(samples), 6)
+        self.assertEqual(len(samples), 5)
         for number, sample in enumerate(samples, 1):
             # The seven healthy instances are read in every sample, whatever the others do.
             with self.subTest(case=(number, sample)):
                 self.assertEqual({sample["10.0.3.%d" % k] for k in range(1, 8)}, {"Healthy"}, number)
                 self.assertEqual(sample["10.0.3.11"], "Healthy" if number == 1 else "Unknown", number)
-        self.assertEqual([samples[n]["10.0.3.8"] for n in range(6)], ["Healthy"] + ["Unknown"] * 3 + ["Healthy"] * 2)
+        self.assertEqual([samples[n]["10.0.3.8"] for n in range(5)], ["Healthy"] + ["Unknown"] * 3 + ["Healthy"])
         self.assertNotIn("CPX unreachable", err)
 
     def test_a_trickling_instance_never_makes_track_report_an_outage(self):
@@ -1853,12 +1843,12 @@ class SickFleetCliTest(ServerTestCase):
         self.server.fleet(fleet)
         code, out, err = run_in_process("--url", self.server.url, "--timeout", "0.5", "--retries", "0",
                                         "--deadline", "3", "--concurrency", "fixed", "--workers", "4",
-                                        "track", "A", "-n", "0.6", "-c", "7", "-o", "json")
+                                        "track", "A", "-n", "0.6", "-c", "6", "-o", "json")
         self.assertEqual(code, 0, err)
         self.assertNotIn("CPX unreachable", err)
         samples = samples_of(out)
-        self.assertEqual(len(samples), 7)
-        self.assertEqual(self.server.count("/10.0.4.9"), 7)
+        self.assertEqual(len(samples), 6)
+        self.assertEqual(self.server.count("/10.0.4.9"), 6)
         for sample in samples[1:]:
             self.assertEqual(sample["10.0.4.9"], "Unknown")
             self.assertEqual({sample["10.0.4.%d" % k] for k in range(1, 5)}, {"Healthy"})
@@ -2613,14 +2603,11 @@ class PrometheusTest(ServerTestCase):
 
     def test_in_ci_a_check_whose_tool_is_missing_fails_instead_of_skipping(self):
         probe = unittest.TestCase()
-        with unittest.mock.patch.dict(os.environ, {"CI": "true"}):
-            with self.assertRaisesRegex(AssertionError, "in CI a check that cannot run is a failure"):
-                require_tool(probe, "cpx-no-such-tool", "none")
-        with unittest.mock.patch.dict(os.environ):
-            os.environ.pop("CI", None)
-            with self.assertRaises(unittest.SkipTest):
-                require_tool(probe, "cpx-no-such-tool", "none")
-        require_tool(probe, "sh", "dash")  # present: neither
+        with self.assertRaisesRegex(AssertionError, "in CI a check that cannot run is a failure"):
+            require_tool(probe, "cpx-no-such-tool", "none", {"CI": "true"})
+        with self.assertRaises(unittest.SkipTest):
+            require_tool(probe, "cpx-no-such-tool", "none", {})
+        require_tool(probe, "sh", "dash", {"CI": "true"})  # present: neither
 
     def test_track_refuses_prometheus_and_write(self):
         for extra in (["-o", "prometheus"], ["--write", "x.prom"]):
@@ -3372,6 +3359,7 @@ class CompletionTest(unittest.TestCase):
         for name, command in commands.items():
             if name in cpx.COMMAND_ALIASES:
                 continue
+            command.populate()
             with self.subTest(case=name):
                 expected = {o for action in command._actions for o in action.option_strings if o.startswith("--")}
                 expected -= {"--cp-url"} | ({"--service"} if name == "status" else set())  # aliases, not offered
@@ -4258,38 +4246,44 @@ class CliMiscTest(unittest.TestCase):
 
 README_SEED = 42
 _VARIABLE = [  # what differs from run to run: compared as placeholders
-    (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d|Z)", "<time>"),
+    (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?([+-]\d\d:\d\d(:\d\d)?|Z)", "<time>"),
+    (r"\b\d\d:\d\d:\d\dZ", "<time>"),  # track's header: the time of day
     (r"(cpx_scrape_duration_seconds(?:\{[^}]*\})?) \S+", r"\1 <seconds>"),
+    (r"sample took \d+\.\ds", "sample took <seconds>s"),
 ]
 
 
+def readme_text():
+    """The README and the docs, as one text."""
+    texts = []
+    for path in [os.path.join(HERE, "README.md")] + sorted(glob.glob(os.path.join(HERE, "docs", "*.md"))):
+        with open(path, encoding="utf-8") as document:
+            texts.append(document.read())
+    return "\n".join(texts)
+
+
 def readme_examples():
-    """(command, expected output lines) for every `$ python3 cpx_devops.py ...` in the README's
-    code blocks, in order (`simulate` left out: the test runs one), and (command, None) for each
-    `$ printf ...` that writes a file for them."""
-    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
-        text = readme.read()
-    examples, inside, current = [], False, None
-    for line in text.splitlines():
+    """(command, expected output lines) for every `$ python3 cpx_devops.py ...` in the code blocks
+    of the README and the docs, in order (`simulate` and `serve` left out: they run until
+    stopped); a `$ printf ...` line that writes a file goes before the next command."""
+    examples, inside, current, setup = [], False, None, []
+    for line in readme_text().splitlines():
         if line.startswith("```"):
             inside, current = not inside, None
-            continue
-        if not inside:
-            continue
-        if line.startswith("$ "):
+        elif inside and line.startswith("$ printf "):
+            setup.append(line[2:])
+        elif inside and line.startswith("$ "):
             current = None
-            if line.startswith("$ python3 cpx_devops.py") and " simulate" not in line:
-                current = (line[2:], [])
+            if line.startswith("$ python3 cpx_devops.py") and not re.search(r" (simulate|serve)\b", line):
+                current = ("; ".join(setup + [line[2:]]), [])
                 examples.append(current)
-            elif line.startswith("$ printf "):
-                examples.append((line[2:], None))  # a step that writes a file the next example reads
-        elif current is not None:
+            setup = []
+        elif inside and current is not None:
             current[1].append(line)
     return examples
 
 
 def normalize(lines):
-    import re
     out = []
     for line in lines:
         for pattern, placeholder in _VARIABLE:
@@ -4298,22 +4292,30 @@ def normalize(lines):
     return out
 
 
-def run_readme_command(command, url, folder):
-    """Run a README command as the README shows it (a shell line), stderr merged into stdout, in
-    folder, where the repository's policy example lies too."""
+def run_readme_command(command):
+    """Run a README command as the README shows it (a shell line, stderr merged into stdout), in a
+    folder of its own where the repository's policy example lies too, against a simulator of
+    its own: as `simulate --seed 42` serves when freshly started."""
     import shlex
-    shutil.copy(os.path.join(HERE, "cpx_policy.ini"), folder)
-    shell_line = command.replace("python3 cpx_devops.py", "%s %s" % (shlex.quote(sys.executable), shlex.quote(CLI)), 1)
-    result = subprocess.run(["bash", "-c", "{ %s; } 2>&1" % shell_line], cwd=folder, stdout=subprocess.PIPE,
-                            universal_newlines=True, env=cli_env({"CPX_URL": url, "PYTHONIOENCODING": "utf-8"}),
-                            timeout=60)
-    return result.stdout.splitlines()
+    import tempfile
+    simulator = cpx.serve_simulator(cpx.SimulatorSettings(servers=150, seed=README_SEED))
+    folder = tempfile.mkdtemp()
+    try:
+        shutil.copy(os.path.join(HERE, "cpx_policy.ini"), folder)
+        line = command.replace("python3 cpx_devops.py", "%s %s" % (shlex.quote(sys.executable), shlex.quote(CLI)))
+        result = subprocess.run(["bash", "-c", "{ %s; } 2>&1" % line], cwd=folder, stdout=subprocess.PIPE,
+                                universal_newlines=True, timeout=120,
+                                env=cli_env({"CPX_URL": simulator.url, "PYTHONIOENCODING": "utf-8"}))
+        return result.stdout.splitlines()
+    finally:
+        simulator.shutdown()
+        simulator.server_close()
+        shutil.rmtree(folder)
 
 
 class ReadmeTest(unittest.TestCase):
     def test_the_exit_status_table_is_the_contract(self):
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
-            text = readme.read()
+        text = readme_text()
         section = text.split("## Exit status\n", 1)[1].split("\n\n", 1)[0].strip()
         rows = [line.strip("|").split("|", 1) for line in section.splitlines()[2:]]
         table = [(int(code), meaning.strip().replace("\\|", "|")) for code, meaning in rows]
@@ -4323,12 +4325,9 @@ class ReadmeTest(unittest.TestCase):
             with self.subTest(code=code):
                 first_words = " ".join(meaning.replace("`", "").split()[:4])
                 self.assertRegex(help_text, r"\n  %-5d%s" % (code, re.escape(first_words)))
-                self.assertRegex(cpx.__doc__, r"\n  %-5d%s" % (code, re.escape(first_words)))
 
     def test_the_schema_table_lists_every_field_in_order(self):
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
-            text = readme.read()
-        section = text.split("The json and csv fields, in their csv order", 1)[1].split("\n\n", 2)[1]
+        section = readme_text().split("The json and csv fields, in their csv order", 1)[1].split("\n\n", 2)[1]
         fields, command = {}, None
         for line in section.splitlines()[2:]:
             cells = [cell.strip() for cell in line.strip("|").split("|")]
@@ -4342,8 +4341,7 @@ class ReadmeTest(unittest.TestCase):
         self.assertEqual(fields["track"], list(cpx.FleetScope.FIELDS))
 
     def test_the_policy_and_recording_rules_shown_are_the_files(self):
-        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
-            text = readme.read()
+        text = readme_text()
         shown = text.split("$ cat cpx_policy.ini\n", 1)[1].split("```", 1)[0]
         with open(os.path.join(HERE, "cpx_policy.ini"), encoding="utf-8") as policy:
             self.assertEqual(shown, policy.read())
@@ -4355,23 +4353,29 @@ class ReadmeTest(unittest.TestCase):
         for record in records:
             self.assertIn(record, rules_text)
 
-    def test_every_example_prints_what_the_readme_shows(self):
-        examples = readme_examples()
-        self.assertGreaterEqual(len(examples), 10)
-        simulator = cpx.serve_simulator(cpx.SimulatorSettings(servers=150, seed=README_SEED))  # as `simulate --seed 42` serves
-        self.addCleanup(simulator.server_close)
-        self.addCleanup(simulator.shutdown)
-        url = simulator.url
-        import tempfile
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
-        for command, expected in examples:
-            if expected is None:  # a step that prepares the next example
-                run_readme_command(command, url, folder)
-                continue
-            with self.subTest(case=(command, expected)):
-                actual = run_readme_command(command, url, folder)
-                self.assertEqual(normalize(actual), normalize(expected), "README example: $ " + command)
+    def test_the_readme_is_a_user_s_first_read(self):
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+            text = readme.read()
+        self.assertLessEqual(len(text.splitlines()), 450)
+        for document in re.findall(r"\]\((docs/[\w.-]+\.md)\)", text):
+            self.assertTrue(os.path.exists(os.path.join(HERE, document)), document)
+        self.assertIn("make demo", text.split("\n## ", 1)[0])  # the first screen: the two commands
+        self.assertIn("make test", text.split("\n## ", 1)[0])
+        self.assertGreaterEqual(len(readme_examples()), 10)
+
+
+class ReadmeExampleTest(unittest.TestCase):
+    """Every example of the README and the docs prints what it shows: a test each (below)."""
+
+
+def _readme_example_test(command, expected):
+    def test(self):
+        self.assertEqual(normalize(run_readme_command(command)), normalize(expected), "$ " + command)
+    return test
+
+
+for _number, (_command, _expected) in enumerate(readme_examples(), 1):
+    setattr(ReadmeExampleTest, "test_example_%02d" % _number, _readme_example_test(_command, _expected))
 
 
 # ---------------------------------------------------------------------------
@@ -4737,18 +4741,19 @@ class LinearInputTest(ServerTestCase):
     def test_a_server_list_of_a_million_entries_naming_200_costs_what_200_do(self):
         ips = ["10.1.%d.%d" % divmod(k, 250) for k in range(200)]
         self.server.fleet({ip: instance("A", "1%", "1%") for ip in ips})
-        self.server.routes["/servers"] = Reply([ips[k % 200] for k in range(1000000)])
-        # Per entry, this took 11 s and the deadline with it: every instance Unknown (deadline).
-        result = self.cli("--deadline", "5", "-q", "services", "-o", "json")
+        self.server.routes["/servers"] = Reply("[%s]" % ", ".join(
+            '"%s"' % ips[k % 200] for k in range(1000000)))
+        # Per entry, this took over 6 s, the deadline with it: every instance Unknown (deadline).
+        result = self.cli("--deadline", "3", "-q", "services", "-o", "json")
         self.assertEqual((result.returncode, len(json.loads(result.stdout))), (0, 200))
 
     def test_a_deadline_spent_on_the_server_list_says_so(self):
-        self.server.routes["/servers"] = Reply(["10.%d.%d.%d" % (k >> 16, (k >> 8) & 255, k & 255)
-                                                for k in range(800000)])
-        result = self.cli("--deadline", "0.3", "services")
+        self.server.routes["/servers"] = Reply("[%s]" % ", ".join(
+            '"10.%d.%d.%d"' % (k >> 16, (k >> 8) & 255, k & 255) for k in range(150000)))
+        result = self.cli("--deadline", "0.05", "services")
         self.assertEqual(result.returncode, 3)
         self.assertRegex(result.stderr, r"^cpx_devops: error: CPX unavailable: GET http://127\.0\.0\.1:\d+/servers: "
-                                        r"(no answer within the deadline|the deadline passed while its 800000 entries "
+                                        r"(no answer within the deadline|the deadline passed while its 150000 entries "
                                         r"were read; no instance was read)\n$")  # not "1000000 ... could not be read"
 
 
@@ -4959,7 +4964,9 @@ class AnyMachineTest(ServerTestCase):
 
 
 def _test_ids(names):
-    """The ids of the tests to run, the slow ones (talking to servers) first."""
+    """The ids ("Class.test") of the tests to run, in the order workers take them: those that
+    talk to servers or run processes first, since they take longest and none should start
+    last; then the pure units."""
     loader = unittest.defaultTestLoader
     module = sys.modules[__name__]
     suite = loader.loadTestsFromNames(names, module) if names else loader.loadTestsFromModule(module)
@@ -4972,22 +4979,8 @@ def _test_ids(names):
         else:
             tests.append(item)
     flatten(suite)
-    # Longest first, so that no worker starts a long test at the end: the classes known
-    # to take seconds (a hint for the schedule only), then those talking to servers.
-    def cost(test):
-        name = type(test).__name__
-        return (SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST),
-                not isinstance(test, ServerTestCase))
-    # "Class.test_name", relative to this module, which the workers load by name;
-    # the tests marked @alone apart, for after the others.
-    tests = sorted(tests, key=cost)
-    ids = ["%s.%s" % (type(test).__name__, test._testMethodName) for test in tests]
-    apart = [getattr(getattr(test, test._testMethodName), "alone", False) for test in tests]
-    return ([i for i, a in zip(ids, apart) if not a], [i for i, a in zip(ids, apart) if a])
-
-
-SLOW_FIRST = ("ReadmeTest", "OutputPathTest", "CliSignalsAndPipesTest", "SickFleetCliTest", "ConventionsTest",
-              "TrackTest", "TrackCornersTest", "ClientTest", "CliFailureTest", "WriteTest", "ConcurrencyControllerTest")
+    tests.sort(key=lambda test: not isinstance(test, ServerTestCase))
+    return [test.id().split(".", 1)[1] for test in tests]
 
 
 class _WarningsRecorded(unittest.TextTestResult):
@@ -5015,23 +5008,21 @@ def _record_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def _run_one(test_id):
-    """Run one test in a worker: (test id, tests run, failures, errors, skipped, report text)."""
-    stream = io.StringIO()
+    """Run one test in a worker: (test id, tests run, failures, errors, skipped, progress, report, seconds)."""
+    import warnings
     started = time.monotonic()
     suite = unittest.defaultTestLoader.loadTestsFromName(test_id, sys.modules[__name__])
-    result = _WarningsRecorded(unittest.runner._WritelnDecorator(stream), True, 1)
-    suite.run(result)
+    runner = unittest.TextTestRunner(io.StringIO(), verbosity=0, resultclass=_WarningsRecorded, warnings="always")
+    warnings.showwarning = _record_warning  # the runner's catch_warnings keeps it
+    result = runner.run(suite)
     report = "".join("%s\n%s: %s\n%s\n%s\n" % ("=" * 70, kind, result.getDescription(test), "-" * 70, text)
                      for kind, pairs in (("FAIL", result.failures), ("ERROR", result.errors))
                      for test, text in pairs)
-    return (test_id, result.testsRun, len(result.failures) + len(result.unexpectedSuccesses),
-            len(result.errors), len(result.skipped), stream.getvalue(), report, time.monotonic() - started)
-
-
-def _start_worker():
-    import warnings
-    warnings.simplefilter("always", ResourceWarning)
-    warnings.showwarning = _record_warning
+    failures = len(result.failures) + len(result.unexpectedSuccesses)
+    progress = "F" * failures + "E" * len(result.errors) + "s" * len(result.skipped)
+    progress += "." * (result.testsRun - len(progress))
+    return (test_id, result.testsRun, failures, len(result.errors), len(result.skipped), progress, report,
+            time.monotonic() - started)
 
 
 _show_warning = None
@@ -5044,17 +5035,15 @@ def run_suite(names, jobs):
     import warnings
     global _show_warning
     _show_warning = warnings.showwarning
-    together, apart = _test_ids(names)
+    ids = _test_ids(names)
     test_cache_home()  # before the workers fork: one folder for all of them
     started = time.monotonic()
     run = failed = skipped = 0
     reports, durations = [], []
     # fork: each worker starts with this module imported, and nothing runs before it forks.
-    with multiprocessing.get_context("fork").Pool(max(1, jobs), initializer=_start_worker) as pool:
-        outcomes = list(pool.imap_unordered(_run_one, together)) if together else []
-        apart_started = time.monotonic()
-        outcomes += list(pool.imap_unordered(_run_one, apart)) if apart else []
-        for test_id, tests_run, failures, errors, skips, progress, report, seconds in outcomes:
+    with multiprocessing.get_context("fork").Pool(max(1, jobs)) as pool:
+        for test_id, tests_run, failures, errors, skips, progress, report, seconds in pool.imap_unordered(
+                _run_one, ids):
             durations.append((seconds, test_id))
             run += tests_run
             failed += failures + errors
@@ -5066,9 +5055,8 @@ def run_suite(names, jobs):
     sys.stderr.write("\n" + "".join(reports))
     slowest = sorted(durations, reverse=True)[:5]
     sys.stderr.write("slowest: %s\n" % ", ".join("%s %.1fs" % (name, seconds) for seconds, name in slowest))
-    sys.stderr.write("-" * 70 + "\nRan %d tests in %.3fs (%d workers; %d apart, %.1fs)\n\n%s\n"
-                     % (run, time.monotonic() - started, jobs, len(apart), time.monotonic() - apart_started,
-                        "FAILED (failures=%d)" % failed if failed else "OK"))
+    sys.stderr.write("-" * 70 + "\nRan %d tests in %.3fs (%d workers)\n\n%s\n"
+                     % (run, time.monotonic() - started, jobs, "FAILED (failures=%d)" % failed if failed else "OK"))
     sys.stderr.flush()
     print("%d passed, %d failed%s" % (run - failed - skipped, failed, ", %d skipped" % skipped if skipped else ""),
           flush=True)
