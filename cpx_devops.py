@@ -2923,7 +2923,8 @@ class FleetScope:
 
     def summary_table(self, state: TrackState, blocks: str) -> str:
         """Per service: samples, healthy and average min/avg/max, samples flagged, the session's trend."""
-        rows = [[service_label(t.key) + (" (gone)" if t.gone else ""), str(t.samples), _min_avg_max(t.healthy, ""),
+        rows = [[service_label(t.key) + (" (gone)" if t.gone else "" if t.last and t.last.instances else " (missing)"),
+                 str(t.samples), _min_avg_max(t.healthy, ""),
                  _min_avg_max(t.cpu.stats, "%", self.policy.limits(t.key)[0]),
                  _min_avg_max(t.memory.stats, "%", self.policy.limits(t.key)[1]), str(t.flagged),
                  sparkline(t.healthy_share.trend.values(), blocks), sparkline(t.cpu.trend.values(), blocks)]

@@ -4379,6 +4379,246 @@ for _number, (_command, _expected) in enumerate(readme_examples(), 1):
 
 
 # ---------------------------------------------------------------------------
+# serve: a Prometheus exporter that reads at scrape time (issue 22)
+# ---------------------------------------------------------------------------
+
+
+def http_get(url, headers=None, method="GET", timeout=30):
+    """(status, headers, body bytes) of one request; an HTTP error is an answer too."""
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, dict(error.headers), error.read()
+
+
+class ServeTest(ServerTestCase):
+    """serve in this process against a real loopback CPX; the exporter's own HTTP server too."""
+
+    def setUp(self):
+        super().setUp()
+        self.server.fleet(FIXED_FLEET)
+
+    def serve(self, *args, min_interval=0.0):
+        parsed = cpx.build_parser().parse_args(["--url", self.server.url, "-q"] + list(args) +
+                                               ["serve", "--listen", "127.0.0.1:0"])
+        exporter = cpx.serve_exporter(cpx.options_from_args(parsed, {}), cpx.ServeSettings("127.0.0.1", 0,
+                                                                                          min_interval))
+        self.addCleanup(exporter.server_close)
+        self.addCleanup(exporter.shutdown)
+        return exporter.url
+
+    def test_a_scrape_reads_the_fleet_and_renders_what_services_o_prometheus_does(self):
+        url = self.serve()
+        status, headers, body = http_get(url + "/metrics")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["Content-Type"].startswith("text/plain; version=0.0.4"))
+        served = parse_exposition(body.decode())
+        one_shot = parse_exposition(self.cli("services", "-o", "prometheus").stdout)
+        self.assertEqual(set(served) - {("cpx_scrape_duration_seconds", ())},
+                         set(one_shot) - {("cpx_scrape_duration_seconds", ())})
+        # At scrape time: a change in the fleet shows in the next scrape.
+        self.server.routes["/10.0.0.4"] = Reply("down", status=503)
+        served = parse_exposition(http_get(url + "/metrics")[2].decode())
+        self.assertEqual(served[("cpx_instance_up", (("ip", "10.0.0.4"), ("service", "")))], 0)  # no answer, no service
+        self.assertEqual(served[("cpx_scrape_errors", ())], 1)
+        self.assertEqual(self.server.count("/servers"), 3)  # two scrapes and the one-shot run
+
+    def test_the_scrape_timeout_header_bounds_the_read(self):
+        self.server.routes["/10.0.0.4"] = hang
+        url = self.serve("--deadline", "30")
+        started = time.monotonic()
+        status, _, body = http_get(url + "/metrics", {"X-Prometheus-Scrape-Timeout-Seconds": "2"})
+        self.assertLess(time.monotonic() - started, 2)  # answered within Prometheus's timeout...
+        served = parse_exposition(body.decode())
+        self.assertEqual(status, 200)  # ...with the hanging instance down, the others up
+        self.assertEqual(served[("cpx_instance_up", (("ip", "10.0.0.4"), ("service", "")))], 0)
+        self.assertEqual(served[("cpx_instance_up", (("ip", "10.0.0.9"), ("service", "UserService")))], 1)
+        # Never more than --deadline, whatever the header says.
+        url = self.serve("--deadline", "0.5")
+        started = time.monotonic()
+        http_get(url + "/metrics", {"X-Prometheus-Scrape-Timeout-Seconds": "120"})
+        self.assertLess(time.monotonic() - started, 10)  # catches: the header's 120 s taken over --deadline
+
+    def test_concurrent_scrapes_share_one_read(self):
+        self.server.routes["/10.0.0.4"] = Delayed(Reply(FIXED_FLEET["10.0.0.4"]), 0.5)
+        url = self.serve()
+        results = []
+        first = threading.Thread(target=lambda: results.append(http_get(url + "/metrics")))
+        first.start()
+        self.assertTrue(wait_until(lambda: self.server.count("/10.0.0.4") == 1))  # the first read is in flight
+        results.append(http_get(url + "/metrics"))
+        first.join()
+        self.assertEqual(self.server.count("/servers"), 1)
+        self.assertEqual(results[0][2], results[1][2])
+
+    def test_min_interval_serves_the_last_read_to_close_scrapes(self):
+        url = self.serve(min_interval=3600)
+        bodies = [http_get(url + "/metrics")[2] for _ in range(3)]
+        self.assertEqual(self.server.count("/servers"), 1)
+        self.assertEqual(len(set(bodies)), 1)
+        url = self.serve()  # off by default: every scrape reads
+        for _ in range(2):
+            http_get(url + "/metrics")
+        self.assertEqual(self.server.count("/servers"), 3)
+
+    def test_gzip_when_the_scraper_accepts_it(self):
+        import gzip
+        url = self.serve(min_interval=3600)
+        plain = http_get(url + "/metrics")
+        zipped = http_get(url + "/metrics", {"Accept-Encoding": "gzip"})
+        self.assertEqual(zipped[1].get("Content-Encoding"), "gzip")
+        self.assertNotIn("Content-Encoding", plain[1])
+        self.assertEqual(gzip.decompress(zipped[2]), plain[2])
+
+    def test_landing_page_health_404_and_405(self):
+        url = self.serve()
+        status, headers, body = http_get(url + "/")
+        self.assertEqual(status, 200)
+        self.assertIn(b'href="/metrics"', body)
+        self.assertEqual(http_get(url + "/-/healthy")[:3:2], (200, b"OK\n"))
+        self.assertEqual(http_get(url + "/nope")[0], 404)
+        for method in ("POST", "PUT", "DELETE", "HEAD"):
+            with self.subTest(case=method):
+                status, headers, _ = http_get(url + "/metrics", method=method)
+                self.assertEqual((status, headers.get("Allow")), (405, "GET"))
+        self.assertEqual(self.server.count("/servers"), 0)  # none of these read the fleet
+
+    def test_a_trickling_client_holds_up_no_scrape(self):
+        url = self.serve()
+        port = int(url.rsplit(":", 1)[1])
+        tricklers = []
+        for _ in range(3):  # each sends a byte of its request now and then, for ever
+            client = socket.create_connection(("127.0.0.1", port))
+            self.addCleanup(client.close)
+            client.sendall(b"GET /metr")
+            tricklers.append(client)
+        started = time.monotonic()
+        self.assertEqual(http_get(url + "/metrics")[0], 200)
+        self.assertLess(time.monotonic() - started, cpx.REQUEST_SECONDS)  # not after the tricklers' time
+        # A trickler is cut after REQUEST_SECONDS in all, whatever it sends.
+        tricklers[0].settimeout(30)
+        for _ in range(int(cpx.REQUEST_SECONDS * 4)):
+            try:
+                tricklers[0].sendall(b"r")
+            except OSError:
+                break
+            if select_readable(tricklers[0], 0.5):
+                break
+        self.assertEqual(tricklers[0].recv(100), b"")  # the server closed it
+
+    def test_a_request_of_unbounded_size_is_refused(self):
+        url = self.serve()
+        status, _, _ = http_get(url + "/metrics", {"X-Long": "x" * 70000})
+        self.assertIn(status, (400, 431))
+        self.assertEqual(self.server.count("/servers"), 0)
+
+    def test_the_served_body_passes_promtool_and_feeds_the_rules(self):
+        require_tool(self, "promtool", "prometheus")
+        body = http_get(self.serve("--policy", os.path.join(HERE, "cpx_policy.ini")) + "/metrics")[2].decode()
+        result = promtool("check", "metrics", stdin=body)
+        self.assertEqual(result.returncode, 0, result.stdout)
+        # Every series the alert rules read is served (the textfile's mtime aside: node_exporter's).
+        with open(os.path.join(HERE, "cpx_rules.yml"), encoding="utf-8") as rules:
+            expressions = " ".join(line for line in rules if line.strip().startswith("expr:"))
+        used = set(re.findall(r"\b(cpx_[a-z_]+)\b(?!:)", expressions))
+        self.assertTrue(used)
+        self.assertLessEqual(used, {name for name, _ in parse_exposition(body)})
+
+
+def select_readable(sock, seconds):
+    import select
+    return bool(select.select([sock], [], [], seconds)[0])
+
+
+class ServeProcessTest(ServerTestCase):
+    """serve as users start it: its address, its exit statuses, its usage errors."""
+
+    def start(self, *args):
+        process = spawn_cli("--url", self.server.url, "serve", *args)
+        self.addCleanup(finish, process)
+        line = process.stderr.readline()
+        self.assertRegex(line, r"^cpx_devops: serving http://[0-9.]+:\d+/metrics \(Ctrl\+C to stop\)\n$")
+        return process, line.split("serving ")[1].split()[0].rsplit("/metrics", 1)[0]
+
+    def test_sigterm_and_sigint_stop_it_with_their_statuses_and_no_traceback(self):
+        self.server.fleet(FIXED_FLEET)
+        for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+            with self.subTest(case=signum):
+                process, url = self.start("--listen", "127.0.0.1:0")
+                self.assertEqual(http_get(url)[0], 200)
+                with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as rude:
+                    rude.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")  # and hangs up before the answer
+                process.send_signal(signum)
+                _, err = process.communicate(timeout=30)
+                self.assertEqual((process.returncode, err), (code, ""))
+
+    def test_listen_defaults_to_loopback_on_its_own_port_and_refuses_a_bad_address(self):
+        parsed = cpx.build_parser().parse_args(["serve"])
+        self.assertEqual(parsed.listen, ("127.0.0.1", cpx.SERVE_PORT))
+        self.assertEqual(cpx.build_parser().parse_args(["serve", "--listen", ":8081"]).listen, ("", 8081))
+        self.assertEqual(cpx.build_parser().parse_args(["serve", "--listen", "[::1]:0"]).listen, ("::1", 0))
+        for bad in ("8080", "host:", "host:99999", "[::1:80", "a:b:80"):
+            with self.subTest(case=bad):
+                result = run_cli("serve", "--listen", bad)
+                self.assertEqual(result.returncode, 2)
+                self.assertRegex(result.stderr, r"^cpx_devops: error: argument --listen: ")
+
+    def test_every_interface_when_asked(self):
+        self.server.fleet(FIXED_FLEET)
+        process, url = self.start("--listen", ":0")
+        self.assertEqual(http_get(url.replace("0.0.0.0", "127.0.0.1") + "/-/healthy")[0], 200)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        result = run_cli("--url", self.server.url, "serve", "--listen", "127.0.0.1:%d" % taken.getsockname()[1])
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("cannot listen on 127.0.0.1 port %d" % taken.getsockname()[1], result.stderr)
+
+
+class FleetViewTest(ServerTestCase):
+    """track --all: missing expected services, and a view that fits the terminal."""
+
+    def test_an_expected_service_with_no_instance_is_a_red_row_and_counts(self):
+        self.server.fleet(FIXED_FLEET)
+        policy = os.path.join(test_cache_home(), "expects-ledger.ini")
+        with open(policy, "w") as text:
+            text.write("[service:LedgerService]\n")
+        code, out, err = run_in_process("--url", self.server.url, "--policy", policy, "track", "-c", "2", "-n", "0.1")
+        self.assertEqual(code, 0, err)
+        self.assertRegex(out, r"\| LedgerService \(missing\) +\| +0 \| +0! \|")
+        summary = out.split("--- fleet:")[1]
+        # A row of its own in the summary too: 2 samples, both flagged ("Under minimum").
+        self.assertRegex(summary, r"\| LedgerService \(missing\) +\| +2 \| +0/0/0 \| +- \| +- \| +2 \|")
+        records = [json.loads(line) for line in run_in_process(
+            "--url", self.server.url, "--policy", policy, "track", "-c", "1", "-o", "json")[1].splitlines()]
+        self.assertIn({"service": "LedgerService", "instances": 0, "healthy": 0},
+                      [{k: r[k] for k in ("service", "instances", "healthy")} for r in records])
+        _, text = run_in_pty(["--url", self.server.url, "--policy", policy, "track", "-c", "1", "-n", "0.1"],
+                             {"TERM": "xterm"})
+        self.assertIn("\x1b[31mLedgerService (missing)", text)  # red, as an unhealthy service
+
+    def test_the_live_view_fits_80_columns_and_shows_more_when_wider(self):
+        fleet = {"10.0.9.%d" % k: instance("Service-with-a-long-name-%d" % (k % 4), "%d%%" % (k * 7 % 100),
+                                           "%d%%" % (k * 13 % 100)) for k in range(1, 30)}
+        self.server.fleet(fleet)
+        for columns, dropped in ((80, True), (160, False)):
+            with self.subTest(columns=columns):
+                _, text = run_in_pty(["--url", self.server.url, "track", "-c", "2", "-n", "0.1"], {"TERM": "xterm"},
+                                     rows=24, columns=columns)
+                frame = text.split("\x1b[H")[-1].split("\x1b[?7h")[0]
+                lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line) for line in frame.split("\n")]
+                self.assertLessEqual(max(cpx.display_width(line) for line in lines), columns, lines)
+                self.assertEqual("CPU trend" not in frame, dropped)
+                self.assertIn("Max CPU", frame)  # what matters most stays
+
+
+# ---------------------------------------------------------------------------
 # Untrusted data stays data (issue 20): completion, cache, redirects, policy, patterns
 # ---------------------------------------------------------------------------
 
