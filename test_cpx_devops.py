@@ -4619,6 +4619,116 @@ class FleetViewTest(ServerTestCase):
 
 
 # ---------------------------------------------------------------------------
+# Mutants that survived an independent round (issue 21): a test each, named for its bug
+# ---------------------------------------------------------------------------
+
+
+class SurvivorsTest(ServerTestCase):
+    def test_a_policy_expecting_zero_instances_is_refused(self):
+        # Catches: the check `< 1` weakened to `< 0`.
+        self.assertEqual(policy_error("[service:A]\ninstances = 0\n"),
+                         "policy fleet.ini, line 2: instances: '0' is not a count of 1 or more")
+
+    def test_every_instance_series_carries_the_shard_label(self):
+        # Catches: per-instance series under --shard without their shard label (two shards' slices
+        # of one fleet would collide in Prometheus).
+        self.server.fleet(FIXED_FLEET)
+        for shard in ("1/2", "2/2"):
+            with self.subTest(shard=shard):
+                series = parse_exposition(self.cli("--shard", shard, "services", "-o", "prometheus").stdout)
+                self.assertTrue(any(name.startswith("cpx_instance_") for name, _ in series))
+                self.assertEqual({dict(labels).get("shard") for _, labels in series}, {shard})
+
+    def test_two_services_alike_but_for_case_are_a_usage_error(self):
+        # Catches: one of them picked silently (the first in sorted order).
+        with self.assertRaisesRegex(cpx.UsageError, "could be any of 'PaymentService', 'Paymentservice'"):
+            cpx.resolve_service("paymentservice", ["PaymentService", "Paymentservice", "AuthService"])
+        self.assertEqual(cpx.resolve_service("Paymentservice", ["PaymentService", "Paymentservice"]),
+                         "Paymentservice")  # an exact name is no question
+
+    def test_status_filters_judge_with_the_policy_and_the_command_line(self):
+        # Catches: --status unhealthy judged with the default 90% thresholds.
+        self.server.fleet(FIXED_FLEET)
+        ips = [r["ip"] for r in json.loads(self.cli("services", "--status", "unhealthy", "--cpu-threshold", "50",
+                                                    "-o", "json").stdout)]
+        self.assertEqual(ips, ["10.0.0.2", "10.0.0.3", "10.0.0.10"])  # 61% cpu is over 50
+        policy = os.path.join(test_cache_home(), "user-at-50.ini")
+        with open(policy, "w") as text:
+            text.write("[service:UserService]\ncpu_threshold = 50\n")
+        ips = [r["ip"] for r in json.loads(self.cli("--policy", policy, "services", "--status", "unhealthy",
+                                                    "-o", "json").stdout)]
+        self.assertEqual(ips, ["10.0.0.2", "10.0.0.3", "10.0.0.10"])
+
+    def test_an_all_clear_still_exports_every_service_s_flag_at_0(self):
+        # Catches: `if flagged is not None` turned `if flagged`: the series vanish when none is flagged.
+        self.server.fleet(FIXED_FLEET)
+        series = parse_exposition(self.cli("unhealthy", "--min-healthy", "1", "--cpu-threshold", "99",
+                                           "--mem-threshold", "99", "-o", "prometheus").stdout)
+        flags = {dict(labels)["service"]: value for (name, labels), value in series.items()
+                 if name == "cpx_service_flagged"}
+        self.assertEqual(flags, {"AuthService": 0, "TicketService": 0, "UserService": 0})
+
+    def test_a_password_with_an_at_sign_is_never_shown_in_part(self):
+        # Catches: the credentials cut at the first '@' (partition) instead of the last.
+        with self.assertRaises(cpx.UsageError) as caught:
+            cpx.parse_base_url("ftp://carol:p@ss@word@cpx.internal/")
+        self.assertIn("'ftp://***@cpx.internal/'", str(caught.exception))
+        self.assertNotIn("ss@", str(caught.exception))
+
+    def test_a_url_with_a_fragment_is_refused(self):
+        # Catches: the fragment check dropped (urllib would send "http://h/#x" without it, silently).
+        for url in ("http://cpx.internal/#servers", "http://cpx.internal#", "http://cpx.internal/?"):
+            with self.subTest(case=url):
+                with self.assertRaisesRegex(cpx.UsageError, "must not have a query or fragment"):
+                    cpx.parse_base_url(url)
+
+    def test_a_body_of_exactly_the_cap_is_read_and_one_byte_more_is_refused(self):
+        # Catches: `total > cap` turned `>=` (an answer of exactly the cap refused).
+        prefix = '{"cpu": "1%", "memory": "1%", "service": "A", "pad": "'
+        exact = prefix + "x" * (cpx.INSTANCE_BODY_CAP - len(prefix) - 2) + '"}'
+        self.assertEqual(len(exact), cpx.INSTANCE_BODY_CAP)
+        for length in (True, False):  # with a Content-Length, and without (read to the end)
+            with self.subTest(content_length=length):
+                self.server.fleet({"10.0.0.1": Reply(exact, length=length),
+                                   "10.0.0.2": Reply(exact[:-2] + 'x"}', length=length)})
+                client = client_for(self.server.url, retries=0)
+                self.addCleanup(client.close)
+                first, second = client.read_instances(["10.0.0.1", "10.0.0.2"], time.monotonic() + 30)
+                self.assertEqual((first.error, second.error), (None, "answer over 64 KiB"))
+
+    def test_completion_keeps_every_service_seen_whatever_the_selection(self):
+        # Catches: `services --service X` caching only the chosen services.
+        self.server.fleet(FIXED_FLEET)
+        import tempfile
+        cache = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, cache)
+        self.cli("services", "--service", "AuthService", env={"CPX_COMPLETE_LIVE": "1", "XDG_CACHE_HOME": cache})
+        with open(os.path.join(cache, "cpx_devops", "services")) as names:
+            self.assertEqual(names.read(), "AuthService\nTicketService\nUserService\n")
+
+    def test_an_unknown_reading_never_counts_as_unhealthy_in_the_summary(self):
+        # Catches: track's summary counting an Unknown reading of a known member as Unhealthy.
+        track = cpx.InstanceTrack("10.0.0.1", POLICY)
+        for reading in (cpx.Instance("10.0.0.1", "A", 99.0, 1.0), cpx.Instance("10.0.0.1", "A", error="timeout"),
+                        cpx.Instance("10.0.0.1", "A", 1.0, 1.0)):
+            track.add(reading)
+        self.assertEqual((track.samples, track.unhealthy), (3, 1))
+
+    def test_sick_fractions_adding_up_to_exactly_the_fleet_are_served(self):
+        # Catches: `> servers` turned `>=` (a fleet that is all sick refused).
+        process = spawn_cli("simulate", "--port", "0", "--servers", "10", "--fail-fraction", "0.5",
+                            "--hang-fraction", "0.5")
+        self.addCleanup(finish, process)
+        self.assertIn("simulating 10 servers (5 answer HTTP 500, 5 hang), listening on", process.stderr.readline())
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(timeout=30), 143)
+        result = run_cli("simulate", "--port", "0", "--servers", "10", "--fail-fraction", "0.5",
+                         "--hang-fraction", "0.6")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("add up to more than the fleet", result.stderr)
+
+
+# ---------------------------------------------------------------------------
 # Untrusted data stays data (issue 20): completion, cache, redirects, policy, patterns
 # ---------------------------------------------------------------------------
 
@@ -5258,10 +5368,11 @@ def _run_one(test_id):
     report = "".join("%s\n%s: %s\n%s\n%s\n" % ("=" * 70, kind, result.getDescription(test), "-" * 70, text)
                      for kind, pairs in (("FAIL", result.failures), ("ERROR", result.errors))
                      for test, text in pairs)
-    failures = len(result.failures) + len(result.unexpectedSuccesses)
-    progress = "F" * failures + "E" * len(result.errors) + "s" * len(result.skipped)
-    progress += "." * (result.testsRun - len(progress))
-    return (test_id, result.testsRun, failures, len(result.errors), len(result.skipped), progress, report,
+    # A test fails once, however many of its subtests do.
+    failures = 1 if result.failures or result.unexpectedSuccesses else 0
+    errors = 1 if result.errors and not failures else 0
+    progress = "F" if failures else "E" if errors else "s" if result.skipped else "."
+    return (test_id, result.testsRun, failures, errors, int(bool(result.skipped)), progress, report,
             time.monotonic() - started)
 
 
