@@ -1904,7 +1904,8 @@ class Report:
 
     def records(self) -> List[Dict[str, Any]]:
         """The json/csv records, with the snapshot's time, their fields in FIELDS' order."""
-        return [{name: dict(record, time=self.snapshot.started)[name] for name in self.FIELDS}
+        time = self.snapshot.started
+        return [{name: time if name == "time" else record[name] for name in self.FIELDS}
                 for record in self.untimed_records()]
 
     def untimed_records(self) -> List[Dict[str, Any]]:
@@ -2078,8 +2079,10 @@ def emit(text: str) -> None:
         if descriptor is None:
             stream.write(text)
             stream.flush()
-        else:
-            _write_all(descriptor, text.encode(getattr(stream, "encoding", None) or "utf-8", "replace"))
+        else:  # a piece at a time: a large output is never held twice, as text and as bytes
+            encoding = getattr(stream, "encoding", None) or "utf-8"
+            for start in range(0, len(text), 1 << 16):
+                _write_all(descriptor, text[start:start + (1 << 16)].encode(encoding, "replace"))
     except BrokenPipeError:
         raise
     except OSError as error:
