@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Developer tools of cpx_devops, kept out of the tool and its tests. Standard library only.
 
-  python3 bench_cpx_devops.py bench [--quick] [--only TEXT]   the README's performance table, and one
-                                                             shard against the whole fleet (--only
-                                                             sharding); make bench; asserts nothing
+  python3 bench_cpx_devops.py bench [--quick] [--only TEXT]   docs/performance.md's tables: start-up and
+                                                             yardsticks (--only startup), serve (--only
+                                                             serve), sick fleets, one shard against the
+                                                             whole fleet (--only sharding); asserts nothing
   python3 bench_cpx_devops.py readme                         rewrite the README's example outputs
                                                              from a seeded simulator
 """
@@ -98,18 +99,17 @@ def measure(args):
 # A fresh, small interpreter starts the run to measure: Linux counts the RSS a
 # child had when it forked towards its peak, so forked from this process (which
 # holds earlier runs' output) every run would look as big as the benchmark.
-_SPAWN_AND_MEASURE = ("import os, subprocess, sys\n"
+_SPAWN_AND_MEASURE = ("import os, subprocess, sys, time\n"
+                      "started = time.monotonic()\n"
                       "child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
                       "_, _, usage = os.wait4(child.pid, 0)\n"
-                      "print(usage.ru_utime + usage.ru_stime, usage.ru_maxrss)\n")
+                      "print(time.monotonic() - started, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)\n")
 
 
 def measure_usage(args):
     """CPU seconds and peak RSS (MB) of one run of the CLI, output discarded."""
-    result = subprocess.run([sys.executable, "-c", _SPAWN_AND_MEASURE, sys.executable, CLI] + args,
-                            stdout=subprocess.PIPE, universal_newlines=True, env=cli_env(), check=True)
-    cpu_seconds, peak_kb = result.stdout.split()
-    return float(cpu_seconds), int(peak_kb) / 1024.0
+    _, cpu_seconds, peak = run_measured([sys.executable, CLI] + args)
+    return cpu_seconds, peak
 
 
 def median(values):
@@ -177,8 +177,111 @@ def bench_shards(repeats=5):
              "%.2f" % usage[label][0], "%.1f" % usage[label][1]) for label, _ in runs]
 
 
+# A minimal client, the yardstick of start-up and of a small fleet's read: the same stdlib
+# modules, 5 workers, no checks, no table.
+MINIMAL_CLIENT = """\
+import json, sys, urllib.request
+from concurrent.futures import ThreadPoolExecutor
+url = sys.argv[1]
+ips = json.loads(urllib.request.urlopen(url + "/servers", timeout=60).read())
+def read(ip):
+    try:
+        with urllib.request.urlopen(url + "/" + ip, timeout=5) as answer:
+            return json.loads(answer.read())
+    except Exception as error:
+        return {"ip": ip, "error": str(error)}
+with ThreadPoolExecutor(5) as pool:
+    print(json.dumps(list(pool.map(read, ips)), indent=2))
+"""
+STDLIB_IMPORTS = "import argparse, json, urllib.request, concurrent.futures"
+
+
+def run_measured(command):
+    """Wall seconds, CPU seconds and peak RSS (MB) of one run of a command, output discarded: the
+    process's own figures (wait4), taken by a fresh, small interpreter."""
+    result = subprocess.run([sys.executable, "-c", _SPAWN_AND_MEASURE] + command, stdout=subprocess.PIPE,
+                            universal_newlines=True, env=cli_env(), check=True)
+    wall, cpu_seconds, peak_kb = result.stdout.split()
+    return float(wall), float(cpu_seconds), int(peak_kb) / 1024.0
+
+
+def paired(label, command, baseline, runs=21):
+    """Run command and baseline in turn, runs times each, after a warm-up; print the medians and
+    the median of the pairs' ratios (wall, CPU, peak memory), as one line."""
+    run_measured(command), run_measured(baseline)
+    pairs = [(run_measured(command), run_measured(baseline)) for _ in range(runs)]
+    ratios = [median([a[k] / b[k] for a, b in pairs]) for k in range(3)]
+    ours = [median([a[k] for a, _ in pairs]) for k in range(3)]
+    theirs = [median([b[k] for _, b in pairs]) for k in range(3)]
+    print("  %-58s %7.3f s %7.3f s  wall %.2fx  cpu %.2fx  peak %.1f/%.1f MB %.2fx"
+          % (label, ours[0], theirs[0], ratios[0], ratios[1], ours[2], theirs[2], ratios[2]), flush=True)
+    return ratios
+
+
+def bench_startup_and_yardsticks():
+    """The tool against a minimal client and the bare imports: paired, medians (issue 21)."""
+    import tempfile
+    python = [sys.executable]
+    print("start-up and yardsticks (paired runs, medians; ours, theirs, ratios):")
+    paired("cpx_devops.py --help  vs  python -c '%s'" % STDLIB_IMPORTS[:18], python + [CLI, "--help"],
+           python + ["-c", STDLIB_IMPORTS])
+    prefix = tempfile.mkdtemp()
+    try:
+        subprocess.run(["make", "-s", "install", "PREFIX=" + prefix, "PYTHON=" + sys.executable], cwd=HERE,
+                       stdout=subprocess.DEVNULL, check=True, env=cli_env({"HOME": prefix}))
+        paired("installed cpx-devops --help  vs  the same imports", [os.path.join(prefix, "bin", "cpx-devops"),
+               "--help"], python + ["-c", STDLIB_IMPORTS])
+    finally:
+        subprocess.run(["rm", "-rf", prefix])
+    client = os.path.join(HERE, ".bench-minimal-client.py")
+    with open(client, "w") as script:
+        script.write(MINIMAL_CLIENT)
+    try:
+        for size, options, label in ((150, ["--single-threaded"], "the canonical server (1 thread, backlog 5)"),
+                                     (5000, [], "5,000 instances, a threaded server")):
+            simulator, url = start_simulator_process(size, 0, options, seed=BENCH_SEED)
+            try:
+                paired("services -o json, %s  vs  a minimal client" % label,
+                       python + [CLI, "--url", url, "services", "-o", "json"], python + [client, url],
+                       runs=21 if size < 1000 else 5)
+            finally:
+                finish(simulator)
+    finally:
+        os.unlink(client)
+
+
+def bench_serve(sizes=(150, 2000, 10000)):
+    """A scrape of serve against one run of `services -o prometheus`: paired, medians (issue 22)."""
+    import urllib.request
+    print("serve: a scrape of /metrics against one-shot -o prometheus, 20 ms per instance (paired, medians):")
+    rows = []
+    for size in sizes:
+        simulator, url = start_simulator_process(size, 20, [], seed=BENCH_SEED)
+        exporter = subprocess.Popen([sys.executable, CLI, "--url", url, "-q", "serve", "--listen", "127.0.0.1:0"],
+                                    stderr=subprocess.PIPE, universal_newlines=True, env=cli_env())
+        try:
+            metrics = exporter.stderr.readline().split("serving ")[1].split()[0]
+            urllib.request.urlopen(metrics, timeout=120).read()  # a warm-up, as for the one-shot runs
+            measure(["--url", url, "-q", "services", "-o", "prometheus"])
+            scrapes, shots = [], []
+            for _ in range(5 if size < 10000 else 3):
+                started = time.monotonic()
+                urllib.request.urlopen(metrics, timeout=120).read()
+                scrapes.append(time.monotonic() - started)
+                shots.append(measure(["--url", url, "-q", "services", "-o", "prometheus"])[0])
+            ratio = median([a / b for a, b in zip(scrapes, shots)])
+            rows.append((str(size), "%.3f" % median(scrapes), "%.3f" % median(shots), "%.2f" % ratio))
+        finally:
+            exporter.terminate()
+            exporter.wait()
+            exporter.stderr.close()
+            finish(simulator)
+    print(cpx.render_table([cpx.Column("instances", True), cpx.Column("serve scrape s", True),
+                            cpx.Column("one-shot s", True), cpx.Column("serve / one-shot", True)], rows), end="")
+
+
 def bench(quick=False, only=None):
-    """Print the benchmark table of the README (only: the shapes whose label contains it)."""
+    """Print the benchmark tables of docs/performance.md (only: the parts whose label contains it)."""
     import platform
     cpu_model = "?"
     try:
@@ -186,13 +289,16 @@ def bench(quick=False, only=None):
             cpu_model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print("machine: %s, %d cores, Python %s" % (cpu_model, os.cpu_count(), platform.python_version()))
-    startup = [measure(["--help"])[0] for _ in range(7)]
-    usage = [measure(["--bogus"])[0] for _ in range(7)]
-    print("startup: --help median %.0f ms, usage error median %.0f ms" % (median(startup) * 1000,
-                                                                        median(usage) * 1000))
-    header = ("shape", "instances", "default s", "best fixed s (workers)", "ratio", "lost", "lost fixed",
-              "CPU ms/inst", "peak MB", "fixed medians")
+    print("machine: %s, %d cores, Python %s, %s" % (cpu_model, os.cpu_count(), platform.python_version(),
+                                                    time.strftime("%Y-%m-%d")))
+    if only is None or only in "startup":
+        bench_startup_and_yardsticks()
+    if only is None or only in "serve":
+        bench_serve((150, 2000) if quick else (150, 2000, 10000))
+    header = [cpx.Column(title, right) for title, right in (
+        ("shape", False), ("instances", True), ("default s", True), ("best fixed s (workers)", True),
+        ("ratio", True), ("lost", True), ("lost fixed", True), ("CPU ms/inst", True), ("peak MB", True),
+        ("fixed medians", False))]
     rows = []
     for shape in BENCH_SHAPES:
         if quick and (shape.size > 1000 or shape.command[0] == "track"):
@@ -202,13 +308,15 @@ def bench(quick=False, only=None):
         rows.append(bench_shape(shape))
         print("  measured %s x %d" % (shape.label, shape.size), file=sys.stderr, flush=True)
     if rows:
-        print(cpx.render_table(header, rows, (False, True, True, True, True, True, True, True, True, False)), end="")
+        print("sick fleets: each shape with the default (adaptive) concurrency and with fixed worker counts:")
+        print(cpx.render_table(header, rows), end="")
     if not quick and (only is None or only in "sharding"):
         shard_rows = bench_shards()
         print("sharding: services -o json on %d instances at 20 ms, medians of 5 runs, interleaved; CPU s and "
               "peak MB of one more run each" % SHARD_FLEET)
-        print(cpx.render_table(("run", "instances read", "median s", "of the whole", "CPU s", "peak MB"),
-                               shard_rows, (False, True, True, True, True, True)), end="")
+        print(cpx.render_table([cpx.Column(title, right) for title, right in (
+            ("run", False), ("instances read", True), ("median s", True), ("of the whole", True),
+            ("CPU s", True), ("peak MB", True))], shard_rows), end="")
     if not rows:
         return
     print("medians of 5 runs (3 for 10,000 instances, hanging instances and track); ratio = default / best "
