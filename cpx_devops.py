@@ -292,15 +292,15 @@ def shard_of(ip: str, count: int) -> int:
 
 class Shard(NamedTuple):
     """--shard K/N: this run reads only the instances of slice K (from 1) of N."""
-    index: int
-    count: int
+    number: int
+    of: int
 
     def holds(self, ip: str) -> bool:
         """Whether this shard reads the instance at ip."""
-        return shard_of(ip, self.count) == self.index
+        return shard_of(ip, self.of) == self.number
 
     def __str__(self) -> str:
-        return "%d/%d" % (self.index, self.count)
+        return "%d/%d" % self
 
 
 # ---------------------------------------------------------------------------
@@ -310,14 +310,14 @@ class Shard(NamedTuple):
 
 class HealthyCount(NamedTuple):
     """A fixed minimum of healthy instances: '3'."""
-    count: int
+    least: int
 
     def required(self, instances: int) -> int:
         """The minimum for a service of this many instances."""
-        return self.count
+        return self.least
 
     def __str__(self) -> str:
-        return str(self.count)
+        return str(self.least)
 
 
 class HealthyShare(NamedTuple):
@@ -336,7 +336,8 @@ class HealthyShare(NamedTuple):
     def __eq__(self, other: Any) -> bool:  # a tuple, but never equal to HealthyCount(50)
         return isinstance(other, HealthyShare) and self.percent == other.percent
 
-    __hash__ = tuple.__hash__
+    def __hash__(self) -> int:
+        return hash(("%", self.percent))
 
 
 class ExpectedService(NamedTuple):
@@ -466,7 +467,7 @@ def parse_policy(text: str, source: str) -> Policy:
         key = pair.group(1).strip().lower()
         if key in keys:
             fail(number, "%s in [%s] is there twice" % (key, list(sections)[-1]))
-        keys[key] = (re.split(r"(?:\A|\s)[#;]", pair.group(2), 1)[0].strip(), number)  # less a comment
+        keys[key] = (re.split(r"(?:\A|\s)[#;]", pair.group(2), maxsplit=1)[0].strip(), number)  # less a comment
     read: Dict[str, Dict[str, Any]] = {}  # section -> key -> value
     for section, (line, keys) in sections.items():
         kind = "service:" if section.startswith("service:") else section
@@ -488,9 +489,9 @@ def parse_policy(text: str, source: str) -> Policy:
             except ValueError as error:
                 fail(key_line, "%s: %s" % (key, error))
         minimum = values.get("min_healthy")
-        if isinstance(minimum, HealthyCount) and values.get("instances", minimum.count) < minimum.count:
+        if isinstance(minimum, HealthyCount) and values.get("instances", minimum.least) < minimum.least:
             fail(keys["min_healthy"][1], "min_healthy %d is more than its %d instances: it could never be met"
-                 % (minimum.count, values["instances"]))
+                 % (minimum.least, values["instances"]))
     defaults = read.pop("defaults", {})
     services = {name[len("service:"):]: ExpectedService(
         name[len("service:"):], v.get("min_healthy"), v.get("instances"), v.get("cpu_threshold"),
@@ -578,8 +579,8 @@ def instance_reasons(instance: Instance, policy: Policy) -> List[str]:
     if not instance.readable:
         return []
     cpu, memory = policy.limits(instance.service)
-    return [name for name, value, limit in (("cpu", instance.cpu, cpu), ("memory", instance.memory, memory))
-            if value > limit]
+    return [name for name, value, limit in (("cpu", instance.cpu or 0.0, cpu), ("memory", instance.memory or 0.0,
+                                                                             memory)) if value > limit]
 
 
 def _plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
@@ -619,12 +620,12 @@ def summarize_services(instances: Iterable[Instance], policy: Policy) -> List[Se
         members = groups[service]
         readable = sorted((m for m in members if m.readable), key=lambda m: ip_sort_key(m.ip))
         # max() keeps the first of equals: the lowest IP is the hottest of a tie.
-        hottest_cpu = max(readable, key=lambda m: m.cpu, default=None)
-        hottest_memory = max(readable, key=lambda m: m.memory, default=None)
+        hottest_cpu = max(readable, key=lambda m: m.cpu or 0.0, default=None)
+        hottest_memory = max(readable, key=lambda m: m.memory or 0.0, default=None)
         summaries.append(ServiceSummary(
             service, len(members), sum(1 for m in members if instance_status(m, policy) == HEALTHY),
-            sum(m.cpu for m in readable) / len(readable) if readable else None,
-            sum(m.memory for m in readable) / len(readable) if readable else None,
+            sum(m.cpu or 0.0 for m in readable) / len(readable) if readable else None,
+            sum(m.memory or 0.0 for m in readable) / len(readable) if readable else None,
             hottest_cpu.cpu if hottest_cpu else None, hottest_memory.memory if hottest_memory else None,
             hottest_cpu.ip if hottest_cpu else None, hottest_memory.ip if hottest_memory else None))
     return summaries
@@ -699,7 +700,7 @@ def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str
     when every instance was read, UsageError naming the closest. Two services that differ only
     in case and match neither exactly are a UsageError too: which one was meant is not known."""
     import difflib
-    known = sorted(set(known), key=str.lower)
+    known = sorted(set(known), key=lambda name: (name.lower(), name))
     if name in known:
         return name
     folded = [service for service in known if service.lower() == name.lower()]
@@ -794,7 +795,7 @@ def resolve_services(patterns: Sequence[str], known: Iterable[str], unreadable: 
     """The known services that names and shell-style patterns ('Pay*') mean, in the order asked,
     each once. A name resolves as resolve_service() does; a pattern matches case-sensitively,
     else in any case; one that matches nothing fails as an unknown name does."""
-    known = sorted(set(known), key=str.lower)
+    known = sorted(set(known), key=lambda name: (name.lower(), name))
     chosen: List[str] = []
     for pattern in patterns:
         matched: List[str] = []
@@ -1019,7 +1020,7 @@ def _build_opener(watchdog: Watchdog) -> Any:
                     guard.connected(self.sock, time.monotonic() - began)
         return Guarded
 
-    connections = {http.client.HTTPConnection: guarded(http.client.HTTPConnection)}
+    connections: Dict[Any, Any] = {http.client.HTTPConnection: guarded(http.client.HTTPConnection)}
     if hasattr(http.client, "HTTPSConnection"):  # Python built without ssl: http only
         connections[http.client.HTTPSConnection] = guarded(http.client.HTTPSConnection)
 
@@ -1848,8 +1849,8 @@ def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = T
     for instance in instances if per_instance else ():
         labels = (("ip", instance.ip), ("service", instance.service))
         if instance.readable:
-            add("cpx_instance_cpu_ratio", labels, _prometheus_number(instance.cpu / 100.0, None))
-            add("cpx_instance_memory_ratio", labels, _prometheus_number(instance.memory / 100.0, None))
+            add("cpx_instance_cpu_ratio", labels, _prometheus_number((instance.cpu or 0.0) / 100.0, None))
+            add("cpx_instance_memory_ratio", labels, _prometheus_number((instance.memory or 0.0) / 100.0, None))
         add("cpx_instance_healthy", labels, "%d" % (instance_status(instance, policy) == HEALTHY))
         add("cpx_instance_up", labels, "%d" % instance.readable)
     flagged_services = {s.service for s in flagged or ()}
@@ -2023,7 +2024,7 @@ class FlaggedReport(Report):
             return "Every service has its minimum of healthy instances, and the %d expected %s.\n" % (
                 count, "service is present" if count == 1 else "services are all present")
         if isinstance(policy.min_healthy, HealthyCount):
-            return "Every service has at least %s.\n" % _plural(policy.min_healthy.count, "healthy instance")
+            return "Every service has at least %s.\n" % _plural(policy.min_healthy.least, "healthy instance")
         return "Every service has at least %s of its instances healthy.\n" % (policy.min_healthy,)
 
 
@@ -2347,7 +2348,7 @@ class TrackSettings(NamedTuple):
     """What track was asked for: one service (None: the whole fleet) and its schedule."""
     service: Optional[str] = None
     interval: float = DEFAULT_INTERVAL
-    count: Optional[int] = None
+    samples: Optional[int] = None  # -c: stop after so many
     rediscover: float = DEFAULT_REDISCOVER
 
     def sample_deadline(self, deadline: Optional[float]) -> float:
@@ -2523,9 +2524,9 @@ class InstanceTrack:
 
     def add(self, reading: Optional[Instance]) -> None:
         """One sample: a reading, or None when CPX could not be reached (a gap)."""
-        readable = reading is not None and reading.readable
-        self.cpu.add(reading.cpu if readable else None)
-        self.memory.add(reading.memory if readable else None)
+        usable = reading if reading is not None and reading.readable else None
+        self.cpu.add(usable.cpu if usable else None)
+        self.memory.add(usable.memory if usable else None)
         if reading is not None:
             self.last = reading
             self.samples += 1
@@ -3144,8 +3145,8 @@ class ScreenView(LogView):
         """The screen's last line: an outage, else how the view ends."""
         if state.last.outage is not None:
             return paint(render_outage(state), UNHEALTHY, self.options.color)
-        if self.settings.count is not None:
-            return "stops after %s" % _plural(self.settings.count, "sample")
+        if self.settings.samples is not None:
+            return "stops after %s" % _plural(self.settings.samples, "sample")
         return "%s to stop" % ("q or Ctrl+C" if self.keyboard.saved is not None else "Ctrl+C")
 
     def show(self, state: TrackState) -> None:
@@ -3223,7 +3224,7 @@ def cmd_track(client: Any, options: Options, settings: TrackSettings, clock: Any
         while True:
             state.record(sample)
             view.show(state)
-            if settings.count is not None and state.samples >= settings.count:
+            if settings.samples is not None and state.samples >= settings.samples:
                 break
             wait, missed = schedule.next_wait(clock.monotonic())
             state.skipped += missed
@@ -3281,18 +3282,19 @@ class Exporter:
         if timeout is not None:
             deadline = min(deadline, max(MIN_SCRAPE_DEADLINE, timeout - SCRAPE_MARGIN))
         with self.lock:
-            fresh = time.monotonic() - self.started < self.settings.min_interval
-            done, reader = self.in_flight, False
-            if done is None and not fresh:
-                done, reader = threading.Event(), True
-                self.in_flight, self.started = done, time.monotonic()
-        if reader:
+            done = self.in_flight
+            if done is None and time.monotonic() - self.started >= self.settings.min_interval:
+                reading = self.in_flight = threading.Event()
+                self.started = time.monotonic()
+            else:
+                reading = None
+        if reading is not None:
             try:
                 self.result = self.read(time.monotonic() + deadline)
             finally:
                 with self.lock:
                     self.in_flight = None
-                done.set()
+                reading.set()
         elif done is not None and not done.wait(deadline + SCRAPE_MARGIN / 2):
             return 503, "the read of the fleet in flight did not end within this scrape's timeout\n"
         return self.result
@@ -3329,7 +3331,7 @@ def _http_classes() -> Tuple[Any, Any]:
 
         @property
         def url(self) -> str:
-            host = self.server_address[0]
+            host = str(self.server_address[0])
             return "http://%s:%d" % ("[%s]" % host if ":" in host else host, self.server_address[1])
 
         def handle_error(self, request: Any, client_address: Any) -> None:
@@ -3371,7 +3373,7 @@ def serve_exporter(options: Options, settings: ServeSettings) -> Any:
     exporter = Exporter(options, settings)
     watchdog = Watchdog()  # cuts a client that has not sent its whole request in time
 
-    class ExporterHandler(BaseHTTPRequestHandler):
+    class ExporterHandler(BaseHTTPRequestHandler):  # type: ignore[valid-type,misc]
         server_version = "cpx_devops/" + __version__
         timeout = REQUEST_SECONDS  # any one read or write; HTTP/1.0: one request per connection
 
@@ -3428,7 +3430,7 @@ def serve_exporter(options: Options, settings: ServeSettings) -> Any:
         def log_message(self, format: str, *args: Any) -> None:
             pass  # a line per scrape would drown what matters
 
-    class ExporterServer(QuietServer):
+    class ExporterServer(QuietServer):  # type: ignore[valid-type,misc]
         """serve's server: SERVE_THREADS threads at most, whatever the clients do."""
         pool = ThreadPoolExecutor(max_workers=SERVE_THREADS)
 
@@ -3497,7 +3499,7 @@ class SimulatedFleet:
     Each instance walks on its own generator, so with a seed the values an
     instance shows depend only on how often it was read, not on the order in
     which concurrent requests arrive: seeded runs are reproducible."""
-    def __init__(self, count: int, seed: Optional[int] = None, sickness: Sickness = Sickness()):
+    def __init__(self, count: int, seed: Optional[int] = None, sickness: Sickness = Sickness()):  # noqa: B008
         import random
         rng = random.Random(seed)
         self.lock = threading.Lock()
@@ -3566,7 +3568,7 @@ def serve_simulator(settings: SimulatorSettings) -> Any:
     server_list = json.dumps(fleet.ips).encode()
     stopping = threading.Event()  # set on close: hanging answers end
 
-    class SimulatorHandler(BaseHTTPRequestHandler):
+    class SimulatorHandler(BaseHTTPRequestHandler):  # type: ignore[valid-type,misc]
         """The CPX API, answered from the simulated fleet."""
         server_version = "cpx-simulator/" + __version__
 
@@ -3608,7 +3610,7 @@ def serve_simulator(settings: SimulatorSettings) -> Any:
         def log_message(self, format: str, *args: Any) -> None:
             pass  # a request log would drown the demo
 
-    class SimulatorServer(QuietServer):
+    class SimulatorServer(QuietServer):  # type: ignore[valid-type,misc]
         request_queue_size = 5 if settings.single_threaded else 1024
         simulated = fleet  # for the tests and the benchmark
 
@@ -3653,7 +3655,7 @@ def completion_table(parser: Any) -> Dict[str, Tuple[List[Tuple[Sequence[str], A
     argument completes (None, "service" or words). Read from the arguments the parser
     recorded (see _Parser.add_argument)."""
     def read(command: Any) -> Tuple[List[Tuple[Sequence[str], Any]], Any]:
-        options, positional = [], tuple(command.commands) or None
+        options, positional = [], tuple(command.commands) or None  # type: Tuple[List[Any], Any]
         for action, completes, alias in command.arguments:
             value = completes or (None if action.nargs == 0 else "other")
             if alias:
@@ -3928,11 +3930,13 @@ def _names(choices: Optional[Sequence[str]] = None) -> Callable[[str], List[str]
         names = [name.strip() for name in text.split(",")]
         if not all(names):
             raise argparse.ArgumentTypeError("%r has an empty name" % text)
-        for name in names if choices else ():
+        if not choices:
+            return names
+        for name in names:
             if name.lower() not in choices:
                 raise argparse.ArgumentTypeError("unknown status %r%s (choose from %s)" % (
                     sanitize(name), _suggestion(name.lower(), choices), ", ".join(choices)))
-        return [name.lower() for name in names] if choices else names
+        return [name.lower() for name in names]
     return parse
 
 
@@ -3951,7 +3955,7 @@ def _min_healthy_option(text: str) -> Any:
         minimum = parse_min_healthy(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error))
-    if isinstance(minimum, HealthyCount) and minimum.count < 1:
+    if isinstance(minimum, HealthyCount) and minimum.least < 1:
         raise argparse.ArgumentTypeError("%r must be 1 or more" % text)
     return minimum
 

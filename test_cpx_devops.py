@@ -838,7 +838,8 @@ class ResolveServiceTest(unittest.TestCase):
 
 class RenderTest(unittest.TestCase):
     def test_table_layout(self):
-        table = cpx.render_table((cpx.Column("IP"), cpx.Column("CPU", True)), [["10.0.0.1", "3%"], ["10.0.0.10", "100%"]])
+        table = cpx.render_table((cpx.Column("IP"), cpx.Column("CPU", True)),
+                                 [["10.0.0.1", "3%"], ["10.0.0.10", "100%"]])
         self.assertEqual(table, "| IP        |  CPU |\n"
                                 "|-----------+------|\n"
                                 "| 10.0.0.1  |   3% |\n"
@@ -2057,7 +2058,8 @@ class CliOutputTest(ServerTestCase):
         fleet["10.0.0.77"] = Reply("boom", 500)
         self.server.fleet(fleet)
         result = self.cli("services", "-q")
-        self.assertTrue(result.stdout.endswith("\n6 instances, 3 services, 2 unhealthy instances, 1 unknown instance\n"), result.stdout)
+        self.assertTrue(result.stdout.endswith(
+            "\n6 instances, 3 services, 2 unhealthy instances, 1 unknown instance\n"), result.stdout)
         self.assertTrue(self.cli("status", "-q").stdout.endswith(
             "\n6 instances, 3 services, 2 unhealthy instances, 1 unknown instance\n"))
 
@@ -4020,7 +4022,7 @@ class OutputPathTest(ServerTestCase):
                 def served(wanted=expected_requests):
                     return len(self.server.paths()) >= wanted
                 self.assertTrue(wait_until(served))
-                self.assertTrue(wait_until(lambda: pipe_fill(read_end) >= 65536))
+                self.assertTrue(wait_until(lambda end=read_end: pipe_fill(end) >= 65536))
                 received = []
                 with os.fdopen(read_end, "rb") as pipe:
                     while True:
@@ -5224,7 +5226,8 @@ class FuzzTest(unittest.TestCase):
 
     def test_api_values(self):
         junk = [None, True, 1, -1, 1.5, float("nan"), float("inf"), 10 ** 400, "", [], {}, "61%", "1e3", "٣"]
-        for text in self.mutations(["61%", "12.5", " 7 % ", "100", "0.0001%", "9" * 40], 4000, "0123456789.%-+e \u00b2"):
+        seeds = ["61%", "12.5", " 7 % ", "100", "0.0001%", "9" * 40]
+        for text in self.mutations(seeds, 4000, "0123456789.%-+e \u00b2"):
             self.check(cpx.parse_percent, text, ValueError)
         for value in junk:
             self.check(cpx.parse_percent, value, ValueError)
@@ -5298,7 +5301,8 @@ class AnyMachineTest(ServerTestCase):
         existing = os.path.join(folder, "existing.prom")
         with open(existing, "w") as old:
             old.write("old\n")
-        for args, code in ((["services"], 0), (["status"], 0), (["unhealthy"], 1), (["track", "-c", "2", "-n", "0.1"], 0),
+        for args, code in ((["services"], 0), (["status"], 0), (["unhealthy"], 1),
+                           (["track", "-c", "2", "-n", "0.1"], 0),
                            (["--write", os.path.join(folder, "new.prom"), "status", "-o", "prometheus"], 0),
                            (["--write", existing, "status", "-o", "prometheus"], 0), (["completion", "bash"], 0)):
             with self.subTest(case=args):
