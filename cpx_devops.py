@@ -1196,8 +1196,8 @@ class AdaptiveLimit(ConcurrencyLimit):
 
     Only valid answers teach latency: a fast HTTP 500 once taught a best latency near 0 s,
     and the limit fell to 1 for good. The base is the latency when nothing queues: the
-    median of the burst that opens each batch of reads (a failed or stuck request counts as
-    slow), learnt anew each batch (each track sample). A request running STUCK_RATIO times
+    median of the answers to the burst that opens each batch of reads (a failed or stuck
+    request left out), learnt anew each batch (each track sample). A request running STUCK_RATIO times
     the base is stuck: it stops counting, in up to STUCK_ROOM x the ceiling more threads, so
     that hung or slow instances wait side by side instead of starving the fleet.
 
@@ -3442,6 +3442,8 @@ def serve_exporter(options: Options, settings: ServeSettings) -> Any:
 
 def cmd_serve(options: Options, settings: ServeSettings) -> int:
     """Serve /metrics until SIGTERM or Ctrl+C."""
+    if options.output not in ("table", "prometheus") or options.write is not None:
+        raise UsageError("serve answers in the Prometheus format: -o and --write are for the other commands")
     server = serve_exporter(options, settings)
     say("%s: serving %s/metrics (Ctrl+C to stop)" % (program_name(), server.url))
     return serve_until_stopped(server)

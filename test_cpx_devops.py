@@ -4570,6 +4570,13 @@ class ServeProcessTest(ServerTestCase):
                 self.assertEqual(result.returncode, 2)
                 self.assertRegex(result.stderr, r"^cpx_devops: error: argument --listen: ")
 
+    def test_output_options_that_serve_cannot_honour_are_refused(self):
+        for extra in (["-o", "json"], ["--write", "metrics.prom"]):
+            with self.subTest(case=extra):
+                result = run_cli(*(extra + ["serve", "--listen", "127.0.0.1:0"]))
+                self.assertEqual((result.returncode, result.stderr), (2, "cpx_devops: error: serve answers in the "
+                                 "Prometheus format: -o and --write are for the other commands\n"))
+
     def test_every_interface_when_asked(self):
         self.server.fleet(FIXED_FLEET)
         process, url = self.start("--listen", ":0")
