@@ -4187,7 +4187,8 @@ class CliMiscTest(unittest.TestCase):
         self.addCleanup(server.close)
         status = run_cli("--url", server.url, "status", "-o", "json", "--service", "UserService")
         self.assertEqual([r["service"] for r in json.loads(status.stdout)], ["UserService"])
-        self.assertEqual(untimed(json.loads(run_cli("--cp-url", server.url, "unhealthy-services", "-o", "json").stdout)),
+        aliased = run_cli("--cp-url", server.url, "unhealthy-services", "-o", "json").stdout
+        self.assertEqual(untimed(json.loads(aliased)),
                          untimed(json.loads(run_cli("--url", server.url, "unhealthy", "-o", "json").stdout)))
         help_text = run_cli("--help").stdout + run_cli("status", "--help").stdout
         for alias in ("--cp-url", "unhealthy-services", "--service"):  # quiet: not in the help
