@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -41,6 +42,13 @@ TOOL = [sys.executable, "-m", "cpx_devops"]
 # ---------------------------------------------------------------------------
 # Shared helpers: a controlled server, the simulator, running the CLI
 # ---------------------------------------------------------------------------
+
+def scratch_folder(test):
+    """A fresh folder on the real file system, removed when the test ends."""
+    folder = tempfile.mkdtemp()
+    test.addCleanup(shutil.rmtree, folder)
+    return folder
+
 
 
 class Reply:
@@ -249,7 +257,6 @@ def test_cache_home():
     global TEST_CACHE
     if TEST_CACHE is None:
         import atexit
-        import tempfile
         TEST_CACHE = tempfile.mkdtemp(prefix="cpx-test-cache-")
         owner = os.getpid()
         atexit.register(lambda: os.getpid() == owner and shutil.rmtree(TEST_CACHE, True))
@@ -2622,9 +2629,7 @@ class PrometheusTest(ServerTestCase):
 class WriteTest(ServerTestCase):
     def setUp(self):
         super().setUp()
-        import tempfile
-        self.directory = tempfile.mkdtemp()
-        self.addCleanup(__import__("shutil").rmtree, self.directory)
+        self.directory = scratch_folder(self)
         self.target = os.path.join(self.directory, "cpx.prom")
 
     def test_writes_atomically_and_readably(self):
@@ -2680,7 +2685,6 @@ class WriteTest(ServerTestCase):
         # Seen from the kernel's side (strace): the temporary file is made next to the target,
         # even with $TMPDIR on another file system, and synced before it takes the target's place.
         require_tool(self, "strace", "strace")
-        import tempfile
         elsewhere = tempfile.mkdtemp(dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.addCleanup(shutil.rmtree, elsewhere)
         self.server.fleet(FIXED_FLEET)
@@ -2723,9 +2727,7 @@ class WriteTargetTest(ServerTestCase):
 
     def setUp(self):
         super().setUp()
-        import tempfile
-        self.directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.directory)
+        self.directory = scratch_folder(self)
         self.server.fleet(FIXED_FLEET)
 
     def path(self, name):
@@ -3005,16 +3007,10 @@ class PolicyCliTest(ServerTestCase):
     def setUp(self):
         super().setUp()
         self.server.fleet(FIXED_FLEET)
-        folder = self.temporary_folder()
+        folder = scratch_folder(self)
         self.policy = os.path.join(folder, "fleet.ini")
         with open(self.policy, "w") as policy:
             policy.write(FLEET_POLICY)
-
-    def temporary_folder(self):
-        import tempfile
-        folder = tempfile.mkdtemp(prefix="cpx-policy-")
-        self.addCleanup(shutil.rmtree, folder, True)
-        return folder
 
     def write_policy(self, text, name="other.ini"):
         path = os.path.join(os.path.dirname(self.policy), name)
@@ -3297,9 +3293,7 @@ class CompletionTest(unittest.TestCase):
     """Issue 13: the completion scripts, run by the shells themselves."""
 
     def setUp(self):
-        import tempfile
-        self.directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.directory)
+        self.directory = scratch_folder(self)
         os.makedirs(os.path.join(self.directory, "cache", "cpx_devops"))
         with open(os.path.join(self.directory, "cache", "cpx_devops", "services"), "w") as cache:
             cache.write("PaymentService\nAuthService\nPayoutService\n")
@@ -3469,9 +3463,7 @@ class HostileCornersCliTest(ServerTestCase):
     def test_a_lone_surrogate_in_a_name_is_written_in_every_format(self):
         self.server.routes["/servers"] = Reply(["10.0.0.1"])
         self.server.routes["/10.0.0.1"] = Reply('{"cpu": "1%", "memory": "1%", "service": "B\\ud800x"}')
-        import tempfile
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
+        directory = scratch_folder(self)
         for output in cpx.OUTPUT_FORMATS:
             with self.subTest(case=output):
                 result = self.cli("services", "-o", output)
@@ -3987,9 +3979,7 @@ class OutputPathTest(ServerTestCase):
         self.assertEqual((result.returncode, result.stderr), (2, b"cpx_devops: error: stdout is closed (>&-): "
                                                                 b"nowhere to write the output; use --write FILE\n"))
         self.assertEqual(self.server.paths(), [])
-        import tempfile
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
+        directory = scratch_folder(self)
         target = os.path.join(directory, "fleet.json")
         result = self.run_tool("services", "-o", "json", "--write", target, stdout=None, preexec_fn=_closing(1))
         self.assertEqual((result.returncode, result.stderr), (0, b""))
@@ -4215,9 +4205,7 @@ class CliMiscTest(unittest.TestCase):
                 self.assertRegex(result.stderr, r"^cpx_devops: error: .*(unrecognized arguments|invalid choice)")
 
     def test_make_install_and_uninstall(self):
-        import tempfile
-        prefix = tempfile.mkdtemp()
-        self.addCleanup(__import__("shutil").rmtree, prefix)
+        prefix = scratch_folder(self)
         completions = os.path.join(prefix, "bash-completion", "completions")
         make = ["make", "-s", "PREFIX=" + prefix, "COMPLETIONDIR=" + completions]
         installed = subprocess.run(make + ["install"], cwd=HERE, stdout=subprocess.PIPE,
@@ -4331,7 +4319,6 @@ def run_readme_command(command):
     folder of its own where the repository's policy example lies too, against a simulator of
     its own: as `simulate --seed 42` serves when freshly started."""
     import shlex
-    import tempfile
     simulator = cpx.serve_simulator(cpx.SimulatorSettings(servers=150, seed=README_SEED))
     folder = tempfile.mkdtemp()
     try:
@@ -4740,9 +4727,7 @@ class SurvivorsTest(ServerTestCase):
     def test_completion_keeps_every_service_seen_whatever_the_selection(self):
         # Catches: `services --service X` caching only the chosen services.
         self.server.fleet(FIXED_FLEET)
-        import tempfile
-        cache = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, cache)
+        cache = scratch_folder(self)
         self.cli("services", "--service", "AuthService", env={"CPX_COMPLETE_LIVE": "1", "XDG_CACHE_HOME": cache})
         with open(os.path.join(cache, "cpx_devops", "services")) as names:
             self.assertEqual(names.read(), "AuthService\nTicketService\nUserService\n")
@@ -4783,9 +4768,7 @@ class CompletionSafetyTest(unittest.TestCase):
     """Service names are compared as plain strings and inserted quoted, by the real shells."""
 
     def setUp(self):
-        import tempfile
-        self.directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.directory)
+        self.directory = scratch_folder(self)
         self.cache = os.path.join(self.directory, "cache")
         os.makedirs(os.path.join(self.cache, "cpx_devops"), mode=0o700)
         self.write_cache(HOSTILE_NAMES + NEVER_OFFERED)
@@ -4927,9 +4910,7 @@ class ServiceCacheTest(ServerTestCase):
 
     def setUp(self):
         super().setUp()
-        import tempfile
-        self.home = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.home)
+        self.home = scratch_folder(self)
         self.folder = os.path.join(self.home, "cpx_devops")
         self.cache = os.path.join(self.folder, "services")
 
@@ -4998,9 +4979,7 @@ class RedirectOriginTest(ServerTestCase):
         # redirect is to http on the same host and port, and the old rule (host and port) took it.
         require_tool(self, "openssl", "openssl")
         import ssl
-        import tempfile
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
+        directory = scratch_folder(self)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self_signed_certificate(directory))
         listener = socket.socket()
@@ -5086,9 +5065,7 @@ class PolicyFileTest(ServerTestCase):
         self.assertEqual(policy.expected, ["Odd]Name"])  # 3.7's configparser read "Odd", 3.13's "Odd]Name] # ..."
 
     def test_only_a_regular_file_is_read(self):
-        import tempfile
-        directory = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, directory)
+        directory = scratch_folder(self)
         fifo = os.path.join(directory, "policy.fifo")
         os.mkfifo(fifo)
         for path, kind in ((fifo, "a FIFO or pipe"), (directory, "a directory"), (os.devnull, "a character device")):
@@ -5178,9 +5155,7 @@ class InstallTest(unittest.TestCase):
     """make install and uninstall: every file under DESTDIR and PREFIX, nothing else touched."""
 
     def setUp(self):
-        import tempfile
-        self.root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.root)
+        self.root = scratch_folder(self)
         self.home = os.path.join(self.root, "home")
         os.makedirs(self.home)
 
@@ -5337,10 +5312,8 @@ class AnyMachineTest(ServerTestCase):
                               env=cli_env(), timeout=60)
 
     def test_every_command_runs_where_posix_only_names_are_missing(self):
-        import tempfile
         self.server.fleet(FIXED_FLEET)
-        folder = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, folder)
+        folder = scratch_folder(self)
         existing = os.path.join(folder, "existing.prom")
         with open(existing, "w") as old:
             old.write("old\n")
