@@ -1,13 +1,13 @@
 # cpx_devops: `make demo` shows it, `make test` checks it. Nothing to install.
 PYTHON ?= python3
 PREFIX ?= $(HOME)/.local
-# `make install PREFIX=~/.local` from a shell that leaves the ~ alone still works.
-prefix = $(patsubst ~%,$(HOME)%,$(PREFIX))
+# `make install PREFIX=~/.local` from a shell that leaves the ~ alone still works (~ and ~/...
+# only: ~user is the shell's to expand). Every file goes under PREFIX, and DESTDIR before it.
+prefix = $(if $(filter ~,$(PREFIX)),$(HOME),$(patsubst ~/%,$(HOME)/%,$(PREFIX)))
 BINDIR = $(prefix)/bin
 LIBDIR = $(prefix)/lib/cpx-devops
-# Where bash-completion looks: a system prefix's share folder; for a prefix inside the user's
-# home, the user's data home. DESTDIR goes before every path install writes or uninstall removes.
-COMPLETIONDIR ?= $(if $(filter $(HOME)/%,$(prefix)/),$(or $(XDG_DATA_HOME),$(HOME)/.local/share),$(prefix)/share)/bash-completion/completions
+# Where bash-completion looks for a system prefix, and, for ~/.local, the user's default data home.
+COMPLETIONDIR ?= $(prefix)/share/bash-completion/completions
 # A pyenv shim for a version that is installed but not selected fails to run:
 # fall back to that version's own binary, so `make test PYTHON=python3.7` works.
 PY := $(shell p='$(PYTHON)'; if "$$p" -c '' >/dev/null 2>&1; then echo "$$p"; else \
@@ -68,16 +68,20 @@ bench: check-python ## the performance tables of the README, sharding included (
 # The installed command is a launcher that runs the module from lib/cpx-devops beside its bin
 # folder, byte-compiled here: a script is compiled on every run, a module once.
 install: check-python ## install cpx-devops in PREFIX (~/.local): bin/cpx-devops, lib/cpx-devops, bash completion
+	@case "$(prefix)" in /*) ;; *) echo "make: PREFIX must be an absolute path: $(PREFIX)" >&2; exit 2;; esac
 	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(LIBDIR)" "$(DESTDIR)$(COMPLETIONDIR)"
 	install -m 0644 cpx_devops.py "$(DESTDIR)$(LIBDIR)/cpx_devops.py"
 	$(PY) -m py_compile "$(DESTDIR)$(LIBDIR)/cpx_devops.py"
-	$(PY) -c 'import sys; print("#!" + sys.executable)' > "$(DESTDIR)$(BINDIR)/cpx-devops"
+	$(PY) -c 'import sys; print("#!" + sys.executable)' > "$(DESTDIR)$(BINDIR)/.cpx-devops.tmp"
 	printf '%s\n' '# cpx-devops: cpx_devops from ../lib/cpx-devops, byte-compiled by make install.' \
 	  'import os, runpy, sys' \
 	  'sys.path.insert(0, os.path.join(os.path.dirname(os.path.realpath(__file__)), os.pardir, "lib", "cpx-devops"))' \
-	  'runpy.run_module("cpx_devops", run_name="__main__")' >> "$(DESTDIR)$(BINDIR)/cpx-devops"
-	chmod 0755 "$(DESTDIR)$(BINDIR)/cpx-devops"
-	$(PY) cpx_devops.py completion bash > "$(DESTDIR)$(COMPLETIONDIR)/cpx-devops"
+	  'runpy.run_module("cpx_devops", run_name="__main__")' >> "$(DESTDIR)$(BINDIR)/.cpx-devops.tmp"
+	chmod 0755 "$(DESTDIR)$(BINDIR)/.cpx-devops.tmp"
+	$(PY) cpx_devops.py completion bash > "$(DESTDIR)$(COMPLETIONDIR)/.cpx-devops.tmp"
+	# Renamed into place: an old symlink there is replaced, never written through.
+	mv -f "$(DESTDIR)$(BINDIR)/.cpx-devops.tmp" "$(DESTDIR)$(BINDIR)/cpx-devops"
+	mv -f "$(DESTDIR)$(COMPLETIONDIR)/.cpx-devops.tmp" "$(DESTDIR)$(COMPLETIONDIR)/cpx-devops"
 	@echo "installed $(DESTDIR)$(BINDIR)/cpx-devops, and bash completion in $(DESTDIR)$(COMPLETIONDIR)"
 
 uninstall: ## remove what install wrote (the same PREFIX and DESTDIR)

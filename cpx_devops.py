@@ -47,7 +47,8 @@ EXIT_FLAGGED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_PARTIAL = 4
-EXIT_OUTPUT = 74  # EX_IOERR in sysexits.h
+EXIT_INTERNAL = 70  # EX_SOFTWARE in sysexits.h
+EXIT_OUTPUT = 74  # EX_IOERR
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
 EXIT_TERMINATED = 143
@@ -64,6 +65,7 @@ EXIT_STATUSES = (
                        "could be read, or none of the service asked for while some could not be read"),
     (EXIT_PARTIAL, "`--strict` and some instance could not be read: the output was printed, from partial "
                    "data"),
+    (EXIT_INTERNAL, "an internal error, a bug in this tool: one line on stderr, to report"),
     (EXIT_OUTPUT, "the output could not be written: stdout or the `--write` FILE failed (a full disk, say)"),
     (EXIT_INTERRUPTED, "interrupted by Ctrl+C (`track` exits 0: Ctrl+C is how it stops)"),
     (EXIT_BROKEN_PIPE, "stdout closed early, as for any Unix tool killed by SIGPIPE (`| head`)"),
@@ -1064,7 +1066,7 @@ def _build_opener(watchdog: Watchdog) -> Any:
 def _read_capped(response: Any, cap: int) -> bytes:
     """Read a body of at most cap bytes (the watchdog ends a trickle)."""
     length = response.headers.get("Content-Length")
-    if length and length.strip().isdigit() and int(length) > cap:
+    if length and re.match(r"\s*[0-9]{1,30}\s*\Z", length) and int(length) > cap:  # not isdigit(): '²'
         raise FetchError("answer over %s" % _size(cap))
     chunks: List[bytes] = []
     total = 0
@@ -2196,7 +2198,7 @@ def remember_services(instances: Iterable[Instance], options: Options) -> None:
     (made 0700), through a temporary file and a rename, at most SERVICE_CACHE_CAP bytes. A
     folder or file that is not the user's own, or not what it should be (a symlink, say), is
     left alone, and so is any failure: completion is a convenience. Limit: the folders above
-    the cache's own are trusted (a home, or a sticky /tmp)."""
+    the cache home are trusted."""
     import stat
     if options.service_cache is None:
         return
@@ -2207,13 +2209,19 @@ def remember_services(instances: Iterable[Instance], options: Options) -> None:
         if size > SERVICE_CACHE_CAP:
             break
         lines += [name + "\n"] if completable(name) else []
+    mine = getattr(os, "geteuid", lambda: None)()
     try:
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        # The cache home (~/.cache), made if need be, in a home of the user's own: root with
+        # another user's HOME (sudo) must not leave folders of root's there.
+        home = os.path.dirname(folder)
+        if mine not in (None, os.stat(home if os.path.isdir(home) else os.path.dirname(home)).st_uid):
+            return
+        os.makedirs(home, 0o700, exist_ok=True)
         try:
             os.mkdir(folder, 0o700)
         except FileExistsError:
             pass
-        found, mine = os.lstat(folder), getattr(os, "geteuid", lambda: None)()
+        found = os.lstat(folder)
         if not stat.S_ISDIR(found.st_mode) or found.st_mode & 0o022 or mine not in (None, found.st_uid):
             return
         try:
@@ -3249,7 +3257,9 @@ def cmd_track(client: Any, options: Options, settings: TrackSettings, clock: Any
 # ---------------------------------------------------------------------------
 
 SERVE_PORT = 9968  # serve's own port (not in Prometheus's list of exporter ports)
-SERVE_THREADS = 8  # scrapes, landing pages and health checks answered at once; more wait their turn
+# Connections served at once, a thread each: an idle one holds only its own thread, for
+# REQUEST_SECONDS at most. Past that, a new one is closed at once: refused, never queued.
+SERVE_CONNECTIONS = 64
 REQUEST_SECONDS = 5.0  # a client has this long to send its request, however it trickles
 SCRAPE_MARGIN = 0.5  # seconds kept from Prometheus's scrape timeout, to answer in (as blackbox_exporter)
 MIN_SCRAPE_DEADLINE = 0.1
@@ -3264,8 +3274,9 @@ class ServeSettings(NamedTuple):
 
 class Exporter:
     """serve's reads of the fleet: one at a time, shared by every scrape that comes while it
-    is in flight (two Prometheus replicas, a curl), and kept for scrapes within
-    --min-interval of its start. Errors become the answer of every scrape that shared them."""
+    is in flight (two Prometheus replicas, a curl), and a good one kept for scrapes within
+    --min-interval of its start. A failed read is never kept: a scrape that shared it, and
+    has time left, reads again (a client with a shorter timeout cannot spoil another's)."""
     def __init__(self, options: Options, settings: ServeSettings):
         self.options = options
         self.settings = settings
@@ -3278,25 +3289,33 @@ class Exporter:
     def scrape(self, timeout: Optional[float]) -> Tuple[int, str]:
         """The exposition text of a read of the fleet, as (HTTP status, body), within the
         scrape's timeout less a margin (and never more than --deadline)."""
-        deadline = self.options.deadline or DEFAULT_DEADLINE
+        seconds = self.options.deadline or DEFAULT_DEADLINE
         if timeout is not None:
-            deadline = min(deadline, max(MIN_SCRAPE_DEADLINE, timeout - SCRAPE_MARGIN))
-        with self.lock:
-            done = self.in_flight
-            if done is None and time.monotonic() - self.started >= self.settings.min_interval:
-                reading = self.in_flight = threading.Event()
-                self.started = time.monotonic()
-            else:
-                reading = None
-        if reading is not None:
-            try:
-                self.result = self.read(time.monotonic() + deadline)
-            finally:
-                with self.lock:
-                    self.in_flight = None
-                reading.set()
-        elif done is not None and not done.wait(deadline + SCRAPE_MARGIN / 2):
-            return 503, "the read of the fleet in flight did not end within this scrape's timeout\n"
+            seconds = min(seconds, max(MIN_SCRAPE_DEADLINE, timeout - SCRAPE_MARGIN))
+        deadline = time.monotonic() + seconds
+        while True:
+            with self.lock:
+                done = self.in_flight
+                kept = self.result[0] == 200 and time.monotonic() - self.started < self.settings.min_interval
+                if done is None and not kept:
+                    done = self.in_flight = threading.Event()
+                    self.started = time.monotonic()
+                    break  # this scrape reads
+            if done is None:
+                return self.result
+            if not done.wait(max(0.0, deadline - time.monotonic()) + SCRAPE_MARGIN / 2):
+                return 503, "the read of the fleet in flight did not end within this scrape's timeout\n"
+            if self.result[0] == 200 or time.monotonic() >= deadline:
+                return self.result
+        try:
+            self.result = self.read(deadline)
+        except Exception as error:  # noqa: BLE001 (a bug: said; no good read kept in its place)
+            self.result = 500, "internal error: %s: %s\n" % (type(error).__name__, sanitize(error))
+            say("%s: internal error in a read: %r" % (program_name(), error))
+        finally:
+            with self.lock:
+                self.in_flight = None
+            done.set()
         return self.result
 
     def read(self, deadline: float) -> Tuple[int, str]:
@@ -3360,7 +3379,9 @@ def serve_until_stopped(server: Any) -> NoReturn:
     command; then close it."""
     try:
         while True:
-            time.sleep(3600)
+            # Short sleeps: a signal the kernel hands to another thread interrupts no sleep
+            # here, and is handled when the sleep ends (seen: SIGTERM unheard for an hour).
+            time.sleep(0.5)
     finally:
         server.shutdown()
         server.server_close()
@@ -3368,7 +3389,6 @@ def serve_until_stopped(server: Any) -> NoReturn:
 
 def serve_exporter(options: Options, settings: ServeSettings) -> Any:
     """Start serve's HTTP server in a background thread; returns the server (see .url)."""
-    from concurrent.futures import ThreadPoolExecutor
     QuietServer, BaseHTTPRequestHandler = _http_classes()
     exporter = Exporter(options, settings)
     watchdog = Watchdog()  # cuts a client that has not sent its whole request in time
@@ -3406,13 +3426,16 @@ def serve_exporter(options: Options, settings: ServeSettings) -> Any:
 
         def answer(self, status: int, text: str, content_type: str) -> None:
             body = text.encode("utf-8")
-            gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
+            # gzip when accepted: named, and not with q=0 (a q of 0.001 is an acceptance).
+            gzipped = re.search(r"(?:^|,)\s*gzip\s*(?:,|$|;\s*q=(?!0(?:\.0*)?\s*(?:,|$)))",
+                                self.headers.get("Accept-Encoding", "").lower())
             if gzipped:
                 import gzip
 
                 body = gzip.compress(body, 6)
             self.send_response(status)
             self.send_header("Content-Type", content_type)
+            self.send_header("Vary", "Accept-Encoding")
             if gzipped:
                 self.send_header("Content-Encoding", "gzip")
             self.send_header("Content-Length", str(len(body)))
@@ -3431,11 +3454,18 @@ def serve_exporter(options: Options, settings: ServeSettings) -> Any:
             pass  # a line per scrape would drown what matters
 
     class ExporterServer(QuietServer):  # type: ignore[valid-type,misc]
-        """serve's server: SERVE_THREADS threads at most, whatever the clients do."""
-        pool = ThreadPoolExecutor(max_workers=SERVE_THREADS)
+        """serve's server: SERVE_CONNECTIONS at most, whatever the clients do."""
+        connections = threading.BoundedSemaphore(SERVE_CONNECTIONS)
+        request_queue_size = SERVE_CONNECTIONS  # the listen backlog: accepted at once, or refused
 
         def process_request(self, request: Any, client_address: Any) -> None:
-            self.pool.submit(self.process_request_thread, request, client_address)
+            if not self.connections.acquire(blocking=False):
+                return super().shutdown_request(request)
+            super().process_request(request, client_address)
+
+        def shutdown_request(self, request: Any) -> None:
+            super().shutdown_request(request)
+            self.connections.release()
 
     return listening(lambda: ExporterServer((settings.host, settings.port), ExporterHandler), settings)
 
@@ -3690,13 +3720,19 @@ _SHELL_PROLOGUES = {
              '    while IFS= read -r file; do COMPREPLY+=("$file"); done < <(compgen -f -- "$cur")\n'
              "}\n"
              "_cpx_devops_services() {\n"
-             "    local name quoted typed=${cur#[\\\"\\']} cache=${XDG_CACHE_HOME:-$HOME/.cache}/%(cache)s\n"
+             "    local name quoted typed=${cur#[\\\"\\']} cache=${XDG_CACHE_HOME:-}\n"
              "    typed=${typed//\\\\/}\n"
-             '    [ -n "${CPX_COMPLETE_LIVE:-}" ] && "${COMP_WORDS[0]}" -q status >/dev/null 2>&1\n'
+             "    [[ $cache == /* ]] || cache=$HOME/.cache  # a relative one is ignored, as the XDG spec says\n"
+             "    cache+=/%(cache)s\n"
+             '    [ -n "${CPX_COMPLETE_LIVE:-}" ] && "${COMP_WORDS[0]}" -q --deadline 3 status >/dev/null 2>&1\n'
              '    [ -f "$cache" ] && [ ! -L "$cache" ] && [ -O "$cache" ] || return\n'
+             "    # After a quote typed, readline quotes the name for it, and closes it (-o filenames).\n"
+             '    [[ $cur == [\\"\\\']* ]] && compopt -o filenames 2>/dev/null\n'
              "    while IFS= read -r name; do\n"
              '        case $name in ""|-*|*[[:cntrl:]]*) continue;; esac\n'
-             '        [[ $name == "$typed"* ]] && printf -v quoted %%q "$name" && COMPREPLY+=("$quoted")\n'
+             '        [[ $name == "$typed"* ]] || continue\n'
+             '        [[ $cur == [\\"\\\']* ]] && quoted=$name || printf -v quoted %%q "$name"\n'
+             '        COMPREPLY+=("$quoted")\n'
              '    done < "$cache"\n'
              "}\n"
              "_cpx_devops() {\n"
@@ -3716,9 +3752,11 @@ _SHELL_PROLOGUES = {
             "_cpx_devops_files() { _files }\n"
             "_cpx_devops_services() {\n"
             "    emulate -L zsh\n"
-            "    local cache=${XDG_CACHE_HOME:-$HOME/.cache}/%(cache)s\n"
+            "    local cache=${XDG_CACHE_HOME:-}\n"
+            "    [[ $cache == /* ]] || cache=$HOME/.cache\n"
+            "    cache+=/%(cache)s\n"
             "    local -a names\n"
-            '    [[ -n ${CPX_COMPLETE_LIVE:-} ]] && "${words[1]}" -q status >/dev/null 2>&1\n'
+            '    [[ -n ${CPX_COMPLETE_LIVE:-} ]] && "${words[1]}" -q --deadline 3 status >/dev/null 2>&1\n'
             "    [[ -f $cache && ! -L $cache && -O $cache ]] || return\n"
             '    names=("${(@f)$(<$cache)}")\n'
             '    compadd -- "${(@)names:#(|-*|*[[:cntrl:]]*)}"\n'
@@ -3768,10 +3806,11 @@ def _fish_completion(table: Dict[str, Any]) -> str:
     options once, for every command that takes them all (the global options)."""
     lines = ["# fish completion for cpx_devops, made by `cpx_devops.py completion fish` from its parser.",
              "function __cpx_devops_services",
-             "    set -l cache $HOME/.cache/%s" % "/".join(SERVICE_CACHE),
-             "    set -q XDG_CACHE_HOME; and set cache $XDG_CACHE_HOME/%s" % "/".join(SERVICE_CACHE),
+             "    set -l cache $HOME/.cache",
+             "    string match -q -- '/*' \"$XDG_CACHE_HOME\"; and set cache $XDG_CACHE_HOME",
+             "    set cache $cache/%s" % "/".join(SERVICE_CACHE),
              "    set -l program (commandline -opc)[1]",
-             "    set -q CPX_COMPLETE_LIVE; and $program -q status >/dev/null 2>&1",
+             "    set -q CPX_COMPLETE_LIVE; and $program -q --deadline 3 status >/dev/null 2>&1",
              "    test -f $cache -a ! -L $cache -a -O $cache; or return",
              "    string match -rv -- '^$|^-|[[:cntrl:]]' <$cache",
              "end",
@@ -4284,6 +4323,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
         return EXIT_BROKEN_PIPE
+    except Exception as error:  # noqa: BLE001 (a bug: one line that says where, not a traceback nor exit 1)
+        import traceback
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        say("%s: internal error: %s: %s (%s line %d; please report it)" % (
+            name, type(error).__name__, sanitize(error), os.path.basename(where.filename), where.lineno or 0))
+        return EXIT_INTERNAL
 
 
 def _exit(code: int) -> NoReturn:

@@ -3372,7 +3372,7 @@ class CompletionTest(unittest.TestCase):
                                  ("cpx_devops.py --url x track Au", ["cpx_devops.py", "--url", "x", "track",
                                                                      "AuthService"])):
             with self.subTest(case=typed):
-                self.assertEqual(zsh_completed_words(script, typed, env), completed)
+                self.assertEqual(completed_words("zsh", script, typed, env), completed)
 
     def test_fish_completes_commands_choices_and_services(self):
         require_tool(self, "fish", "fish")
@@ -3702,6 +3702,20 @@ class ConventionsTest(ServerTestCase):
 
 
 class CliFailureTest(ServerTestCase):
+    def test_a_bug_is_one_line_and_exit_70_never_a_traceback_nor_exit_1(self):
+        # A bug stands in for one no test has found yet: the analysis failing on a reading.
+        self.server.fleet(FIXED_FLEET)
+        saved = cpx.summarize_failures
+        self.addCleanup(setattr, cpx, "summarize_failures", saved)
+        def bug(instances):
+            raise KeyError("\x1b[31mboom")
+        cpx.summarize_failures = bug
+        result = self.cli("unhealthy")
+        self.assertEqual((result.returncode, result.stdout), (cpx.EXIT_INTERNAL, ""))  # catches: exit 1, "flagged"
+        self.assertRegex(result.stderr, r"\Acpx_devops: internal error: KeyError: '.*boom' "
+                                        r"\(test_cpx_devops\.py line \d+; please report it\)\n\Z")
+        self.assertNotIn("\x1b", result.stderr)
+
     def test_exit_3_when_cpx_is_unusable(self):
         self.server.routes["/nojson"] = Reply("<html>")
         cases = [
@@ -4487,14 +4501,55 @@ class ServeTest(ServerTestCase):
             http_get(url + "/metrics")
         self.assertEqual(self.server.count("/servers"), 3)
 
+    def test_a_failed_read_is_never_kept_and_a_scraper_with_time_left_reads_again(self):
+        listing, self.server.routes["/servers"] = self.server.routes["/servers"], Reply("down", status=500)
+        url = self.serve(min_interval=3600)
+        self.assertEqual(http_get(url + "/metrics")[0], 503)
+        self.server.routes["/servers"] = listing
+        self.assertEqual(http_get(url + "/metrics")[0], 200)  # catches: the 503 kept for --min-interval
+        # A scraper with a short timeout shares its read with one that has more time: its
+        # failure is its own (a second Prometheus, or a curl with -H, cannot spoil the first's).
+        url = self.serve()
+        self.server.routes["/servers"] = Delayed(Reply(list(FIXED_FLEET)), 2.0)
+        hurried, before = [], self.server.count("/servers")
+        first = threading.Thread(target=lambda: hurried.append(http_get(
+            url + "/metrics", {"X-Prometheus-Scrape-Timeout-Seconds": "1.5"})[0]))  # a read of 1 s
+        first.start()
+        self.assertTrue(wait_until(lambda: self.server.count("/servers") > before))  # its read is in flight
+        patient = http_get(url + "/metrics", {"X-Prometheus-Scrape-Timeout-Seconds": "30"})[0]
+        first.join()
+        self.assertEqual((hurried, patient), ([503], 200))  # catches: the shared 503 handed to both
+
     def test_gzip_when_the_scraper_accepts_it(self):
         import gzip
         url = self.serve(min_interval=3600)
         plain = http_get(url + "/metrics")
-        zipped = http_get(url + "/metrics", {"Accept-Encoding": "gzip"})
+        zipped = http_get(url + "/metrics", {"Accept-Encoding": "deflate, gzip"})
         self.assertEqual(zipped[1].get("Content-Encoding"), "gzip")
         self.assertNotIn("Content-Encoding", plain[1])
+        self.assertEqual(plain[1].get("Vary"), "Accept-Encoding")  # a cache between keeps both apart
         self.assertEqual(gzip.decompress(zipped[2]), plain[2])
+        refused = http_get(url + "/metrics", {"Accept-Encoding": "gzip;q=0, identity"})
+        self.assertNotIn("Content-Encoding", refused[1])  # catches: "gzip" looked for as a substring
+
+    def test_idle_connections_hold_up_no_scrape_and_past_the_cap_are_refused_at_once(self):
+        url = self.serve()
+        port = int(url.rsplit(":", 1)[1])
+        idle = []
+        for _ in range(cpx.SERVE_CONNECTIONS - 1):  # clients that connect and say nothing
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+            self.addCleanup(idle[-1].close)
+        started = time.monotonic()
+        self.assertEqual(http_get(url + "/-/healthy")[0], 200)
+        self.assertLess(time.monotonic() - started, cpx.REQUEST_SECONDS)  # catches: waiting for a thread they hold
+        self.assertTrue(wait_until(lambda: http_get(url + "/-/healthy")[0] == 200))  # its place is free again
+        idle.append(socket.create_connection(("127.0.0.1", port)))  # the last place
+        self.addCleanup(idle[-1].close)
+        refused = socket.create_connection(("127.0.0.1", port))
+        self.addCleanup(refused.close)
+        refused.settimeout(30)
+        self.assertEqual(refused.recv(100), b"")  # closed...
+        self.assertFalse(select_readable(idle[-1], 0))  # ...at once, while the others wait (catches: no cap)
 
     def test_landing_page_health_404_and_405(self):
         url = self.serve()
@@ -4724,6 +4779,16 @@ class SurvivorsTest(ServerTestCase):
                 first, second = client.read_instances(["10.0.0.1", "10.0.0.2"], time.monotonic() + 30)
                 self.assertEqual((first.error, second.error), (None, "answer over 64 KiB"))
 
+    def test_a_content_length_of_a_unicode_digit_is_ignored_not_a_crash(self):
+        # '²'.isdigit() is True and int('²') raises: one such answer ended every command with a
+        # traceback and exit 1 (the status of `unhealthy` flagging), and served stale data.
+        fleet = dict(FIXED_FLEET)
+        fleet["10.0.0.2"] = Reply(FIXED_FLEET["10.0.0.2"], headers={"Content-Length": "\u00b2"}, length=False)
+        self.server.fleet(fleet)
+        result = self.cli("-o", "json", "services")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(json.loads(result.stdout)), len(FIXED_FLEET))
+
     def test_completion_keeps_every_service_seen_whatever_the_selection(self):
         # Catches: `services --service X` caching only the chosen services.
         self.server.fleet(FIXED_FLEET)
@@ -4812,8 +4877,18 @@ class CompletionSafetyTest(unittest.TestCase):
         self.assertEqual(sorted(w[0] for w in words), sorted(HOSTILE_NAMES))
         self.assertEqual(self.bash_words("Pay")[0], [("Pay Service",), ("Pay'quote",), ('Pay"dq',), ("Pay$HOME",),
                                                       ("Payé",)])
-        self.assertEqual(self.bash_words("'Pay ")[0], [("Pay Service",)])  # an opening quote typed
         self.assertEqual(self.bash_words("$")[0], [("$(touch pwned)",), ("$((6*7))",)])
+        self.assertNothingRan()
+
+    def test_bash_inserts_a_name_right_after_an_opening_quote_typed(self):
+        # Catches: a name inserted as printf %q quotes it, inside the quote typed ("Bob\'s").
+        self.write_cache(("Bob's", "Star*", "Semi;x", "$(touch pwned)", "Pay Service"))
+        script = self.script("bash")
+        for typed, inserted in (('"Bob', "Bob's"), ("'Bob", "Bob's"), ('"Star', "Star*"), ('"Semi', "Semi;x"),
+                                ("'$(", "$(touch pwned)"), ("'Pay ", "Pay Service"), ("Bob", "Bob's")):
+            with self.subTest(case=typed):
+                self.assertEqual(completed_words("bash", script, "cpx-devops status " + typed, self.env()),
+                                 ["cpx-devops", "status", inserted])
         self.assertNothingRan()
 
     def test_zsh_inserts_hostile_names_quoted_and_runs_nothing(self):
@@ -4822,7 +4897,7 @@ class CompletionSafetyTest(unittest.TestCase):
         for typed, inserted in (("\\$\\(t", "$(touch pwned)"), ("\\`", "`touch pwned2`"), ("\\$\\(\\(", "$((6*7))"),
                                 ("Pay\\ ", "Pay Service"), ("/", "/**/*"), ("a\\;", "a;touch pwned3")):
             with self.subTest(case=inserted):
-                self.assertEqual(zsh_completed_words(script, "cpx-devops status " + typed, self.env()),
+                self.assertEqual(completed_words("zsh", script, "cpx-devops status " + typed, self.env()),
                                  ["cpx-devops", "status", inserted])
         self.assertNothingRan()
 
@@ -4867,19 +4942,26 @@ class CompletionSafetyTest(unittest.TestCase):
                                              % self.script("fish")]), "")
 
 
-def zsh_completed_words(script, typed, env):
-    """Type `typed`, then Tab, in a real interactive zsh (compinit, then the script) on a pseudo-
-    terminal; returns the words of the line zsh completed, as zsh itself parses them."""
+def completed_words(shell, script, typed, env):
+    """Type `typed`, then Tab, in a real interactive bash or zsh (compinit, then the script) on a
+    pseudo-terminal; returns the words of the line the shell completed, as sh parses them."""
     import pty
+    import shlex
     master, slave = pty.openpty()
-    out = os.path.join(os.path.dirname(script), "zsh-buffer")
-    process = subprocess.Popen(["zsh", "-f", "-i"], stdin=slave, stdout=slave, stderr=slave, env=env,
+    out = os.path.join(os.path.dirname(script), "completed-line")
+    # ^T runs `show` (no key sequence starts with it): it writes the line as completed; then ^U
+    # and `exit` end the shell.
+    if shell == "zsh":
+        command = ["zsh", "-f", "-i"]
+        setup = ("PS1='RE''ADY> '; autoload -Uz compinit && compinit -u -D; source %s\n"
+                 "show() { print -r -- \"$BUFFER\" > %s }; zle -N show; bindkey '^T' show\n" % (script, out))
+    else:
+        command = ["bash", "--norc", "--noprofile", "-i"]
+        setup = ("PS1='RE''ADY> '; source %s\n"
+                 "show() { printf '%%s\\n' \"$READLINE_LINE\" > %s; }; bind -x '\"\\C-t\": show'\n" % (script, out))
+    process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=env,
                                cwd=os.path.dirname(script), preexec_fn=os.setsid)
     os.close(slave)
-    # ^X runs `show`: it writes the words of the line after completion, then exits.
-    setup = ("PS1='RE''ADY> '; autoload -Uz compinit && compinit -u -D; source %s\n"
-             "show() { print -rl -- \"${(Q@)${(z)BUFFER}}\" > %s; BUFFER=exit; zle accept-line }; "
-             "zle -N show; bindkey '^X' show\n" % (script, out))
     os.write(master, setup.encode())
     seen, typed_yet = b"", False
     give_up = time.monotonic() + 30
@@ -4891,15 +4973,15 @@ def zsh_completed_words(script, typed, env):
             except OSError:
                 break
         if not typed_yet and seen.count(b"READY> ") >= 2:  # the prompt after the setup's second line
-            os.write(master, typed.encode("utf-8") + b"\t\x18")  # keys run in order: Tab, then ^X
+            os.write(master, typed.encode("utf-8") + b"\t\x14\x15exit\n")  # keys run in order
             typed_yet = True
     if process.poll() is None:
         process.kill()
     process.wait(timeout=10)
     os.close(master)
     try:
-        with open(out, encoding="utf-8") as words:
-            return words.read().splitlines()
+        with open(out, encoding="utf-8") as line:
+            return shlex.split(line.read())
     finally:
         if os.path.exists(out):
             os.unlink(out)
@@ -4947,6 +5029,20 @@ class ServiceCacheTest(ServerTestCase):
         os.chmod(self.folder, 0o777)
         self.remember(("A",))
         self.assertEqual(os.listdir(self.folder), [])
+
+    def test_root_makes_nothing_in_a_home_that_is_someone_elses(self):
+        if getattr(os, "geteuid", lambda: None)() != 0:
+            self.skipTest("only root can give a folder to another user")
+        user_home = os.path.join(self.home, "user")
+        os.makedirs(os.path.join(user_home, "other"))
+        for folder in (user_home, os.path.join(user_home, "other")):
+            os.chown(folder, 65534, 65534)
+        for cache_home in (os.path.join(user_home, ".cache"), os.path.join(user_home, "other")):
+            instances = [cpx.Instance("10.0.0.1", "A", 1.0, 1.0)]
+            cpx.remember_services(instances, cpx.Options(service_cache=os.path.join(cache_home, "cpx_devops", "s")))
+        # catches: `sudo -E` leaving ~/.cache and its cpx_devops folder root's in the user's home
+        self.assertEqual(sorted(os.listdir(user_home)), ["other"])
+        self.assertEqual(os.listdir(os.path.join(user_home, "other")), [])
 
     def test_its_size_is_bounded(self):
         self.remember(["Service%05d-%s" % (k, "x" * 200) for k in range(3000)])
@@ -5181,12 +5277,35 @@ class InstallTest(unittest.TestCase):
         self.make("uninstall", "DESTDIR=" + stage, "PREFIX=/usr")
         self.assertEqual(self.files(stage), [])
 
-    def test_a_prefix_in_the_home_puts_completion_in_the_users_data_home(self):
-        prefix = os.path.join(self.home, "opt")
-        self.make("install", "PREFIX=" + prefix)
-        self.assertIn(".local/share/bash-completion/completions/cpx-devops", self.files(self.home))
-        self.make("uninstall", "PREFIX=" + prefix)
+    def test_every_file_goes_under_the_prefix_tilde_or_not_home_or_not(self):
+        self.make("install", "PREFIX=~/opt")  # as a shell that leaves the ~ alone passes it
+        written = [path for path in self.files(self.home) if "__pycache__" not in path]
+        self.assertEqual(written, ["opt/bin/cpx-devops", "opt/lib/cpx-devops/cpx_devops.py",
+                                   "opt/share/bash-completion/completions/cpx-devops"])  # catches: ~/.local/share
+        self.make("uninstall", "PREFIX=~/opt")
         self.assertEqual(self.files(self.home), [])
+        stage = os.path.join(self.root, "stage")
+        env = {"PATH": os.environ["PATH"]}  # no HOME at all (env -i, a build chroot)
+        result = subprocess.run(["make", "-s", "install", "DESTDIR=" + stage, "PREFIX=/usr"], cwd=HERE, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                                timeout=120)
+        self.assertEqual(result.returncode, 0, result.stdout)
+        self.assertTrue(all(path.startswith("usr/") for path in self.files(stage)), self.files(stage))
+
+    def test_an_old_symlink_in_the_way_is_replaced_never_written_through(self):
+        prefix = os.path.join(self.root, "usr")
+        checkout = os.path.join(self.root, "checkout.py")
+        with open(checkout, "w") as precious:
+            precious.write("# someone's checkout\n")
+        os.makedirs(os.path.join(prefix, "bin"))
+        os.symlink(checkout, os.path.join(prefix, "bin", "cpx-devops"))  # how the file was installed before
+        self.make("install", "PREFIX=" + prefix)
+        with open(checkout) as precious:
+            self.assertEqual(precious.read(), "# someone's checkout\n")  # catches: `>` through the symlink
+        self.assertFalse(os.path.islink(os.path.join(prefix, "bin", "cpx-devops")))
+        result = subprocess.run([os.path.join(prefix, "bin", "cpx-devops"), "--version"], stdout=subprocess.PIPE,
+                                universal_newlines=True, timeout=60)
+        self.assertEqual(result.stdout, "cpx-devops %s\n" % cpx.__version__)
 
     def test_uninstall_removes_only_what_install_wrote(self):
         prefix = os.path.join(self.root, "usr")
