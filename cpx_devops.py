@@ -1,12 +1,8 @@
 #!/usr/bin/env python3
 """cpx_devops: the health of a fleet on Cloud Provider X (CPX), in seconds.
 
-One file, standard library only, Python 3.7 or newer; `cpx_devops.py --help` tells how to use
-it. It reads the CPX API (GET /servers, then GET /<ip> for every instance, concurrently).
-
-The file reads as data flows, each section using only those above it: constants; records and
-the parsing of API values; the policy; pure analysis; the CPX client; renderers; the snapshot
-commands; track; serve; the simulator; shell completion; the command line and main().
+One file, standard library only, Python 3.7 or newer: `cpx_devops.py --help` tells how to use it.
+Each section uses only those above it (docs/design.md, "One file, in layers").
 """
 
 import os
@@ -24,14 +20,12 @@ def _interrupted_at_start(signum: int, frame: object) -> None:
     os._exit(130)
 
 
-# Only when run as a program, and only when SIGINT has Python's usual handler: a tool
-# started with SIGINT ignored (a background job) keeps it ignored. main() puts the
-# usual handler back. Limit: the interpreter's own start, before this line, is not covered.
+# Only as a program, over Python's usual handler (a background job keeps SIGINT ignored); main()
+# puts that back. Limit: the interpreter's own start, before this line, is not covered.
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_at_start)
 
-# The imports come after that check and that handler (ruff: E402 is ignored for this). Only
-# what --help needs is imported here; the rest where it is used (json, sockets, urllib...).
+# Imports after that check and handler (E402 ignored): what --help needs; the rest where used.
 import argparse
 import functools
 import re
@@ -82,8 +76,7 @@ DEFAULT_MIN_HEALTHY = 2
 DEFAULT_INTERVAL = 2.0
 DEFAULT_REDISCOVER = 60.0
 MIN_INTERVAL = 0.1
-# The longest duration an option takes: more is a typo, and past about 292 years
-# (threading.TIMEOUT_MAX) Python's waits overflow.
+# The longest duration an option takes: more is a typo (past threading.TIMEOUT_MAX, waits overflow).
 MAX_SECONDS = 86400
 
 SERVERS_BODY_CAP = 16 * 1024 * 1024
@@ -102,6 +95,7 @@ HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
 UNKNOWN = "Unknown"
 GONE = "Gone"
+_STATUS_RANK = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}  # worst first
 
 SORT_KEYS = ("service", "ip", "status", "cpu", "memory")
 SUMMARY_SORT_KEYS = ("service", "instances", "healthy", "cpu", "memory")
@@ -115,8 +109,7 @@ class CpxUnavailable(Exception):
 
 
 class ServiceUnreadable(CpxUnavailable):
-    """No readable instance has the service asked for, but some could not be read: exit 3, not
-    a usage error, since during an incident the service may well be among them."""
+    """No readable instance has the service, but some could not be read (it may be among them): exit 3."""
     prefix = ""
 
 
@@ -133,20 +126,16 @@ class Terminated(BaseException):
 
 
 def program_name() -> str:
-    """The name the tool was run by, as its messages say it: 'cpx-devops' when installed,
-    'cpx_devops' for the copied file."""
+    """The name the tool was run by, for its messages: 'cpx-devops' installed, 'cpx_devops' copied."""
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return (name[:-3] if name.endswith(".py") else name) or "cpx_devops"
 
 
-# ---------------------------------------------------------------------------
-# Records and parsing of API values
-# ---------------------------------------------------------------------------
+# Records and parsing of API values ----------------------------------------------------------------
 
 
 class Instance(NamedTuple):
-    """One instance as read from CPX: error says why it could not be read, and answered whether
-    it sent JSON at all (an answer, valid or not, rather than a failure)."""
+    """One instance as read: error says why it could not be; answered, whether it sent JSON at all."""
     ip: str
     service: Optional[str] = None
     cpu: Optional[float] = None
@@ -226,9 +215,8 @@ def parse_instance(ip: str, payload: Any) -> Instance:
 
 
 def address_key(entry: Any) -> Optional[Any]:
-    """One key per address for a plain IPv4/IPv6 address string (safe to put in a request
-    path), else None: '::1' and '0:0:0:0:0:0:0:1' share one. Only the canonical IPv4 form is
-    taken ('010.1.1.1' is refused, which older Pythons' ipaddress reads as an address)."""
+    """One key per plain IPv4/IPv6 address ('::1' and '0:0:0:0:0:0:0:1' share one), else None; only
+    canonical IPv4 ('010.1.1.1' is refused: older Pythons' ipaddress reads it as an address)."""
     if not isinstance(entry, str) or not re.match(r"[0-9A-Fa-f:.]{2,45}\Z", entry):
         return None
     if ":" not in entry:
@@ -242,10 +230,8 @@ def address_key(entry: Any) -> Optional[Any]:
 
 
 def parse_server_list(payload: Any) -> ServerList:
-    """Validate a /servers answer: a JSON list of IP strings (ValueError if not a list). Each
-    spelling is looked at once, however often it is listed: 400,000 entries naming 200
-    addresses cost what 200 do. An address listed twice is requested (and shown) as first
-    listed, the spelling the server knows it by."""
+    """Validate a /servers answer, a JSON list of IPs (ValueError if not a list): each spelling looked
+    at once, however often listed; an address listed twice is kept as first listed."""
     if not isinstance(payload, list):
         raise ValueError("not a JSON list")
     spellings: Set[str] = set()
@@ -284,8 +270,7 @@ def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Opti
 
 
 def shard_of(ip: str, count: int) -> int:
-    """The shard (1 to count) an instance belongs to: from a SHA-256 of its canonical IP, so the
-    same on every machine and Python (hash() is salted per process), and about count-th each."""
+    """The shard (1 to count) of an instance: a SHA-256 of its canonical IP, the same on every machine."""
     import hashlib
     import ipaddress
     digest = hashlib.sha256(ipaddress.ip_address(ip).compressed.encode("ascii")).digest()
@@ -305,9 +290,7 @@ class Shard(NamedTuple):
         return "%d/%d" % self
 
 
-# ---------------------------------------------------------------------------
-# The policy: thresholds, minimums and expected services (--policy FILE)
-# ---------------------------------------------------------------------------
+# The policy: thresholds, minimums and expected services (--policy FILE) ---------------------------
 
 
 class HealthyCount(NamedTuple):
@@ -323,23 +306,15 @@ class HealthyCount(NamedTuple):
 
 
 class HealthyShare(NamedTuple):
-    """A share of the service's instances, rounded up as a PodDisruptionBudget's minAvailable
-    is: '50%' of 3 instances is 2. Kept as the exact decimal written (a Fraction): 7% of 100
-    is 7, where floats make it 8."""
+    """A share of the instances, rounded up as a PDB's minAvailable; a Fraction (floats make 7% of 100 8)."""
     percent: Any  # a fractions.Fraction, 0 to 100
+    unit: str = "%"  # so that, as a tuple, it never equals HealthyCount(50)
 
     def required(self, instances: int) -> int:
-        """The minimum for a service of this many instances."""
         return -(-self.percent * instances // 100)  # the ceiling, exactly
 
     def __str__(self) -> str:
         return "%s%%" % (self.percent if self.percent.denominator == 1 else "%g" % float(self.percent))
-
-    def __eq__(self, other: Any) -> bool:  # a tuple, but never equal to HealthyCount(50)
-        return isinstance(other, HealthyShare) and self.percent == other.percent
-
-    def __hash__(self) -> int:
-        return hash(("%", self.percent))
 
 
 class ExpectedService(NamedTuple):
@@ -352,9 +327,7 @@ class ExpectedService(NamedTuple):
 
 
 class Policy(NamedTuple):
-    """What the fleet should look like: thresholds and a minimum of healthy instances for every
-    service, with exceptions for the services it expects (a --policy file; without one, the
-    defaults). The one place that says which thresholds and minimum a service has."""
+    """What the fleet should look like (--policy): the one place saying a service's thresholds and minimum."""
     cpu: float = DEFAULT_THRESHOLD
     memory: float = DEFAULT_THRESHOLD
     min_healthy: Any = HealthyCount(DEFAULT_MIN_HEALTHY)
@@ -374,9 +347,7 @@ class Policy(NamedTuple):
         return (self.cpu if own.cpu is None else own.cpu), (self.memory if own.memory is None else own.memory)
 
     def min_healthy_for(self, service: Optional[str], instances: int) -> int:
-        """The healthy instances a service of this many instances needs. A share is of the larger
-        of those instances and the policy's count for it: an instance that vanished or could not
-        be read (so has no service) does not lower the bar."""
+        """Healthy instances needed; a share is of max(instances, the policy's count): the vanished count."""
         own = self.services.get(service)
         if own is None:
             return self.min_healthy.required(instances)
@@ -384,8 +355,7 @@ class Policy(NamedTuple):
 
     def overridden(self, cpu: Optional[float] = None, memory: Optional[float] = None,
                    min_healthy: Any = None) -> "Policy":
-        """The policy with the command line's values: an option given beats the file, for every
-        service (the most explicit wins)."""
+        """The policy with the command line's values, which beat the file's for every service."""
         services = {name: s._replace(cpu=None if cpu is not None else s.cpu,
                                      memory=None if memory is not None else s.memory,
                                      min_healthy=None if min_healthy is not None else s.min_healthy)
@@ -403,15 +373,13 @@ LINE_ENDS = r"\r\n|\r|\n"  # LF, CRLF and a lone CR alike; a form feed is inside
 
 
 def parse_min_healthy(text: str) -> Any:
-    """'3' or '50%' as a HealthyCount or HealthyShare (ValueError naming what is wrong: a
-    negative count, a share over 100%...)."""
+    """'3' or '50%' as a HealthyCount or HealthyShare; ValueError saying what is wrong."""
     text = text.strip()
     if re.match(r"[0-9]{1,9}\Z", text):
         return HealthyCount(int(text))
     share = re.match(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)\s*%\Z", text)
     if share:
         from fractions import Fraction
-
         if Fraction(share.group(1)) > 100:
             raise ValueError("%s is a percentage over 100" % text)
         return HealthyShare(Fraction(share.group(1)))
@@ -437,11 +405,8 @@ def _policy_value(key: str, text: str) -> Any:
 
 
 def parse_policy(text: str, source: str) -> Policy:
-    """A policy file's text (INI): a [defaults] section and a [service:NAME] section per
-    expected service; '#' and ';' start comments. Read line by line, in one pass, by hand:
-    configparser keeps no line numbers, reads a lone CR as no line end, and reads a name
-    with ']' differently from one Python to the next. UsageError naming the file, the line
-    and what is wrong, for anything it cannot read."""
+    """A policy's INI text ([defaults], [service:NAME]); UsageError naming file, line and fault. Read by
+    hand: configparser keeps no line numbers, ignores a lone CR, and reads ']' per Python version."""
     def fail(line: int, message: str) -> NoReturn:
         raise UsageError("policy %s, line %d: %s" % (sanitize(source), line, sanitize(message)))
 
@@ -505,8 +470,7 @@ def parse_policy(text: str, source: str) -> Policy:
 
 
 def read_policy(path: str, source: str) -> Policy:
-    """The policy in a file (UTF-8 INI); UsageError, one line, when it cannot be read or is wrong.
-    Only a regular file is read: opened without blocking, so that a FIFO is refused at once."""
+    """The policy in a regular file, opened without blocking (a FIFO is refused); UsageError if bad."""
     if not path:
         raise UsageError("%s is empty: name a policy file" % source)
     try:
@@ -563,21 +527,16 @@ class Options(NamedTuple):
         return "Options(%s)" % ", ".join("%s=%r" % pair for pair in shown)
 
 
-# ---------------------------------------------------------------------------
-# Pure analysis: health rule, aggregation, flagging, sorting, choosing services
-# ---------------------------------------------------------------------------
+# Pure analysis: health rule, aggregation, flagging, sorting, choosing services --------------------
 
 
 def instance_status(instance: Instance, policy: Policy) -> str:
     """Healthy, Unhealthy (cpu or memory strictly above its service's threshold) or Unknown."""
-    if not instance.readable:
-        return UNKNOWN
-    return UNHEALTHY if instance_reasons(instance, policy) else HEALTHY
+    return UNKNOWN if not instance.readable else UNHEALTHY if instance_reasons(instance, policy) else HEALTHY
 
 
 def instance_reasons(instance: Instance, policy: Policy) -> List[str]:
-    """Why an instance is Unhealthy: the resources over their thresholds ([] when it is not;
-    an Unknown one's reason is its error)."""
+    """Why an instance is Unhealthy: the resources over their thresholds ([] when it is not)."""
     if not instance.readable:
         return []
     cpu, memory = policy.limits(instance.service)
@@ -635,8 +594,7 @@ def summarize_services(instances: Iterable[Instance], policy: Policy) -> List[Se
 
 def fleet_summaries(instances: Iterable[Instance], policy: Policy,
                     chosen: Optional[Set[str]] = None) -> List[ServiceSummary]:
-    """A summary per service seen, and a row of 0 instances for each expected one that has none
-    (of the chosen services, when some are); by name."""
+    """A summary per service seen, and a 0-instance row per (chosen) expected service with none."""
     summaries = summarize_services(instances, policy)
     present = {s.service for s in summaries}
     missing = [ServiceSummary(name, 0, 0) for name in policy.services
@@ -645,9 +603,7 @@ def fleet_summaries(instances: Iterable[Instance], policy: Policy,
 
 
 def flag_services(summaries: Iterable[ServiceSummary], policy: Policy) -> List[ServiceSummary]:
-    """Services with fewer healthy instances than the policy's minimum for them, zero included,
-    and expected services with no instance (rows of fleet_summaries); worst first, missing first
-    among equals."""
+    """Services under their minimum, and expected ones missing; worst first, missing first of equals."""
     flagged = [s for s in summaries if not s.instances
                or s.healthy < policy.min_healthy_for(s.service, s.instances)]
     return sorted(flagged, key=lambda s: (s.healthy, s.instances > 0, service_sort_key(s.service)))
@@ -665,12 +621,8 @@ def filter_statuses(instances: Iterable[Instance], statuses: Sequence[str], poli
     return [i for i in instances if not statuses or instance_status(i, policy).lower() in statuses]
 
 
-_STATUS_RANK = {UNHEALTHY: 0, UNKNOWN: 1, HEALTHY: 2}
-
-
 def sort_instances(instances: Iterable[Instance], key: str, policy: Policy) -> List[Instance]:
-    """Sort for display: by service then IP (default), IP, status (worst first), cpu or memory
-    (highest first, unknown last); ties by service then IP."""
+    """Instances in the order of --sort's key (worst or highest first); ties by service, then IP."""
     def by_service(instance: Instance) -> Tuple:
         return (service_sort_key(instance.service), ip_sort_key(instance.ip))
 
@@ -685,8 +637,7 @@ def sort_instances(instances: Iterable[Instance], key: str, policy: Policy) -> L
 
 
 def sort_summaries(summaries: Iterable[ServiceSummary], key: str) -> List[ServiceSummary]:
-    """Sort service rows: by name (default), instances (most first), healthy (fewest first), or
-    average cpu or memory (highest first, unknown last); ties by name."""
+    """Service rows in the order of --sort's key (see its help); ties by name."""
     def by_key(summary: ServiceSummary) -> Tuple:
         if key in ("cpu", "memory"):
             value = getattr(summary, "avg_" + key)
@@ -697,10 +648,8 @@ def sort_summaries(summaries: Iterable[ServiceSummary], key: str) -> List[Servic
 
 
 def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str:
-    """The known service that name means (exact, then case-insensitive). When none is, and some
-    instances (unreadable of them) could not be read, ServiceUnreadable: it may be among them;
-    when every instance was read, UsageError naming the closest. Two services that differ only
-    in case and match neither exactly are a UsageError too: which one was meant is not known."""
+    """The known service name means (exact, else the only one in any case); else ServiceUnreadable
+    when some instances were unreadable, or a UsageError naming the closest."""
     import difflib
     known = sorted(set(known), key=lambda name: (name.lower(), name))
     if name in known:
@@ -729,8 +678,7 @@ def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str
 
 
 def _glob_class(body: str) -> str:
-    """The regex of a pattern's [seq] or [!seq], by fnmatch's rules: ranges a-z, a reversed
-    range matching nothing; every character escaped, so none is read as regex syntax."""
+    """The regex of a [seq] or [!seq], by fnmatch's rules, every character escaped."""
     negate = body[:1] == "!"
     body, items, k = body[negate:], [], 0
     while k < len(body):
@@ -748,9 +696,8 @@ def _glob_class(body: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def glob_parts(pattern: str) -> List[Tuple[Any, int]]:
-    """A shell-style pattern (* ? [seq] [!seq]) as its '*'-separated parts: each a regex with
-    no repetition, and the number of characters it matches. fnmatch's regexes backtrack
-    (on Python 3.7 and 3.8, '*a*a*a*a*b' takes minutes against a long name); these cannot."""
+    """A shell pattern's '*'-separated parts, as (regex without repetition, its length): fnmatch's
+    regexes backtrack ('*a*a*a*a*b' takes minutes on 3.7 and 3.8); these cannot."""
     parts: List[Tuple[Any, int]] = []
     regex, length, k = "", 0, 0
     while k < len(pattern):
@@ -774,9 +721,7 @@ def glob_parts(pattern: str) -> List[Tuple[Any, int]]:
 
 
 def glob_match(name: str, pattern: str) -> bool:
-    """Whether name matches the shell-style pattern, in time linear in the name for each of
-    the pattern's parts: the first part at the start, the last at the end, and each between
-    at its leftmost place after the one before (the greedy match is the right one for '*')."""
+    """Whether name matches the pattern, in linear time: each middle part at its leftmost place."""
     parts = glob_parts(pattern)
     (first, first_length), (last, last_length) = parts[0], parts[-1]
     if len(parts) == 1:
@@ -794,9 +739,7 @@ def glob_match(name: str, pattern: str) -> bool:
 
 
 def resolve_services(patterns: Sequence[str], known: Iterable[str], unreadable: int = 0) -> List[str]:
-    """The known services that names and shell-style patterns ('Pay*') mean, in the order asked,
-    each once. A name resolves as resolve_service() does; a pattern matches case-sensitively,
-    else in any case; one that matches nothing fails as an unknown name does."""
+    """The services names and patterns ('Pay*') mean, in order, each once (see resolve_service)."""
     known = sorted(set(known), key=lambda name: (name.lower(), name))
     chosen: List[str] = []
     for pattern in patterns:
@@ -831,15 +774,11 @@ def _listed(shown: Sequence[str], total: int) -> str:
     return ", ".join(shown) + (" and %d more" % (total - len(shown)) if total > len(shown) else "")
 
 
-# ---------------------------------------------------------------------------
-# The CPX client: one opener, timeouts, retries, concurrency control
-# ---------------------------------------------------------------------------
+# The CPX client: one opener, timeouts, retries, concurrency control -------------------------------
 
 
 class FetchError(Exception):
-    """One request failed; reason is short and stable so failures group well. pushback: how the
-    server said it is overloaded, as the limiter names it (HTTP 429, or a connection timed out
-    in a listen queue that drops SYNs), or None."""
+    """A failed request: a short reason (failures group by it), and pushback for the limiter, or None."""
     def __init__(self, reason: str, retryable: bool = False, retry_after: Optional[float] = None,
                  detail: str = "", pushback: Optional[str] = None):
         super().__init__(reason)
@@ -848,8 +787,7 @@ class FetchError(Exception):
 
 
 def _redacted(url: str) -> str:
-    """A URL fit for a message: whatever comes before its last '@' (a user, a password, even
-    in a URL too broken to parse) shown as ***, after the scheme."""
+    """A URL fit for a message: all before its last '@' (even when unparsable) shown as ***."""
     if "@" not in url:
         return url
     before, _, after = url.rpartition("@")
@@ -858,9 +796,7 @@ def _redacted(url: str) -> str:
 
 
 def parse_base_url(text: str, source: str = "--url") -> Tuple[str, Optional[str]]:
-    """A CPX base URL checked (http or https, a host, nothing that cannot be requested), without
-    its trailing slash and without credentials; and the Authorization header the credentials
-    make (Basic), or None. UsageError naming where the URL came from, never its password."""
+    """A checked base URL (no trailing slash, no credentials), and the credentials' Authorization or None."""
     from urllib.parse import unquote, urlsplit
     text = text.strip()
 
@@ -897,7 +833,6 @@ def parse_base_url(text: str, source: str = "--url") -> Tuple[str, Optional[str]
     authorization = None
     if parts.username is not None or parts.password is not None:
         import base64
-
         pair = "%s:%s" % (unquote(parts.username or ""), unquote(parts.password or ""))
         authorization = "Basic " + base64.b64encode(pair.encode("utf-8")).decode("ascii")
     netloc = host if port is None else "%s:%d" % (host, port)
@@ -937,14 +872,8 @@ class RequestGuard:
 
 
 class Watchdog:
-    """Cuts requests that outlive their time limit, however the server trickles.
-
-    A socket timeout bounds each read, not a request: a server that sends its
-    headers one byte a second, or an endless stream of `100 Continue`, would hold
-    a request (and its worker thread) for ever. One thread for all requests: it
-    sleeps until the earliest limit, then shuts down the sockets of the requests
-    that passed theirs. Limit: a TLS handshake and a DNS lookup are bounded by the
-    socket timeout only (the socket is not ours until connect() returns)."""
+    """One thread that cuts requests past their time limit, however the server trickles (a socket
+    timeout bounds a read, not a request). Limit: TLS handshakes and DNS get the socket timeout only."""
     SLACK = 0.01  # seconds: limits this close together are handled in one wake-up
 
     def __init__(self) -> None:
@@ -1007,8 +936,7 @@ def _origin(url: str) -> Tuple[str, Optional[str], Optional[int]]:
 
 
 def _build_opener(watchdog: Watchdog) -> Any:
-    """One urllib opener for the process: http(s) only, redirects within one origin, and every
-    connection handed to the watchdog guarding its request."""
+    """One urllib opener: http(s) only, same-origin redirects, each connection given to the watchdog."""
     import http.client
     import urllib.request
     from urllib.parse import urljoin
@@ -1027,14 +955,12 @@ def _build_opener(watchdog: Watchdog) -> Any:
         connections[http.client.HTTPSConnection] = guarded(http.client.HTTPSConnection)
 
     class GuardedConnections:
-        # urllib has no public hook for the connection class: do_open is where its own
-        # handlers pass theirs, and where ours take its place.
+        # urllib has no public hook for the connection class: do_open is where ours takes its place.
         def do_open(self, http_class: Any, req: Any, **http_conn_args: Any) -> Any:
             return super().do_open(connections[http_class], req, **http_conn_args)  # type: ignore[misc]
 
     class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
-        """Follow a redirect only to the same scheme, host and port (https to http never), so
-        that the request's Authorization goes nowhere but where the user sent it."""
+        """Redirects to the same scheme, host and port only: Authorization goes nowhere else."""
         def http_error_302(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
             location = headers.get("Location") or headers.get("URI")
             if location:
@@ -1049,8 +975,7 @@ def _build_opener(watchdog: Watchdog) -> Any:
 
         http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
-    # Built by hand rather than with build_opener() so that file:, ftp: and
-    # data: handlers are simply absent: no URL or redirect can reach them.
+    # By hand, not build_opener(): no file:, ftp: or data: handler for a URL or redirect to reach.
     opener = urllib.request.OpenerDirector()
     handlers = [urllib.request.ProxyHandler(), urllib.request.UnknownHandler(),
                 type("GuardedHTTPHandler", (GuardedConnections, urllib.request.HTTPHandler), {})(),
@@ -1114,13 +1039,8 @@ def backoff_delay(attempt: int, retry_after: Optional[float] = None, rng: Any = 
 
 
 class ConcurrencyLimit:
-    """How many requests may be in flight: here fixed at `limit` (--concurrency fixed).
-
-    Bookkeeping only, with no clock of its own: the caller says when (`now`), so a
-    test can replay any sequence. A request counts against the limit while it
-    runs; AdaptiveLimit moves the limit and stops counting requests that are stuck.
-    start(), finish() and room() are for the one thread that dispatches requests,
-    observe() for the worker threads."""
+    """Requests in flight, fixed at `limit` (--concurrency fixed). Told the time (`now`), so tests replay
+    any sequence; start(), finish(), room() for the dispatching thread, observe() for the workers."""
     # What one attempt came to, as observe() is told.
     ANSWERED = "answered"  # a valid answer: its latency is a sample
     REFUSED = "refused"  # HTTP 429: the server asks for fewer requests
@@ -1150,8 +1070,7 @@ class ConcurrencyLimit:
 
     def observe(self, ticket: int, outcome: str, latency: float = 0.0,
                 connect: Optional[float] = None) -> None:
-        """Learn from one attempt of a request: its outcome, latency and connect time (None: no
-        connection was made)."""
+        """Learn from one attempt: its outcome, latency and connect time (None: never connected)."""
 
     def start(self, now: float) -> int:
         """A request starts now; the ticket is for observe() and finish()."""
@@ -1194,30 +1113,18 @@ class ConcurrencyLimit:
 
 
 class AdaptiveLimit(ConcurrencyLimit):
-    """Requests in flight, adapted to what the server can take, up to a ceiling.
-
-    Only valid answers teach latency: a fast HTTP 500 once taught a best latency near 0 s,
-    and the limit fell to 1 for good. The base is the latency when nothing queues: the
-    median of the answers to the burst that opens each batch of reads (a failed or stuck
-    request left out), learnt anew each batch (each track sample). A request running STUCK_RATIO times
-    the base is stuck: it stops counting, in up to STUCK_ROOM x the ceiling more threads, so
-    that hung or slow instances wait side by side instead of starving the fleet.
-
-    A round is `limit` answers (at least ROUND_ANSWERS); queueing is a round's lower quartile
-    over the base. A flat round grows the limit: fourfold per round, answer by answer as in
-    TCP's slow start, then by an eighth; past QUEUEING_RATIO it scales down by that ratio.
-    Pushback halves it once per limit's worth of outcomes: HTTP 429 (regained once it
-    stops: one sick instance can answer it) or a dropped SYN (a full listen queue)."""
+    """Requests in flight, adapted to what the server can take, up to a ceiling: see docs/design.md,
+    "The adaptive concurrency limit". Only valid answers teach latency; the base is the median of
+    each batch's opening burst; a request STUCK_RATIO x the base stops counting; flat rounds grow
+    the limit, queueing scales it down, pushback (HTTP 429, a dropped SYN) halves it."""
     INITIAL = 5  # in flight at first: never overflows a listen backlog of 5
     GROWTH_FACTOR = 4  # per round, in slow start
     PROBE_DIVISOR = 8  # after slow start, grow by limit / 8 per flat round
     FLAT_RATIO = 1.5  # a round's lower quartile within this of the base: flat
     QUEUEING_RATIO = 2.5  # over this: requests are queueing at the server
-    # The first growth decides whether a server takes concurrency at all, so the start must
-    # be flatter, for STARTUP_EVIDENCE_SECONDS of latency, and never below GROWTH_MIN_BASE:
-    # there the client's own cost (0.5 ms of CPU a request, 1-5 ms under load) hides any
-    # queueing (measured: the single-threaded simulator looks flat until its backlog of 5
-    # overflows and waits 1 s), and 5 in flight already keep the client busy.
+    # The first growth (does the server take concurrency at all?) needs flatter rounds, for
+    # STARTUP_EVIDENCE_SECONDS, and a base of GROWTH_MIN_BASE: below it the client's own cost
+    # (0.5-5 ms a request) hides queueing (measured on the single-threaded simulator).
     FIRST_ROUND_RATIO = 1.2
     STARTUP_EVIDENCE_SECONDS = 0.02
     GROWTH_MIN_BASE = 0.005
@@ -1333,12 +1240,10 @@ class AdaptiveLimit(ConcurrencyLimit):
             return
         flat = latency <= self.FLAT_RATIO * self.base
         if self.slow_start and not self.proving and self._can_grow() and flat:
-            # As TCP's slow start: more for each answer that did not queue, so the limit
-            # grows fourfold in a round however long the round's slowest answers take.
+            # As TCP's slow start: more per answer not queued (fourfold a round, however slow its tail).
             self.limit = min(self.ceiling, self.limit + self.GROWTH_FACTOR - 1)
             self.peak = max(self.peak, self.limit)
-        # A round is at least ROUND_ANSWERS long once it can cut the limit; the first
-        # round only decides whether to grow: the sooner the better.
+        # A round is ROUND_ANSWERS or more once it can cut the limit; the first only decides growth.
         if len(self.round) >= (self.limit if self.proving else max(self.limit, self.ROUND_ANSWERS)):
             latencies = sorted(self.round)
             self._end_round(latencies[len(latencies) // 4], latencies[len(latencies) * 3 // 4], self.base)
@@ -1346,14 +1251,12 @@ class AdaptiveLimit(ConcurrencyLimit):
     def _end_round(self, quartile: float, upper_quartile: float, base: float) -> None:
         self.round = []
         ratio = quartile / base
-        # When every answer slows down, a request is stuck because the server queues:
-        # it counts again, or the limit would not bound what the server is sent.
+        # Every answer slower: the stuck are queued, and count again (the limit must bound the load).
         self.congested = ratio > self.FLAT_RATIO
         if self.congested:
             self.proving = self.slow_start = False  # the first round that is not flat ends slow start
             if ratio > self.QUEUEING_RATIO:
-                # Keep about twice what the server serves at its base latency:
-                # enough to keep it busy, not enough to overflow its queue.
+                # About twice what the server serves at its base latency: busy, its queue not overflowing.
                 self._set(int(self.limit * 2 / ratio) + 1)
             return
         if self.limit < self.recovery:
@@ -1373,9 +1276,8 @@ class AdaptiveLimit(ConcurrencyLimit):
             self._set(self.limit + max(1, self.limit // self.PROBE_DIVISOR))
 
     def _can_grow(self) -> bool:
-        """Whether more in flight can help: not where the client's own cost hides any queue,
-        nor while answers far faster than the base (a server idle between the client's
-        hiccups: 0.5 ms answers against a 5 ms median, measured under load) say it is noise."""
+        """Whether more in flight can help: not where the client's own cost hides any queue, nor while
+        answers far faster than the base say it is noise (0.5 ms against 5 ms, measured under load)."""
         return (self.base is not None and self.base >= self.GROWTH_MIN_BASE
                 and self.fastest is not None and self.fastest * self.FLAT_RATIO >= self.base)
 
@@ -1412,8 +1314,7 @@ class CpxClient:
         self.watchdog.close()
 
     def _get_once(self, url: str, cap: int, deadline: float) -> Tuple[bytes, Optional[float]]:
-        """One attempt: the body and the seconds it took to connect; FetchError if it failed.
-        --timeout bounds the attempt's whole life (connect, headers, body), as the deadline does."""
+        """One attempt, whole life bounded by --timeout and the deadline: (body, connect seconds)."""
         import http.client
         import urllib.error
         import urllib.request
@@ -1421,8 +1322,7 @@ class CpxClient:
         give_up_at = min(started + self.options.timeout, deadline)
         if give_up_at <= started:
             raise FetchError("deadline")
-        # When the command's deadline comes before this request's own timeout,
-        # running out of time is the deadline's doing, and is said so.
+        # Out of time before the request's own timeout: the deadline's doing, and said so.
         late = FetchError("timeout", retryable=True) if give_up_at < deadline else FetchError("deadline")
         request = urllib.request.Request(url, headers=self.headers)
         guard = self.watchdog.arm(give_up_at)
@@ -1442,16 +1342,12 @@ class CpxClient:
                              retry_after=parse_retry_after(error.headers.get("Retry-After")),
                              detail=sanitize(" ".join(detail.split()))[:120],
                              pushback=ConcurrencyLimit.REFUSED if status == 429 else None)
-        except FetchError:
-            raise
         except (OSError, http.client.HTTPException, UnicodeError) as error:
-            # The network's and HTTP's failures only (URLError and socket.timeout are
-            # OSErrors; UnicodeError: a host IDNA cannot encode): a programming error
-            # must surface, not become an instance's "Unknown (...)".
+            # The network's and HTTP's failures only (UnicodeError: a host IDNA cannot encode): a
+            # programming error must surface, not become an instance's "Unknown (...)".
             failure = _describe_network_error(error)
             if guard.fired or failure.reason == "timeout":
-                # Out of time; before a connection was even made: a listen queue that
-                # drops SYNs (or a host gone), which the limiter must hear of.
+                # Out of time before connecting: a listen queue dropping SYNs, for the limiter.
                 dropped = guard.connect_seconds is None and late.reason == "timeout"
                 failure = FetchError(late.reason, late.retryable,
                                      pushback=ConcurrencyLimit.DROPPED if dropped else None)
@@ -1463,8 +1359,7 @@ class CpxClient:
         return body, guard.connect_seconds
 
     def get_json(self, path: str, cap: int, deadline: float, ticket: Optional[int] = None) -> Any:
-        """GET base_url+path and decode JSON, retrying what is worth retrying before the deadline;
-        ticket: the limiter's, to tell it how each attempt went (instance requests only)."""
+        """GET base_url+path as JSON, retried while worth it; ticket: the limiter's, told each attempt."""
         import json
         url = self.base_url + path
         limiter = self.limiter
@@ -1537,8 +1432,7 @@ class CpxClient:
         import queue
         results: Dict[str, Instance] = {}
         waiting = list(reversed(ips))
-        # Finished futures arrive on a queue: one wake-up per answer, where
-        # concurrent.futures.wait() would lock every future in flight each time.
+        # A queue: one wake-up per answer (futures.wait() would lock every future in flight each time).
         finished: Any = queue.SimpleQueue()
         in_flight: Dict[Any, Tuple[str, int]] = {}  # future -> (ip, limiter ticket)
         limiter = self.limiter
@@ -1571,27 +1465,18 @@ class CpxClient:
         return [results[ip] for ip in ips]
 
 
+# Renderers: table, json, csv, prometheus; sanitising of server text -------------------------------
 
-
-# ---------------------------------------------------------------------------
-# Renderers: table, json, csv, prometheus; sanitising of server text
-# ---------------------------------------------------------------------------
-
-# What a terminal must never be sent from a server: control characters (C0, DEL,
-# C1 with the 8-bit CSI), which move the cursor or recolour the screen; every format
-# character (category Cf: bidirectional controls that reorder what an SRE reads,
-# zero-width ones); every default-ignorable code point (invisible: 'Auth\u034fService'
-# would pass for AuthService); line and paragraph separators; lone surrogates, which
-# no encoding can write. Written out as ranges (Unicode 15.1's Cf, plus
-# DerivedCoreProperties' Default_Ignorable_Code_Point), so that every Python gives the
-# same answer; the tests check it against this Python's own unicodedata. Limit:
-# variation selectors are among them, so an emoji's U+FE0F shows as '?'. A pattern, not
-# a compiled regex: re compiles it on first use and keeps it (nothing at import).
+# What a terminal must never be sent from a server (docs/design.md, "Untrusted data"): C0, DEL, C1,
+# Unicode 15.1's Cf, Default_Ignorable_Code_Point, line and paragraph separators, lone surrogates,
+# as ranges so every Python agrees. Limit: an emoji's U+FE0F shows as '?'. A pattern: compiled on use.
 UNSAFE_TEXT = ("[\x00-\x1f\x7f-\x9f\xad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2"
                "\u115f-\u1160\u17b4-\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f\u3164"
                "\ud800-\udfff\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
                "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
 COLORS = {UNHEALTHY: "31", UNKNOWN: "33", "stale": "2"}
+SPARK_BLOCKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
+SPARK_ASCII = "_.,-~=*#"
 
 
 def sanitize(text: Any) -> str:
@@ -1600,8 +1485,7 @@ def sanitize(text: Any) -> str:
 
 
 def escape_unsafe(text: str) -> str:
-    """Server text made safe but kept distinct: each unsafe character as a \\x, \\u or \\U
-    escape, and a backslash doubled, so two names never come out alike (Prometheus labels)."""
+    """Server text safe but distinct: unsafe characters as \\x, \\u or \\U escapes, '\\' doubled."""
     def escape(match: Any) -> str:
         code = ord(match.group())
         if code == 0x5C:
@@ -1611,8 +1495,7 @@ def escape_unsafe(text: str) -> str:
 
 
 def display_width(text: str) -> int:
-    """Columns text takes on a terminal: wide characters count 2; combining marks, format
-    and unsafe characters, and conjoining jamo (which join the syllable before them) 0."""
+    """Terminal columns: wide characters 2; combining, format, unsafe and conjoining-jamo ones 0."""
     if text.isascii() and text.isprintable():  # the usual case, at C speed
         return len(text)
     import unicodedata
@@ -1654,10 +1537,8 @@ def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], color
 
 
 def shown_percent(value: float, decimals: int, threshold: Optional[float] = None) -> str:
-    """value with this many decimals, or as many more as it takes (up to 3) for the text to
-    stay on the value's side of the threshold and of 100: an Unhealthy 90.004 never reads as
-    90.0 (at the threshold, so healthy), nor 99.999 as 100. Past 3 decimals, rounded
-    towards the value's side instead (90.0000001 reads 90.001)."""
+    """value with `decimals`, or more (up to 3) to stay on its side of the threshold and of 100
+    (90.004 never reads 90.0, nor 99.999 100); past 3, rounded towards its side."""
     import math
     def same_side(shown: float) -> bool:
         return ((threshold is None or (shown > threshold) == (value > threshold))
@@ -1672,9 +1553,7 @@ def shown_percent(value: float, decimals: int, threshold: Optional[float] = None
 
 
 def format_percents(values: Sequence[Optional[float]], threshold: Any = None) -> List[str]:
-    """One precision for a whole column: whole numbers when all are, else one decimal (more
-    for a value that rounding would carry across the threshold, see shown_percent). threshold:
-    one for the column, or a list with one per value (services with thresholds of their own)."""
+    """One precision per column (see shown_percent); threshold: one, or a list with one per value."""
     known = [v for v in values if v is not None]
     decimals = 0 if all(float(v).is_integer() for v in known) else 1
     limits = threshold if isinstance(threshold, list) else [threshold] * len(values)
@@ -1682,16 +1561,14 @@ def format_percents(values: Sequence[Optional[float]], threshold: Any = None) ->
 
 
 def percent_cells(values: Sequence[Optional[float]], limits: List[float]) -> List[str]:
-    """A table column of percentages: a value above its threshold gets a '!', so that it
-    shows without colour too."""
+    """A table column of percentages, '!' after a value over its threshold (seen without colour)."""
     cells = format_percents(values, limits)
     return [cell + "!" if value is not None and value > limit else cell
             for cell, value, limit in zip(cells, values, limits)]
 
 
 def _json_number(value: Optional[float], threshold: Optional[float] = None) -> Optional[float]:
-    """A percentage for json and csv: an int when whole, else at most 2 decimals (more where
-    they decide, as in tables)."""
+    """A percentage for json/csv: an int when whole, else 2 decimals (more where they decide)."""
     if value is None:
         return None
     return int(value) if float(value).is_integer() else float(shown_percent(value, 2, threshold))
@@ -1764,8 +1641,7 @@ def summary_record(summary: ServiceSummary, policy: Policy) -> Dict[str, Any]:
 
 
 def csv_cell(value: Any) -> str:
-    """One csv cell: None empty, text sanitised, and text that a spreadsheet would run as a
-    formula (starting with = + - or @) prefixed with ' (OWASP's rule against CSV injection)."""
+    """A csv cell: None empty, text sanitised, and a formula (= + - @) prefixed with ' (OWASP)."""
     if value is None:
         return ""
     if isinstance(value, list):  # reasons: "cpu;memory"
@@ -1791,8 +1667,7 @@ def render_csv(fieldnames: Sequence[str], records: Sequence[Dict[str, Any]], hea
 
 
 def fleet_footer(instances: Sequence[Instance], policy: Policy) -> str:
-    """The line under a table: how many instances and services, and how many instances are
-    unhealthy or unknown (instances, never services: `unhealthy` is about services)."""
+    """The line under a table: instances, services, and unhealthy and unknown instances."""
     statuses = [instance_status(i, policy) for i in instances]
     services = {i.service for i in instances if i.service is not None}
     text = "%s, %s, %s" % (_plural(len(instances), "instance"), _plural(len(services), "service"),
@@ -1803,8 +1678,7 @@ def fleet_footer(instances: Sequence[Instance], policy: Policy) -> str:
 
 
 def prometheus_label(value: Optional[str]) -> str:
-    """A label value for the exposition format: unsafe characters escaped, not replaced, so
-    that two services never share a series; then \\, \" and newline escaped as the format asks."""
+    """A label value: unsafe characters escaped (two services never share a series), then \\, \", \\n."""
     text = escape_unsafe(value) if value is not None else ""
     return text.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
@@ -1835,10 +1709,7 @@ PROMETHEUS_FAMILIES = (
 def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = True,
                       flagged: Optional[Sequence[ServiceSummary]] = None, shard: Optional[Shard] = None,
                       chosen: Optional[Set[str]] = None) -> str:
-    """The text exposition format: HELP and TYPE per family, escaped labels, no timestamps.
-    Every service the policy expects (of the chosen ones, if any) has its series, instances
-    or not, so none vanishes; flagged (unhealthy's verdict) adds cpx_service_flagged; under
-    --shard every series has a shard label, so that the shards' slices never collide."""
+    """The exposition format; every expected (chosen) service has its series, so that none vanishes."""
     tail = (("shard", str(shard)),) if shard is not None else ()
     samples: Dict[str, List[str]] = {name: [] for name, _ in PROMETHEUS_FAMILIES}
 
@@ -1884,10 +1755,7 @@ def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = T
 
 
 class Report:
-    """A snapshot command's result, ready for every format: the one place where a result
-    becomes table, json, csv or Prometheus (commands never ask which format is wanted), a
-    method as_<format> each. One small class per command; each format computes only what
-    it shows."""
+    """A snapshot command's result, with an as_<format> method per format; a small class per command."""
     COLUMNS: Sequence[Column] = ()  # the table's
     WIDE: Sequence[Column] = ()  # the columns -o wide adds
     FIELDS: Sequence[str] = ()  # the json/csv fields; new ones go last, so a csv column keeps its place
@@ -2031,16 +1899,14 @@ class FlaggedReport(Report):
 
 
 OUTPUT_FORMATS = tuple(name[3:] for name in vars(Report) if name.startswith("as_"))
+REPORTS = {"services": InstancesReport, "status": SummariesReport, "unhealthy": FlaggedReport}
 
 
-# ---------------------------------------------------------------------------
-# Output, and the snapshot commands: services, status, unhealthy
-# ---------------------------------------------------------------------------
+# Output, and the snapshot commands: services, status, unhealthy -----------------------------------
 
 
 def say(message: str) -> None:
-    """One line on stderr. Nothing when stderr is closed or failing: there is nowhere else
-    to say it, and the exit status still tells."""
+    """One line on stderr; nothing when stderr is closed or failing (the exit status still tells)."""
     try:
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
@@ -2055,8 +1921,7 @@ def warn(options: Options, message: str) -> None:
 
 
 def _write_all(descriptor: int, data: bytes) -> None:
-    """Every byte to the descriptor: partial writes continued, and a non-blocking one that
-    is full waited on (Python's own stream drops the rest there when unbuffered)."""
+    """Every byte to the descriptor, a full non-blocking one waited on (Python's stream drops bytes)."""
     view = memoryview(data)
     while view:
         try:
@@ -2067,9 +1932,8 @@ def _write_all(descriptor: int, data: bytes) -> None:
 
 
 def emit(text: str) -> None:
-    """Data to stdout, all of it, now. At the descriptor when there is one, encoded for the
-    stream with '?' for what its encoding lacks; BrokenPipeError when the reader has gone,
-    OutputFailed when stdout fails otherwise (a full disk, say)."""
+    """Data to stdout, all of it, now, '?' for what its encoding lacks; BrokenPipeError when the
+    reader has gone, OutputFailed on any other failure (a full disk, say)."""
     stream = sys.stdout
     if stream is None:
         raise OutputFailed("stdout is closed")
@@ -2093,9 +1957,7 @@ def emit(text: str) -> None:
 
 
 def write_target(path: str) -> Tuple[str, Any]:
-    """The file that --write PATH replaces, and its current state (None: it does not exist yet).
-    A symlink is followed to its target; anything but a regular file or a new name is
-    refused (UsageError): a FIFO, a device or a socket would lose what it stands for."""
+    """The file --write PATH replaces (via symlinks), and its stat (None: new); UsageError if not regular."""
     if not path:
         raise UsageError("--write needs a file name")
     if path.endswith(os.sep) or os.path.basename(path) in (".", ".."):
@@ -2124,8 +1986,7 @@ def _temporary_beside(target: str) -> Tuple[int, str]:
 
 
 def check_writable(path: str) -> None:
-    """Refuse, before any request, a --write FILE that could not be written: by making the
-    temporary file for real (os.access says yes to root, even where nothing can be made)."""
+    """Refuse an unwritable --write FILE before any request, by making its temporary file for real."""
     target, _ = write_target(path)
     try:
         handle, temporary = _temporary_beside(target)
@@ -2136,8 +1997,7 @@ def check_writable(path: str) -> None:
 
 
 def _replace_with(target: str, text: str, mode: Optional[int] = None, owner: Any = None) -> None:
-    """Write text to a temporary file beside target, then rename it over target: a reader sees
-    the old file or the new one, never half. The temporary file is removed on any failure."""
+    """Write text beside target, then rename it over: a reader sees the old file or the new, never half."""
     handle, temporary = _temporary_beside(target)
     try:
         with os.fdopen(handle, "w", encoding="utf-8", errors="replace") as stream:
@@ -2158,10 +2018,8 @@ def _replace_with(target: str, text: str, mode: Optional[int] = None, owner: Any
 
 
 def write_atomically(path: str, text: str) -> None:
-    """Replace path (or the file its symlink points to) with text in one step. An existing file
-    keeps its mode (and, for root, its owner); a new one gets 0666 less the umask (mkstemp
-    makes 0600, and a collector running as another user must read it). OutputFailed when it
-    cannot be done."""
+    """Replace path with text atomically, keeping its mode (and owner, for root); a new file gets 0666
+    less the umask, not mkstemp's 0600. OutputFailed when it cannot be done."""
     import stat
     target, old = write_target(path)
     if old is not None:
@@ -2188,8 +2046,7 @@ def deliver(text: str, options: Options) -> None:
 
 
 def completable(name: str) -> bool:
-    """Whether shell completion may offer a service name: not one read as an option (a leading
-    '-'), and nothing a terminal must not be sent (control and format characters)."""
+    """Whether completion may offer a name: no leading '-', nothing unsafe for a terminal."""
     return bool(name) and not name.startswith("-") and not re.search(UNSAFE_TEXT, name)
 
 
@@ -2279,8 +2136,7 @@ def take_snapshot(client: Any, options: Options, deadline: Optional[float] = Non
 
 
 class SnapshotSettings(NamedTuple):
-    """What a snapshot command was asked, beyond the options: which services (names or
-    patterns) and statuses, which order, and whether partial data is a failure."""
+    """What a snapshot command was asked, beyond the options."""
     services: Tuple[str, ...] = ()
     statuses: Tuple[str, ...] = ()
     sort: str = "service"
@@ -2289,9 +2145,7 @@ class SnapshotSettings(NamedTuple):
 
 
 def chosen_services(snapshot: Snapshot, patterns: Sequence[str], options: Options) -> Optional[Set[str]]:
-    """The services that names or patterns mean, among those seen and those the policy expects;
-    None for no choice (every service). Under --shard, a name this slice has no instance of
-    may be another slice's: a warning and no row, not a usage error."""
+    """The services patterns mean (seen or expected), None for all; under --shard, unknown ones warn."""
     if not patterns:
         return None
     unreadable = sum(1 for i in snapshot.instances if i.service is None)
@@ -2309,9 +2163,7 @@ def chosen_services(snapshot: Snapshot, patterns: Sequence[str], options: Option
 
 def snapshot_report(kind: Any, client: Any, options: Options, settings: SnapshotSettings,
                     deadline: Optional[float] = None) -> Tuple[Report, int]:
-    """Read the fleet and make a command's report (a Report class: which command); and the
-    exit status once it is out: flagged, partial (--strict), or success. The whole snapshot
-    goes to shell completion's cache, whatever the report shows."""
+    """Read the fleet; the report of kind (a Report class), and the exit status once it is out."""
     whole = take_snapshot(client, options, deadline)
     chosen = chosen_services(whole, settings.services, options)
     snapshot = whole._replace(instances=[i for i in whole.instances if chosen is None or i.service in chosen])
@@ -2335,21 +2187,7 @@ def snapshot_report(kind: Any, client: Any, options: Options, settings: Snapshot
     return kind(rows[::-1] if settings.reverse else rows, snapshot, policy, options.shard, chosen), code
 
 
-def cmd_snapshot(kind: Any, client: Any, options: Options, settings: SnapshotSettings) -> int:
-    """services (InstancesReport), status (SummariesReport) or unhealthy (FlaggedReport): one
-    read of the fleet, one report, in the format asked for."""
-    report, code = snapshot_report(kind, client, options, settings)
-    deliver(report.render(options), options)
-    return code
-
-
-# ---------------------------------------------------------------------------
-# track: a live view of one service or of the whole fleet (state, polling, views)
-# ---------------------------------------------------------------------------
-#
-# Read from the top: what track was asked (TrackSettings), what it knows of the
-# fleet (Membership) and of the session (the row tracks, TrackState), the two
-# scopes it can watch, one sample (poll), the schedule, the views, cmd_track().
+# track: a live view of one service or of the whole fleet (state, polling, views) ------------------
 
 
 class TrackSettings(NamedTuple):
@@ -2360,10 +2198,8 @@ class TrackSettings(NamedTuple):
     rediscover: float = DEFAULT_REDISCOVER
 
     def sample_deadline(self, deadline: Optional[float]) -> float:
-        """Seconds a sample's /servers may take, and then again its reads: --deadline, else the
-        interval (at least 1 s). The schedule matters more than one slow instance, which shows
-        as Unknown (deadline) for that sample only; an API that answers within this time is
-        shown with real values even when a sample takes longer than its interval."""
+        """Seconds for a sample's /servers, then again its reads: --deadline, else the interval (at
+        least 1 s): the schedule matters more than one slow instance."""
         return deadline if deadline is not None else max(self.interval, 1.0)
 
     def full_read_deadline(self, deadline: Optional[float]) -> float:
@@ -2371,22 +2207,14 @@ class TrackSettings(NamedTuple):
         return max(DEFAULT_DEADLINE, self.sample_deadline(deadline))
 
 
-class _NotRead:
-    """The membership of an instance that never answered: it may belong to any service."""
-    def __repr__(self) -> str:
-        return "NOT_READ"
-
-
-NOT_READ = _NotRead()
+NOT_READ: Any = object()  # the membership of an instance that never answered: any service's
 
 
 class Membership:
-    """The one owner of which service each listed instance belongs to, as its answers said:
-    a service name; None once it answered without a valid one (the "(unknown)" group);
-    NOT_READ until it answers at all (a body that is not JSON is no answer)."""
-    # An instance that never answered may be the service's: it is read again at the
-    # next sample, then after 2, 4, 8... samples, at most RETRY_CAP apart. Read every
-    # sample, a few hanging ones would hold every sample to its deadline.
+    """The service of each listed instance, as its answers said: a name; None, answered without a
+    valid one ("(unknown)"); NOT_READ until it answers (a body that is not JSON is no answer)."""
+    # A never-answered instance is read again after 1, 2, 4... samples, at most RETRY_CAP apart:
+    # read every sample, a few hanging ones would hold every sample to its deadline.
     RETRY_CAP = 32
 
     def __init__(self) -> None:
@@ -2395,8 +2223,7 @@ class Membership:
         self.retry: Dict[str, Tuple[int, int]] = {}  # never answered: (failed reads, sample due)
 
     def forget(self, listed: Sequence[str]) -> List[str]:
-        """Follow /servers: instances it no longer lists are forgotten (and returned); new ones
-        are NOT_READ."""
+        """Follow /servers: forget (and return) the instances gone; new ones are NOT_READ."""
         still = set(listed)
         left = [ip for ip in self.services if ip not in still]
         for ip in left:
@@ -2407,9 +2234,8 @@ class Membership:
         return left
 
     def choose(self, service: Optional[str], full: bool, eager: bool = False) -> List[str]:
-        """What a sample reads (each call is one sample): every instance when full (or service
-        is None), else the service's members and the instances that never answered, when due
-        (all of them when eager: while the service is not found, they are all there is to read)."""
+        """What a sample (one call) reads: all when full or service is None, else the service's members
+        and the never-answered ones when due (all of them when eager)."""
         self.samples += 1
         if full or service is None:
             return list(self.services)
@@ -2417,8 +2243,7 @@ class Membership:
             known is NOT_READ and (eager or self.retry.get(ip, (0, 0))[1] <= self.samples))]
 
     def learn(self, readings: Iterable[Instance]) -> None:
-        """Take what readings said: a service named is learnt (a reassignment too); an answer
-        without one makes a never-read instance "(unknown)"; a failure changes nothing."""
+        """Take what readings said: a service named; "(unknown)" for an answer without; a failure: nothing."""
         for reading in readings:
             if reading.ip not in self.services:
                 continue  # forgotten while it was being read
@@ -2472,8 +2297,7 @@ class RunningStats:
 
 
 class SessionTrend:
-    """A whole session's values in at most `size` buckets of consecutive samples: when full,
-    neighbours merge. A bucket is [sum of its values, how many values, how many samples]."""
+    """A session's values in at most `size` buckets [sum, values, samples]; when full, neighbours merge."""
     BUCKETS = 32  # characters of the session summary's sparklines
 
     def __init__(self, size: int = BUCKETS):
@@ -2501,8 +2325,7 @@ class SessionTrend:
 
 
 class Series:
-    """One value across a session: the last WINDOW samples for a live sparkline, running
-    min/avg/max and the session trend, all in constant memory. None is a gap."""
+    """One value across a session, in constant memory: recent samples, min/avg/max, trend; None a gap."""
     WINDOW = 20  # characters of the live sparklines
 
     def __init__(self) -> None:
@@ -2611,8 +2434,7 @@ class WorstMoment(NamedTuple):
 
 
 class TrackState:
-    """Everything track knows of a session, in bounded memory: a row track per key (an
-    instance, or a service), counters, and the worst moment."""
+    """Everything track knows of a session: a row track per key, counters, and the worst moment."""
     def __init__(self, scope: Any, interval: float):
         self.scope = scope
         self.interval = interval
@@ -2671,10 +2493,6 @@ class TrackState:
             self.worst = WorstMoment(healthy, sum(n for _, n in counts), self.last.moment, self.samples)
 
 
-SPARK_BLOCKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
-SPARK_ASCII = "_.,-~=*#"
-
-
 def spark_blocks(stream: Any) -> str:
     """Block characters when the stream's encoding can show them, else an ASCII ramp."""
     try:
@@ -2701,10 +2519,9 @@ def _min_avg_max(stats: RunningStats, unit: str = "%", threshold: Optional[float
 
 
 def fit_table(columns: Sequence[Column], rows: List[Dict[Column, str]], drop: Sequence[Column],
-              width: Optional[int]) -> Tuple[List[Column], List[Dict[Column, str]]]:
-    """The columns of a table that fit `width` (None: all of them): those in `drop` go first,
-    in that order, until it fits; then the first column's cells are shortened, with '~' at the
-    end, so that no line runs past the edge. A wider terminal shows them all again."""
+              width: Optional[int], styles: Sequence[Optional[str]], color: bool) -> str:
+    """The columns that fit `width` (None: all), dropping those in `drop` in order; then the first
+    column's cells are cut, ending in '~', so that no line runs past the edge."""
     kept = list(columns)
     widths = {c: max([display_width(c.title)] + [display_width(row[c]) for row in rows]) for c in columns}
 
@@ -2720,12 +2537,11 @@ def fit_table(columns: Sequence[Column], rows: List[Dict[Column, str]], drop: Se
         for row in rows:
             while display_width(row[kept[0]]) > room:
                 row[kept[0]] = row[kept[0]][:-2] + "~"
-    return kept, rows
+    return render_table(kept, [[cells[c] for c in kept] for cells in rows], styles, color)
 
 
 def _fit_rows(tracks: List[Any], max_rows: Optional[int], worst_first: Any) -> Tuple[List[Any], int]:
-    """The rows that fit max_rows (one line kept to count the others): the worst first,
-    shown in their own order; and how many were left out."""
+    """The worst rows that fit max_rows (a line kept to count the rest), in order; and how many left."""
     if max_rows is None or len(tracks) <= max_rows:
         return tracks, 0
     kept = {id(t) for t in sorted(tracks, key=worst_first)[:max(1, max_rows - 1)]}
@@ -2766,9 +2582,7 @@ class ServiceScope:
         return membership.choose(self.service or self.name, full, eager=self.service is None)
 
     def resolve(self, membership: Membership, first: bool) -> None:
-        """Learn which service the name means. Until an instance of it answers, the instances not
-        read are read again each sample; at the first sample, a name that matches nothing while
-        every instance was read is a usage error (a typo)."""
+        """Learn which service the name means (at the first sample, one matching nothing is a typo)."""
         if self.service is not None:
             return
         try:
@@ -2817,9 +2631,7 @@ class ServiceScope:
 
     def table(self, state: TrackState, blocks: str, color: bool, max_rows: Optional[int] = None,
               width: Optional[int] = None) -> str:
-        """Every instance with its status, values and recent trend, as the services table shows
-        them; when only max_rows fit, the worst instances (then the lowest IPs) and a line
-        counting the others."""
+        """The instances as `services` shows them, with trends; when cut to max_rows, the worst."""
         tracks, hidden = _fit_rows(state.tracks(), max_rows, lambda t: _STATUS_RANK.get(t.status(), 3))
         readings = [t.last if t.status() in (HEALTHY, UNHEALTHY) else Instance(t.key) for t in tracks]
         rows, styles = instance_cells(readings, self.policy), []
@@ -2833,8 +2645,7 @@ class ServiceScope:
             else:
                 cells[STATUS], style = status_label(track.last, self.policy), track.status()
             styles.append(style)
-        columns, rows = fit_table(self.COLUMNS, rows, self.DROP, width)
-        table = render_table(columns, [[cells[c] for c in columns] for cells in rows], styles, color)
+        table = fit_table(self.COLUMNS, rows, self.DROP, width, styles, color)
         return table + _left_out(hidden, "more instance")
 
     def summary_table(self, state: TrackState, blocks: str) -> str:
@@ -2857,8 +2668,7 @@ class ServiceScope:
 
 
 class FleetScope:
-    """`track` with no SERVICE (or --all): the whole fleet, a row per service, worst first;
-    an expected service with no instance is a row of its own (missing)."""
+    """`track` with no SERVICE (or --all): a row per service (missing ones too), worst first."""
     FIELDS = ("time", "service", "instances", "healthy", "avg_cpu", "max_cpu", "avg_memory", "max_memory")
     HEALTHY_TREND, CPU_TREND = Column("Healthy trend"), Column("CPU trend")
     COLUMNS = (SERVICE, INSTANCES, HEALTHY_COUNT, HEALTHY_TREND, AVG_CPU, MAX_CPU, CPU_TREND, AVG_MEMORY,
@@ -2889,8 +2699,7 @@ class FleetScope:
         """Nothing to check."""
 
     def values(self, membership: Membership, readings: Sequence[Instance]) -> Dict[Any, Any]:
-        """The sample's rows: a summary per service (the "(unknown)" group included), and one
-        of 0 instances per expected service that has none."""
+        """The sample's rows: fleet_summaries of the readings, by service."""
         return {s.service: s for s in fleet_summaries(membership.attribute(readings), self.policy)}
 
     def note(self, membership: Membership) -> Optional[str]:
@@ -2906,8 +2715,7 @@ class FleetScope:
 
     def table(self, state: TrackState, blocks: str, color: bool, max_rows: Optional[int] = None,
               width: Optional[int] = None) -> str:
-        """Every service as the status table shows it, with its trends, worst first; when only
-        max_rows fit, the worst and a line counting the others."""
+        """The services as `status` shows them, with trends, worst first; when cut to max_rows, the worst."""
         tracks, hidden = _fit_rows(state.tracks(), max_rows, ServiceTrack.rank)
         lasts = [ServiceSummary(t.key, 0, 0) if t.gone or t.last is None else t.last for t in tracks]
         rows, styles = summary_cells(lasts, self.policy), []
@@ -2920,8 +2728,7 @@ class FleetScope:
             elif track.under_minimum(last):
                 cells[HEALTHY_COUNT] += "!"
             styles.append(self._style(track, state))
-        columns, rows = fit_table(self.COLUMNS, rows, self.DROP, width)
-        table = render_table(columns, [[cells[c] for c in columns] for cells in rows], styles, color)
+        table = fit_table(self.COLUMNS, rows, self.DROP, width, styles, color)
         return table + _left_out(hidden, "more service")
 
     @staticmethod
@@ -2954,10 +2761,8 @@ class FleetScope:
 
 def poll(client: Any, membership: Membership, scope: Any, full: bool, seconds: float,
          first: bool = False, clock: Any = time) -> Sample:
-    """One sample: /servers, then what the scope reads (the whole fleet when full), each within
-    `seconds`. CPX is unreachable when /servers failed and no instance answered; on the first
-    sample, an unreadable /servers is CpxUnavailable instead. clock times the sample (the
-    schedule's; the tests' can be a controlled one); deadlines are the client's, real time."""
+    """One sample: /servers, then what the scope reads, each within `seconds`; an outage when neither
+    answered (CpxUnavailable for the first). clock times it; deadlines are real time."""
     moment, started, deadline = utc_now(), clock.monotonic(), time.monotonic() + seconds
     listing_error = None
     try:
@@ -2979,8 +2784,7 @@ def poll(client: Any, membership: Membership, scope: Any, full: bool, seconds: f
 
 
 class Schedule:
-    """Sample k starts at start + k x interval; a slot that began while the previous
-    sample was still running is skipped and counted, never made up in a burst."""
+    """Sample k at start + k x interval; a slot missed by a long sample is skipped, never made up."""
     def __init__(self, interval: float, start: float, rediscover: float = float("inf")):
         self.interval = interval
         self.start = start
@@ -3008,8 +2812,7 @@ class Schedule:
 
 
 def render_track_header(state: TrackState) -> str:
-    """One line: what is watched, the time of day (UTC), the sample number, the interval (and
-    how long the sample took when that was longer), skipped slots."""
+    """One line: what is watched, the time (UTC), the sample, the interval (or a late sample's time)."""
     line = "%s  %sZ  sample %d  " % (state.scope.subject(state), state.last.moment[11:19], state.samples)
     if state.last_was_late:
         line += "interval %gs, sample took %.1fs" % (state.interval, state.last.seconds)
@@ -3041,10 +2844,8 @@ def render_track_summary(state: TrackState, blocks: str) -> str:
 
 
 class Keyboard:
-    """`q` stops the live view, as in top: stdin without line buffering or echo while the view
-    owns the screen. Only when stdin is a terminal and this process is in its foreground:
-    a background job changing the terminal's modes would be stopped by SIGTTOU. Where there
-    is no termios (Windows), Ctrl+C only."""
+    """`q` stops the live view, as in top: only when stdin is a terminal and we are in its
+    foreground (else SIGTTOU stops us); without termios (Windows), Ctrl+C only."""
     def __init__(self, stream: Any):
         self.stream = stream
         self.saved: Any = None  # the terminal's modes, to give back
@@ -3099,8 +2900,7 @@ class Keyboard:
 
 
 class TrackView:
-    """Where track's samples go; one small class per kind: LogView (an appended log),
-    ScreenView (a screen redrawn in place) and RecordsView (JSON Lines or csv)."""
+    """Where track's samples go: LogView, ScreenView or RecordsView."""
     def __init__(self, options: Options, settings: TrackSettings):
         self.options = options
         self.settings = settings
@@ -3134,14 +2934,10 @@ class LogView(TrackView):
 
 class ScreenView(LogView):
     """The terminal's alternate screen, redrawn in place to its size; q quits."""
-    # Alternate screen, cursor hidden, and no auto-wrap, so that a line wider than
-    # the terminal is clipped rather than wrapped: the frame never scrolls.
+    # Alternate screen, cursor hidden, no auto-wrap (a wide line is clipped: the frame never scrolls).
     ENTER = "\x1b[?1049h\x1b[?25l\x1b[?7l"
     LEAVE = "\x1b[?7h\x1b[?25h\x1b[?1049l"  # all that back: the screen the user had
-
-    def __init__(self, options: Options, settings: TrackSettings):
-        super().__init__(options, settings)
-        self.entered = False
+    entered = False
 
     def open(self) -> None:
         """Take over the screen and the keyboard."""
@@ -3178,9 +2974,7 @@ class ScreenView(LogView):
 
 
 class RecordsView(TrackView):
-    """Records on stdout, one per instance (or service) and sample, as JSON Lines (-o json) or
-    csv (the header once); outages and the summary on stderr, so that stdout stays
-    machine-readable."""
+    """JSON Lines or csv records on stdout; outages and the summary on stderr (stdout stays data)."""
     def show(self, state: TrackState) -> None:
         import json
         if state.last.outage is not None:
@@ -3197,8 +2991,7 @@ class RecordsView(TrackView):
 
 def first_sample(client: Any, membership: Membership, scope: Any, options: Options, settings: TrackSettings,
                  clock: Any) -> Sample:
-    """The first sample, a read of the whole fleet, as of its end: the schedule starts there,
-    so that a long first read costs no skipped slot."""
+    """The first sample, a full read, timed at its end: the schedule starts there (no slot skipped)."""
     sample = poll(client, membership, scope, True, settings.full_read_deadline(options.deadline), True, clock)
     missing = scope.not_found(membership)
     if missing:
@@ -3207,16 +3000,14 @@ def first_sample(client: Any, membership: Membership, scope: Any, options: Optio
 
 
 def track_view(options: Options, settings: TrackSettings) -> TrackView:
-    """The view for the output asked for: records for json and csv; for a table, the screen
-    on an interactive terminal, else a log."""
+    """RecordsView for json and csv; else ScreenView on an interactive terminal, else LogView."""
     if options.output in ("json", "csv"):
         return RecordsView(options, settings)
     return ScreenView(options, settings) if options.interactive else LogView(options, settings)
 
 
 def cmd_track(client: Any, options: Options, settings: TrackSettings, clock: Any = time) -> int:
-    """Sample one service, or the whole fleet, on a fixed schedule until q, Ctrl+C or
-    --count samples, then summarize. clock: its monotonic() and sleep() keep the schedule."""
+    """Sample a service or the fleet on a schedule (clock's) until q, Ctrl+C or --count; summarize."""
     if options.output not in ("table", "wide", "json", "csv") or options.write is not None:
         raise UsageError("track streams: -o prometheus and --write are for services, status and unhealthy")
     scope = FleetScope(options.policy) if settings.service is None else ServiceScope(settings.service,
@@ -3252,9 +3043,7 @@ def cmd_track(client: Any, options: Options, settings: TrackSettings, clock: Any
     return code
 
 
-# ---------------------------------------------------------------------------
-# serve: a Prometheus exporter that reads the fleet at scrape time
-# ---------------------------------------------------------------------------
+# serve: a Prometheus exporter that reads the fleet at scrape time ---------------------------------
 
 SERVE_PORT = 9968  # serve's own port (not in Prometheus's list of exporter ports)
 # Connections served at once, a thread each: an idle one holds only its own thread, for
@@ -3263,6 +3052,11 @@ SERVE_CONNECTIONS = 64
 REQUEST_SECONDS = 5.0  # a client has this long to send its request, however it trickles
 SCRAPE_MARGIN = 0.5  # seconds kept from Prometheus's scrape timeout, to answer in (as blackbox_exporter)
 MIN_SCRAPE_DEADLINE = 0.1
+LANDING_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>cpx_devops exporter</title></head>
+<body><h1>cpx_devops exporter</h1><p>The health of a CPX fleet, read at each scrape:
+<a href="/metrics">/metrics</a>. Health: <a href="/-/healthy">/-/healthy</a>.</p></body></html>
+"""
 
 
 class ServeSettings(NamedTuple):
@@ -3287,8 +3081,7 @@ class Exporter:
         self.result: Tuple[int, str] = (503, "no read yet\n")  # the last read's status and body
 
     def scrape(self, timeout: Optional[float]) -> Tuple[int, str]:
-        """The exposition text of a read of the fleet, as (HTTP status, body), within the
-        scrape's timeout less a margin (and never more than --deadline)."""
+        """(HTTP status, body) of a read, within the scrape's timeout less a margin, at most --deadline."""
         seconds = self.options.deadline or DEFAULT_DEADLINE
         if timeout is not None:
             seconds = min(seconds, max(MIN_SCRAPE_DEADLINE, timeout - SCRAPE_MARGIN))
@@ -3328,16 +3121,8 @@ class Exporter:
         return 200, report.as_prometheus(self.options)
 
 
-LANDING_PAGE = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>cpx_devops exporter</title></head>
-<body><h1>cpx_devops exporter</h1><p>The health of a CPX fleet, read at each scrape:
-<a href="/metrics">/metrics</a>. Health: <a href="/-/healthy">/-/healthy</a>.</p></body></html>
-"""
-
-
 def _http_classes() -> Tuple[Any, Any]:
-    """The HTTP server classes serve and the simulator share, made on first use: http.server
-    costs about 20 ms to import, which no other command pays."""
+    """The HTTP server classes of serve and simulate, made on first use (http.server costs 20 ms)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     class QuietServer(ThreadingHTTPServer):
         """A thread per request, IPv6 as well as IPv4, and no traceback for a client that hangs up."""
@@ -3354,8 +3139,7 @@ def _http_classes() -> Tuple[Any, Any]:
             return "http://%s:%d" % ("[%s]" % host if ":" in host else host, self.server_address[1])
 
         def handle_error(self, request: Any, client_address: Any) -> None:
-            # A client that hangs up mid-answer (or sends rubbish) is the client's business.
-            # Anything else is the server's own bug, and is shown.
+            # A client hanging up (an OSError) is its business; anything else is our bug, and shown.
             if not isinstance(sys.exc_info()[1], OSError):
                 super().handle_error(request, client_address)
 
@@ -3363,8 +3147,7 @@ def _http_classes() -> Tuple[Any, Any]:
 
 
 def listening(make: Callable[[], Any], settings: Any) -> Any:
-    """A server made (on settings.host and .port) and serving in a background thread;
-    UsageError when it cannot listen there."""
+    """A server made and serving in a background thread; UsageError when it cannot listen."""
     try:
         server = make()
     except OSError as error:
@@ -3375,8 +3158,7 @@ def listening(make: Callable[[], Any], settings: Any) -> Any:
 
 
 def serve_until_stopped(server: Any) -> NoReturn:
-    """Let a server serve until Ctrl+C (130) or SIGTERM (143), which reach main() as for any
-    command; then close it."""
+    """Serve until Ctrl+C or SIGTERM (which reach main() as for any command), then close."""
     try:
         while True:
             # Short sleeps: a signal the kernel hands to another thread interrupts no sleep
@@ -3431,7 +3213,6 @@ def serve_exporter(options: Options, settings: ServeSettings) -> Any:
                                 self.headers.get("Accept-Encoding", "").lower())
             if gzipped:
                 import gzip
-
                 body = gzip.compress(body, 6)
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -3479,13 +3260,12 @@ def cmd_serve(options: Options, settings: ServeSettings) -> int:
     return serve_until_stopped(server)
 
 
-# ---------------------------------------------------------------------------
-# The simulator: a CPX-compatible server on loopback
-# ---------------------------------------------------------------------------
+# The simulator: a CPX-compatible server on loopback -----------------------------------------------
 
 SIMULATED_SERVICES = ("UserService", "TicketService", "PaymentService", "AuthService",
                       "SearchService", "InventoryService", "NotificationService",
                       "ReportService", "GeoService", "MailService")
+FAIL, HANG, SLOW = "fail", "hang", "slow"
 
 
 def _splitmix64(state: int) -> Tuple[int, float]:
@@ -3497,9 +3277,7 @@ def _splitmix64(state: int) -> Tuple[int, float]:
 
 
 class Sickness(NamedTuple):
-    """What part of a simulated fleet is sick, as fractions of its instances (each at least one
-    instance when above 0; which ones, the seed decides): instances that answer HTTP 500 at
-    once, that never answer, and that answer slow_ms late."""
+    """Fractions of a simulated fleet (at least one instance when above 0) that fail, hang, or are slow."""
     fail_fraction: float = 0.0
     hang_fraction: float = 0.0
     slow_fraction: float = 0.0
@@ -3512,12 +3290,8 @@ class Sickness(NamedTuple):
         return count(self.fail_fraction), count(self.hang_fraction), count(self.slow_fraction)
 
 
-FAIL, HANG, SLOW = "fail", "hang", "slow"
-
-
 class SimulatedInstance:
-    """One simulated instance: its service, where its random walk is, where it is pulled back
-    to, and its own generator's state."""
+    """One simulated instance: its service, random walk, base, and generator's state."""
     __slots__ = ("service", "cpu", "memory", "base_cpu", "base_memory", "seed")
 
     def __init__(self, service: str, cpu: float, memory: float, seed: int):
@@ -3526,11 +3300,8 @@ class SimulatedInstance:
 
 
 class SimulatedFleet:
-    """Instances with a service each and a cpu/memory random walk, some of them sick; thread-safe.
-
-    Each instance walks on its own generator, so with a seed the values an
-    instance shows depend only on how often it was read, not on the order in
-    which concurrent requests arrive: seeded runs are reproducible."""
+    """Instances with a service and a cpu/memory random walk, some sick; thread-safe. A generator per
+    instance: seeded runs are reproducible, whatever the order of concurrent requests."""
     def __init__(self, count: int, seed: Optional[int] = None, sickness: Sickness = Sickness()):  # noqa: B008
         import random
         rng = random.Random(seed)
@@ -3590,9 +3361,7 @@ class SimulatorSettings(NamedTuple):
 
 
 def serve_simulator(settings: SimulatorSettings) -> Any:
-    """Start a CPX-compatible server in a background thread; returns the server (see .url).
-    A thread per request and a deep listen queue; --single-threaded, the reference server:
-    one request at a time, a listen backlog of 5."""
+    """Start a CPX-compatible server in a background thread; returns the server (see .url)."""
     import json
     import socket
     QuietServer, BaseHTTPRequestHandler = _http_classes()
@@ -3673,19 +3442,15 @@ def cmd_simulate(settings: SimulatorSettings) -> int:
     return serve_until_stopped(server)
 
 
-# ---------------------------------------------------------------------------
-# Shell completion, generated from the parser itself so that it cannot drift from it
-# ---------------------------------------------------------------------------
+# Shell completion, generated from the parser itself so that it cannot drift from it ---------------
 
 COMPLETED_NAMES = ("cpx-devops", "cpx_devops.py")  # what `make install` installs, and the file
 SHELLS = ("bash", "zsh", "fish")
 
 
 def completion_table(parser: Any) -> Dict[str, Tuple[List[Tuple[Sequence[str], Any]], Any]]:
-    """Per command ("" for the program): its options, as (spellings, what the value completes:
-    None for a flag, "file", "service", "other" or a tuple of words), and what its positional
-    argument completes (None, "service" or words). Read from the arguments the parser
-    recorded (see _Parser.add_argument)."""
+    """Per command ("" for the program): its options as (spellings, what the value completes: None,
+    "file", "service", "other" or words), and what its positional completes."""
     def read(command: Any) -> Tuple[List[Tuple[Sequence[str], Any]], Any]:
         options, positional = [], tuple(command.commands) or None  # type: Tuple[List[Any], Any]
         for action, completes, alias in command.arguments:
@@ -3703,11 +3468,9 @@ def completion_table(parser: Any) -> Dict[str, Tuple[List[Tuple[Sequence[str], A
     return table
 
 
-# Service names come from the cache a snapshot run on a terminal leaves (SERVICE_CACHE, below the
-# cache home); with CPX_COMPLETE_LIVE set, a `status` run refreshes it first. They are CPX's
-# words, so each shell only compares them, as plain strings, with what was typed (no compgen -W,
-# no eval, no unquoted expansion) and inserts them quoted; a cache that is not the user's own
-# regular file is not read.
+# Service names come from SERVICE_CACHE (CPX_COMPLETE_LIVE: refreshed by `status` first). CPX's words:
+# compared as plain strings (no compgen -W, no eval, no unquoted expansion), inserted quoted, and
+# read only from the user's own regular file.
 _SHELL_PROLOGUES = {
     "bash": ("# bash completion for cpx_devops, made by `cpx_devops.py completion bash` from its parser.\n"
              "_cpx_devops_words() {  # the words given that begin with what was typed\n"
@@ -3778,8 +3541,7 @@ def _reply(value: Any) -> str:
 
 
 def _case_completion(table: Dict[str, Any], shell: str) -> str:
-    """bash's or zsh's script: one function, shared but for the prologue, that completes an
-    option's value by `command/previous word`, else the command's options or positional words."""
+    """bash's or zsh's script: values by `command/previous word`, else options or positional words."""
     by_reply: Dict[str, List[Tuple[str, str]]] = {}  # reply -> (command, option) pairs
     meanings: Dict[str, Set[str]] = {}  # option -> its replies in every command
     for name, (options, _) in table.items():
@@ -3802,8 +3564,7 @@ def _case_completion(table: Dict[str, Any], shell: str) -> str:
 
 
 def _fish_completion(table: Dict[str, Any]) -> str:
-    """fish's script: a `complete` line per option and per command's words; the program's own
-    options once, for every command that takes them all (the global options)."""
+    """fish's script: a `complete` line per option and command's words; the global options once."""
     lines = ["# fish completion for cpx_devops, made by `cpx_devops.py completion fish` from its parser.",
              "function __cpx_devops_services",
              "    set -l cache $HOME/.cache",
@@ -3834,15 +3595,7 @@ def _fish_completion(table: Dict[str, Any]) -> str:
     return "\n".join(lines + ["complete -c %s -w %s" % (COMPLETED_NAMES[1], COMPLETED_NAMES[0])]) + "\n"
 
 
-def completion_script(shell: str, parser: Any) -> str:
-    """The completion script for bash, zsh or fish."""
-    table = completion_table(parser)
-    return _fish_completion(table) if shell == "fish" else _case_completion(table, shell)
-
-
-# ---------------------------------------------------------------------------
-# The command line and main()
-# ---------------------------------------------------------------------------
+# The command line and main() ----------------------------------------------------------------------
 
 COMMAND_ALIASES = {"unhealthy-services": "unhealthy"}  # the original exercise's spellings, not in --help
 
@@ -3859,9 +3612,8 @@ ENVIRONMENT = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with: a usage error in one line (exit 2), a closest choice suggested; help and
-    messages through the tool's output path (`--help >/dev/full` is exit 74, `2>&-` no crash);
-    and a record of each argument and command, for completion (argparse's own is private)."""
+    """argparse, with one-line usage errors suggesting the closest choice, help through emit(), and a
+    record of each argument and command for completion (argparse's own is private)."""
     def __init__(self, *args: Any, **kwargs: Any):
         self.arguments: List[Tuple[argparse.Action, Any, bool]] = []  # (action, what it completes, alias)
         self.commands: Dict[str, "_Parser"] = {}
@@ -3869,8 +3621,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args: Any, completes: Any = None, alias: bool = False, **kwargs: Any) -> Any:
-        """argparse's, and the argument recorded: what its value completes (its choices unless
-        said), and whether it is an alias (the original exercise's spellings: typed, not offered)."""
+        """argparse's, recording what the value completes (its choices unless said) and aliases."""
         action = super().add_argument(*args, **kwargs)
         self.arguments.append((action, completes or tuple(map(str, action.choices or ())) or None, alias))
         return action
@@ -3881,8 +3632,7 @@ class _Parser(argparse.ArgumentParser):
 
     def add_command(self, commands: Any, name: str, help_text: str, examples: str,
                     arguments: Callable[["_Parser"], None], reads_cpx: bool, alias: bool = False) -> "_Parser":
-        """A command: its help says what it takes, and points to the program's for the rest. Its
-        arguments are added when it is first parsed (or completed): see populate()."""
+        """A command, whose arguments are added when it is first parsed or completed (populate())."""
         epilog = "examples:\n%s\nThe global options and the exit statuses: %s --help" % (
             "".join("  %(prog)s " + example + "\n" for example in examples.split("\n")), self.prog)
         command = commands.add_parser(name, description=help_text, epilog=epilog, allow_abbrev=False,
@@ -3965,8 +3715,7 @@ _interval = _number(float, MIN_INTERVAL, MAX_SECONDS, "a number of seconds")
 
 
 def _names(choices: Optional[Sequence[str]] = None) -> Callable[[str], List[str]]:
-    """An option's type: names (or shell-style patterns) separated by commas; with choices,
-    each one of them, in any case."""
+    """An option's type: comma-separated names or patterns; with choices, each one of them."""
     def parse(text: str) -> List[str]:
         names = [name.strip() for name in text.split(",")]
         if not all(names):
@@ -4018,8 +3767,7 @@ def _listen(text: str) -> Tuple[str, int]:
 
 
 def _add_global_options(parser: _Parser, on_command: bool) -> None:
-    """The global options, on the program and on each command that reads CPX, so that either
-    position works; on a command, out of its help and its defaults (the program's stand)."""
+    """The global options, on the program and (hidden, no defaults) on each command that reads CPX."""
     def add(*args: Any, **kwargs: Any) -> None:
         if on_command:
             kwargs.update(help=argparse.SUPPRESS, default=argparse.SUPPRESS)
@@ -4137,9 +3885,8 @@ def _simulate_arguments(command: _Parser) -> None:
                              metavar="F", help="this fraction of the instances %s (default 0)" % what)
 
 
-# Each command: its help, its examples, what adds its arguments, and whether it reads CPX (and so
-# takes the global options). A command's arguments are added when it is parsed: --help and every
-# other command pay nothing for them.
+# Each command: help, examples, what adds its arguments (when it is parsed: the others pay nothing
+# for them), and whether it reads CPX (and so takes the global options).
 COMMANDS = (
     ("services", "every instance: IP, service, status, cpu, memory",
      "--service UserService --sort cpu\n-o csv > fleet.csv\n--status unhealthy,unknown", _services_arguments, True),
@@ -4180,8 +3927,7 @@ def build_parser() -> _Parser:
 
 
 def _unknown_option(parser: _Parser, argv: Sequence[str]) -> Optional[str]:
-    """The first option before the command that the program does not take, or None: argparse
-    reads one as a value (`--bogus http://x status` is "invalid choice: 'http://x'")."""
+    """The first option before the command that the program does not take (argparse reads it as a value)."""
     takes = {s: action for action, _, _ in parser.arguments for s in action.option_strings}
     value_next = False
     for word in argv:
@@ -4198,8 +3944,7 @@ def _unknown_option(parser: _Parser, argv: Sequence[str]) -> Optional[str]:
 
 
 def use_color(stream: Any, mode: str, environ: Dict[str, str]) -> bool:
-    """--color always: colour; never: none; auto: only on a terminal, and not with NO_COLOR set
-    and non-empty, or TERM=dumb."""
+    """--color: always, never, or auto (a terminal, without NO_COLOR or TERM=dumb)."""
     if mode != "auto":
         return mode == "always"
     return (not environ.get("NO_COLOR") and environ.get("TERM") != "dumb"
@@ -4235,9 +3980,6 @@ def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Opti
                    if interactive or environ.get("CPX_COMPLETE_LIVE") else None)
 
 
-REPORTS = {"services": InstancesReport, "status": SummariesReport, "unhealthy": FlaggedReport}
-
-
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
@@ -4259,7 +4001,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
         return cmd_simulate(SimulatorSettings(args.host, args.port, args.servers, args.latency_ms, args.seed,
                                               args.single_threaded, sickness))
     if command == "completion":
-        emit(completion_script(args.shell, parser))
+        table = completion_table(parser)
+        emit(_fish_completion(table) if args.shell == "fish" else _case_completion(table, args.shell))
         return EXIT_OK
     options = options_from_args(args, dict(os.environ))
     if command == "serve":
@@ -4276,13 +4019,14 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_track(client, options, settings)
         services = [name for names in args.service + getattr(args, "named", []) for name in names] \
             if command != "unhealthy" else []
-        return cmd_snapshot(REPORTS[command], client, options, SnapshotSettings(
+        report, code = snapshot_report(REPORTS[command], client, options, SnapshotSettings(
             tuple(services), tuple(s for names in getattr(args, "status", ()) for s in names),
             getattr(args, "sort", "service"), args.reverse, args.strict))
+        deliver(report.render(options), options)
+        return code
     except (KeyboardInterrupt, Terminated):
-        # Left open: the process ends at once (os._exit), and an interrupt that lands
-        # inside one of the pool's `with lock:` blocks can leave that lock held
-        # (bpo-29988), on which close() would wait for ever (seen: Ctrl+C ignored).
+        # Left open: the process ends at once (os._exit), and an interrupt inside the pool's
+        # `with lock:` can leave it held (bpo-29988): close() would wait for ever.
         interrupted = True
         raise
     finally:
