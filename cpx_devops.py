@@ -1504,6 +1504,19 @@ def display_width(text: str) -> int:
                else 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1 for char in text)
 
 
+def clip(text: str, width: Optional[int]) -> str:
+    """text cut to width columns (None: all of it), ending in '~' where it was cut."""
+    if width is None or display_width(text) <= width:
+        return text
+    kept, used = [], 0
+    for char in text:
+        used += display_width(char)
+        if used >= width:
+            return "".join(kept) + "~"
+        kept.append(char)
+    return text
+
+
 def paint(text: str, status: Optional[str], color: bool) -> str:
     """Wrap text in the colour of a status when colour is on."""
     code = COLORS.get(status or "")
@@ -2535,8 +2548,7 @@ def fit_table(columns: Sequence[Column], rows: List[Dict[Column, str]], drop: Se
     if width is not None and total() > width:
         room = max(display_width(kept[0].title), widths[kept[0]] - (total() - width))
         for row in rows:
-            while display_width(row[kept[0]]) > room:
-                row[kept[0]] = row[kept[0]][:-2] + "~"
+            row[kept[0]] = clip(row[kept[0]], room)
     return render_table(kept, [[cells[c] for c in kept] for cells in rows], styles, color)
 
 
@@ -2914,9 +2926,9 @@ class TrackView:
         """Show one sample."""
         raise NotImplementedError
 
-    def note(self, state: TrackState) -> List[str]:
+    def note(self, state: TrackState, width: Optional[int] = None) -> List[str]:
         """The sample's note (instances not read yet, say), painted, as 0 or 1 line."""
-        return [paint(state.last.note, UNKNOWN, self.options.color)] if state.last.note else []
+        return [paint(clip(state.last.note, width), UNKNOWN, self.options.color)] if state.last.note else []
 
     def close(self, state: TrackState) -> None:
         """Print the session summary."""
@@ -2945,10 +2957,10 @@ class ScreenView(LogView):
         self.entered = True
         self.keyboard.open()
 
-    def footer(self, state: TrackState) -> str:
+    def footer(self, state: TrackState, width: int) -> str:
         """The screen's last line: an outage, else how the view ends."""
         if state.last.outage is not None:
-            return paint(render_outage(state), UNHEALTHY, self.options.color)
+            return paint(clip(render_outage(state), width), UNHEALTHY, self.options.color)
         if self.settings.samples is not None:
             return "stops after %s" % _plural(self.settings.samples, "sample")
         return "%s to stop" % ("q or Ctrl+C" if self.keyboard.saved is not None else "Ctrl+C")
@@ -2956,11 +2968,12 @@ class ScreenView(LogView):
     def show(self, state: TrackState) -> None:
         import shutil
         size = shutil.get_terminal_size((80, 24))
-        note = self.note(state)
+        note = self.note(state, size.columns)
         # Header, (note,) blank, two table heading lines, blank, footer: 6 or 7 lines around the rows.
         table = state.scope.table(state, self.blocks, self.options.color, max(1, size.lines - 6 - len(note)),
                                   size.columns)
-        lines = [render_track_header(state)] + note + [""] + table.splitlines() + ["", self.footer(state)]
+        lines = ([clip(render_track_header(state), size.columns)] + note + [""] + table.splitlines()
+                 + ["", self.footer(state, size.columns)])
         # No newline after the last line: on the bottom row it would scroll the screen.
         emit("\x1b[H" + "\x1b[K\n".join(lines) + "\x1b[K\x1b[J")
 

@@ -844,6 +844,13 @@ class ResolveServiceTest(unittest.TestCase):
 
 
 class RenderTest(unittest.TestCase):
+    def test_clip_cuts_to_the_columns_with_a_tilde_wide_characters_counted_twice(self):
+        self.assertEqual(cpx.clip("abcdef", 6), "abcdef")
+        self.assertEqual(cpx.clip("abcdef", 5), "abcd~")  # catches: `>=` turned `>` (a line one column over)
+        self.assertEqual(cpx.clip("\u65e5\u672c\u8a9e", 4), "\u65e5~")  # 2 + 1: a wide one never half shown
+        self.assertEqual(cpx.clip("x" * 10 ** 6, 3), "xx~")  # linear: a huge name costs one pass
+        self.assertEqual(cpx.clip("abc", None), "abc")
+
     def test_table_layout(self):
         table = cpx.render_table((cpx.Column("IP"), cpx.Column("CPU", True)),
                                  [["10.0.0.1", "3%"], ["10.0.0.10", "100%"]])
