@@ -1508,7 +1508,8 @@ def clip(text: str, width: Optional[int]) -> str:
     """text cut to width columns (None: all of it), ending in '~' where it was cut."""
     if width is None or display_width(text) <= width:
         return text
-    kept, used = [], 0
+    kept: List[str] = []
+    used = 0
     for char in text:
         used += display_width(char)
         if used >= width:
