@@ -2953,9 +2953,21 @@ class ScreenView(LogView):
     entered = False
 
     def open(self) -> None:
-        """Take over the screen and the keyboard."""
+        """Take over the screen and the keyboard; on Ctrl+Z, give them back while stopped."""
         emit(self.ENTER)
         self.entered = True
+        self.keyboard.open()
+        if getattr(signal, "SIGTSTP", None) and signal.getsignal(signal.SIGTSTP) == signal.SIG_DFL:
+            signal.signal(signal.SIGTSTP, self.suspend)
+
+    def suspend(self, signum: int, frame: Any) -> None:
+        """Ctrl+Z: the user's screen and terminal modes back, stop; when continued, the view again."""
+        self.keyboard.close()
+        emit(self.LEAVE)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)  # stopped here until `fg` (or `bg`) continues it
+        signal.signal(signum, self.suspend)
+        emit(self.ENTER)
         self.keyboard.open()
 
     def footer(self, state: TrackState, width: int) -> str:
@@ -2980,6 +2992,8 @@ class ScreenView(LogView):
 
     def close(self, state: TrackState) -> None:
         """Give the screen and keyboard back (whatever ended the view), then the summary."""
+        if getattr(signal, "SIGTSTP", None) and signal.getsignal(signal.SIGTSTP) == self.suspend:
+            signal.signal(signal.SIGTSTP, signal.SIG_DFL)
         self.keyboard.close()
         if self.entered:
             emit(self.LEAVE)

@@ -2440,6 +2440,17 @@ class TrackTest(ServerTestCase):
         self.assertIn("--- TicketService: ", text[leave:])
         self.assertLess(text.count("\x1b[H"), 4)  # it stopped at once, not after more samples
 
+    def test_ctrl_z_gives_the_screen_back_while_stopped_and_takes_it_again_after(self):
+        # The tool runs as its own session here: the kernel discards a stop for it (an orphaned
+        # process group), so the view goes on at once, as after `fg`.
+        code, text = run_in_pty(["--url", self.server.url, "track", "TicketService", "-n", "0.3", "-c", "4"],
+                                {"TERM": "xterm"}, keys=b"\x1a")
+        self.assertEqual(code, 0)
+        enter, leave = cpx.ScreenView.ENTER, cpx.ScreenView.LEAVE
+        self.assertEqual((text.count(enter), text.count(leave)), (2, 2))  # catches: Ctrl+Z left to the default
+        self.assertLess(text.index(leave), text.rindex(enter))  # the user's screen back, then the view again
+        self.assertIn("--- TicketService: 4 samples", text[text.rindex(leave):])
+
     def test_the_footer_says_how_to_stop_only_without_a_count(self):
         code, text = run_in_pty(["--url", self.server.url, "track", "TicketService", "-n", "0.1", "-c", "2"],
                                 {"TERM": "xterm"})
