@@ -377,7 +377,7 @@ def parse_min_healthy(text: str) -> Any:
     text = text.strip()
     if re.match(r"[0-9]{1,9}\Z", text):
         return HealthyCount(int(text))
-    share = re.match(r"([0-9]{1,9}(?:\.[0-9]{1,6})?)\s*%\Z", text)
+    share = re.match(r"([0-9]{1,9}(?:\.[0-9]{1,20})?)\s*%\Z", text)
     if share:
         from fractions import Fraction
         if Fraction(share.group(1)) > 100:
@@ -419,7 +419,7 @@ def parse_policy(text: str, source: str) -> Policy:
         if stripped[0] == "[":
             end = re.search(r"\]\s*(?:[#;]|\Z)", stripped)  # the first ']' that only a comment follows
             if end is None:
-                fail(number, "a [section] line ends with its ']', then a comment at most: %s" % stripped)
+                fail(number, "a [section] line ends with its ']', then a comment at most: %s" % stripped[:80])
             section = stripped[1:end.start()]
             if section in sections:
                 fail(number, "[%s] is there twice" % section)
@@ -428,9 +428,9 @@ def parse_policy(text: str, source: str) -> Policy:
             continue
         pair = re.match(r"([^=:]*)[=:](.*)", stripped, re.DOTALL)  # key = value, or key: value
         if keys is None:
-            fail(number, "a key before any [section]: %s" % stripped)
+            fail(number, "a key before any [section]: %s" % stripped[:80])
         if pair is None:
-            fail(number, "not a [section], a key = value, or a comment: %s" % stripped)
+            fail(number, "not a [section], a key = value, or a comment: %s" % stripped[:80])
         key = pair.group(1).strip().lower()
         if key in keys:
             fail(number, "%s in [%s] is there twice" % (key, list(sections)[-1]))
@@ -444,6 +444,8 @@ def parse_policy(text: str, source: str) -> Policy:
         name = section[len(kind):].strip()
         if kind == "service:" and not name:
             fail(line, "[%s] names no service" % section)
+        if kind == "service:" and re.search(r"[*?[]", name):
+            fail(line, "[%s] names one service, not a pattern: * ? and [ are not taken" % section)
         if kind == "service:" and "service:" + name in read:
             fail(line, "service %s is there twice" % name)
         values = read["service:" + name if name else kind] = {}
@@ -455,11 +457,16 @@ def parse_policy(text: str, source: str) -> Policy:
                 values[key] = _policy_value(key, value)
             except ValueError as error:
                 fail(key_line, "%s: %s" % (key, error))
-        minimum = values.get("min_healthy")
-        if isinstance(minimum, HealthyCount) and values.get("instances", minimum.least) < minimum.least:
-            fail(keys["min_healthy"][1], "min_healthy %d is more than its %d instances: it could never be met"
-                 % (minimum.least, values["instances"]))
     defaults = read.pop("defaults", {})
+    for section, (_, keys) in sections.items():  # a minimum that more instances than expected could meet
+        values = read.get(section, {})
+        minimum = values.get("min_healthy", defaults.get("min_healthy", Policy().min_healthy))
+        if isinstance(minimum, HealthyCount) and values.get("instances", minimum.least) < minimum.least:
+            if "min_healthy" in values:
+                fail(keys["min_healthy"][1], "min_healthy %d is more than its %d instances: it could never be met"
+                     % (minimum.least, values["instances"]))
+            fail(keys["instances"][1], "instances %d is fewer than the default min_healthy of %d: it could never "
+                 "be met; give [%s] a min_healthy of its own" % (values["instances"], minimum.least, section))
     services = {name[len("service:"):]: ExpectedService(
         name[len("service:"):], v.get("min_healthy"), v.get("instances"), v.get("cpu_threshold"),
         v.get("memory_threshold")) for name, v in read.items()}
@@ -3786,7 +3793,7 @@ def _percent_option(text: str) -> float:
 
 
 def _listen(text: str) -> Tuple[str, int]:
-    """--listen HOST:PORT, [IPV6]:PORT or :PORT (every interface)."""
+    """--listen HOST:PORT, [IPV6]:PORT or :PORT (every IPv4 interface)."""
     match = re.match(r"(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]*)):([0-9]{1,5})\Z", text.strip())
     if not match or int(match.group(3)) > 65535:
         raise argparse.ArgumentTypeError("%r is not HOST:PORT, [IPV6]:PORT or :PORT (a port up to 65535)"
@@ -3884,7 +3891,7 @@ def _track_arguments(command: _Parser) -> None:
 
 def _serve_arguments(command: _Parser) -> None:
     command.add_argument("--listen", type=_listen, default=("127.0.0.1", SERVE_PORT), metavar="HOST:PORT",
-                         help="where (default 127.0.0.1:%d, loopback only; :PORT: every interface)" % SERVE_PORT)
+                         help="where (default 127.0.0.1:%d, loopback only; :PORT: every IPv4 interface)" % SERVE_PORT)
     command.add_argument("--min-interval", type=_number(float, 0, MAX_SECONDS, "a number of seconds"),
                          default=0.0, metavar="SECONDS", help="serve the last read to scrapes this close to "
                                                               "its start (default 0: each scrape reads)")

@@ -1178,6 +1178,17 @@ class PolicyUnitTest(unittest.TestCase):
             ("[service:A]\nmin_healthy = 1\nmin_healthy = 2\n",
              "policy fleet.ini, line 3: min_healthy in [service:A] is there twice"),
             ("[service:  ]\n", "policy fleet.ini, line 1: [service:  ] names no service"),
+            # A minimum from [defaults] that the instances expected could never meet (catches: checked
+            # only within a section), and the built-in one alike.
+            ("[defaults]\nmin_healthy = 5\n[service:A]\n\ninstances = 2\n",
+             "policy fleet.ini, line 5: instances 2 is fewer than the default min_healthy of 5: it could never be "
+             "met; give [service:A] a min_healthy of its own"),
+            ("[service:A]\ninstances = 1\n", "policy fleet.ini, line 2: instances 1 is fewer than the default "
+             "min_healthy of 2: it could never be met; give [service:A] a min_healthy of its own"),
+            ("[service:Pay*]\n", "policy fleet.ini, line 1: [service:Pay*] names one service, not a pattern: * ? and "
+                                  "[ are not taken"),  # catches: a literal 'Pay*' that no service matches, for ever
+            ("[defaults]\n" + "x" * 10000 + "\n", "policy fleet.ini, line 2: not a [section], a key = value, or a "
+                                                 "comment: " + "x" * 80),  # a message stays a line's length
             ("[DEFAULT]\n", "policy fleet.ini, line 1: unknown section [DEFAULT]; did you mean 'defaults'?; a policy "
                             "has [defaults] and [service:NAME] sections"),
         )
