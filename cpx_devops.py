@@ -463,10 +463,11 @@ def parse_policy(text: str, source: str) -> Policy:
         minimum = values.get("min_healthy", defaults.get("min_healthy", Policy().min_healthy))
         if isinstance(minimum, HealthyCount) and values.get("instances", minimum.least) < minimum.least:
             if "min_healthy" in values:
-                fail(keys["min_healthy"][1], "min_healthy %d is more than its %d instances: it could never be met"
-                     % (minimum.least, values["instances"]))
-            fail(keys["instances"][1], "instances %d is fewer than the default min_healthy of %d: it could never "
-                 "be met; give [%s] a min_healthy of its own" % (values["instances"], minimum.least, section))
+                fail(keys["min_healthy"][1], "min_healthy %d is more than its %d instances: it could "
+                     "never be met" % (minimum.least, values["instances"]))
+            fail(keys["instances"][1], "instances %d is fewer than the default min_healthy of %d: it "
+                 "could never be met; give [%s] a min_healthy of its own" % (values["instances"], minimum.least,
+                                                                            section))
     services = {name[len("service:"):]: ExpectedService(
         name[len("service:"):], v.get("min_healthy"), v.get("instances"), v.get("cpu_threshold"),
         v.get("memory_threshold")) for name, v in read.items()}
@@ -3520,7 +3521,7 @@ _SHELL_PROLOGUES = {
              "_cpx_devops_services() {\n"
              "    local name quoted typed=${cur#[\\\"\\']} cache=${XDG_CACHE_HOME:-}\n"
              "    typed=${typed//\\\\/}\n"
-             "    [[ $cache == /* ]] || cache=$HOME/.cache  # a relative one is ignored, as the XDG spec says\n"
+             "    [[ $cache == /* ]] || cache=$HOME/.cache  # a relative one is ignored (the XDG spec)\n"
              "    cache+=/%(cache)s\n"
              '    [ -n "${CPX_COMPLETE_LIVE:-}" ] && "${COMP_WORDS[0]}" -q --deadline 3 status >/dev/null 2>&1\n'
              '    [ -f "$cache" ] && [ ! -L "$cache" ] && [ -O "$cache" ] || return\n'
@@ -3891,7 +3892,7 @@ def _track_arguments(command: _Parser) -> None:
 
 def _serve_arguments(command: _Parser) -> None:
     command.add_argument("--listen", type=_listen, default=("127.0.0.1", SERVE_PORT), metavar="HOST:PORT",
-                         help="where (default 127.0.0.1:%d, loopback only; :PORT: every IPv4 interface)" % SERVE_PORT)
+                         help="where (default 127.0.0.1:%d, loopback only; :PORT: all of IPv4)" % SERVE_PORT)
     command.add_argument("--min-interval", type=_number(float, 0, MAX_SECONDS, "a number of seconds"),
                          default=0.0, metavar="SECONDS", help="serve the last read to scrapes this close to "
                                                               "its start (default 0: each scrape reads)")
