@@ -27,6 +27,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 
 # Imports after that check and handler (E402 ignored): what --help needs; the rest where used.
 import argparse
+import contextlib
 import functools
 import re
 import threading
@@ -57,8 +58,7 @@ EXIT_STATUSES = (
                  "`simulate` cannot listen on"),
     (EXIT_UNAVAILABLE, "CPX unavailable: the server list could not be read or lists no instance, no instance "
                        "could be read, or none of the service asked for while some could not be read"),
-    (EXIT_PARTIAL, "`--strict` and some instance could not be read: the output was printed, from partial "
-                   "data"),
+    (EXIT_PARTIAL, "`--strict` and some instance could not be read: the output was printed, from partial data"),
     (EXIT_INTERNAL, "an internal error, a bug in this tool: one line on stderr, to report"),
     (EXIT_OUTPUT, "the output could not be written: stdout or the `--write` FILE failed (a full disk, say)"),
     (EXIT_INTERRUPTED, "interrupted by Ctrl+C (`track` exits 0: Ctrl+C is how it stops)"),
@@ -179,7 +179,7 @@ class ServerList(NamedTuple):
 
 def parse_percent(value: Any) -> float:
     """Read "61%", "61", 61 or 61.5 as a percentage in 0-100; ValueError otherwise."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError("not a percentage")
     if isinstance(value, str):
         text = value.strip()
@@ -187,8 +187,6 @@ def parse_percent(value: Any) -> float:
         if not re.match(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\Z", text):
             raise ValueError("not a percentage")
         value = float(text)
-    elif not isinstance(value, (int, float)):
-        raise ValueError("not a percentage")
     if not 0 <= value <= 100:  # NaN fails too; a big int is compared before any float()
         raise ValueError("out of range")
     return float(value) + 0.0  # -0.0 becomes 0.0: never shown as "-0%"
@@ -215,8 +213,7 @@ def parse_instance(ip: str, payload: Any) -> Instance:
 
 
 def address_key(entry: Any) -> Optional[Any]:
-    """One key per plain IPv4/IPv6 address ('::1' and '0:0:0:0:0:0:0:1' share one), else None; only
-    canonical IPv4 ('010.1.1.1' is refused: older Pythons' ipaddress reads it as an address)."""
+    """One key per IPv4/IPv6 address ('::1' and '0::1' share one), else None; '010.1.1.1' is refused."""
     if not isinstance(entry, str) or not re.match(r"[0-9A-Fa-f:.]{2,45}\Z", entry):
         return None
     if ":" not in entry:
@@ -230,8 +227,7 @@ def address_key(entry: Any) -> Optional[Any]:
 
 
 def parse_server_list(payload: Any) -> ServerList:
-    """Validate a /servers answer, a JSON list of IPs (ValueError if not a list): each spelling looked
-    at once, however often listed; an address listed twice is kept as first listed."""
+    """A /servers list (else ValueError) checked: each spelling once; an address twice: kept as first."""
     if not isinstance(payload, list):
         raise ValueError("not a JSON list")
     spellings: Set[str] = set()
@@ -283,7 +279,6 @@ class Shard(NamedTuple):
     of: int
 
     def holds(self, ip: str) -> bool:
-        """Whether this shard reads the instance at ip."""
         return shard_of(ip, self.of) == self.number
 
     def __str__(self) -> str:
@@ -298,7 +293,6 @@ class HealthyCount(NamedTuple):
     least: int
 
     def required(self, instances: int) -> int:
-        """The minimum for a service of this many instances."""
         return self.least
 
     def __str__(self) -> str:
@@ -334,41 +328,27 @@ class Policy(NamedTuple):
     services: Any = MappingProxyType({})  # name -> ExpectedService, in the file's order
     source: Optional[str] = None  # the file it came from
 
-    @property
-    def expected(self) -> List[str]:
-        """The names of the services expected, as written."""
-        return list(self.services)
-
     def limits(self, service: Optional[str]) -> Tuple[float, float]:
         """A service's cpu and memory thresholds: above either, its instances are Unhealthy."""
-        own = self.services.get(service)
-        if own is None:
-            return self.cpu, self.memory
+        own = self.services.get(service) or ExpectedService("")
         return (self.cpu if own.cpu is None else own.cpu), (self.memory if own.memory is None else own.memory)
 
     def min_healthy_for(self, service: Optional[str], instances: int) -> int:
         """Healthy instances needed; a share is of max(instances, the policy's count): the vanished count."""
-        own = self.services.get(service)
-        if own is None:
-            return self.min_healthy.required(instances)
+        own = self.services.get(service) or ExpectedService("")
         return (own.min_healthy or self.min_healthy).required(max(instances, own.instances or 0))
 
     def overridden(self, cpu: Optional[float] = None, memory: Optional[float] = None,
                    min_healthy: Any = None) -> "Policy":
         """The policy with the command line's values, which beat the file's for every service."""
-        services = {name: s._replace(cpu=None if cpu is not None else s.cpu,
-                                     memory=None if memory is not None else s.memory,
-                                     min_healthy=None if min_healthy is not None else s.min_healthy)
-                    for name, s in self.services.items()}
-        return self._replace(services=MappingProxyType(services), cpu=self.cpu if cpu is None else cpu,
-                             memory=self.memory if memory is None else memory,
-                             min_healthy=self.min_healthy if min_healthy is None else min_healthy)
+        given = dict(cpu=cpu, memory=memory, min_healthy=min_healthy)
+        given = {key: value for key, value in given.items() if value is not None}
+        services = {name: s._replace(**dict.fromkeys(given)) for name, s in self.services.items()}
+        return self._replace(services=MappingProxyType(services), **given)
 
 
-POLICY_KEYS = {  # section kind -> the keys it takes
-    "defaults": ("min_healthy", "cpu_threshold", "memory_threshold"),
-    "service:": ("min_healthy", "instances", "cpu_threshold", "memory_threshold"),
-}
+POLICY_KEYS = {"defaults": ("min_healthy", "cpu_threshold", "memory_threshold"),  # section kind -> its keys
+               "service:": ("min_healthy", "instances", "cpu_threshold", "memory_threshold")}
 LINE_ENDS = r"\r\n|\r|\n"  # LF, CRLF and a lone CR alike; a form feed is inside a line
 
 
@@ -389,7 +369,6 @@ def parse_min_healthy(text: str) -> Any:
 
 
 def _policy_value(key: str, text: str) -> Any:
-    """One policy value, by its key; ValueError saying what is wrong."""
     if key == "min_healthy":
         return parse_min_healthy(text)
     if key == "instances":
@@ -454,7 +433,7 @@ def parse_policy(text: str, source: str) -> Policy:
                 fail(key_line, "unknown key %r in [%s]%s; it takes %s" % (key, section, _suggestion(
                     key, POLICY_KEYS[kind]), ", ".join(POLICY_KEYS[kind])))
             try:
-                values[key] = _policy_value(key, value)
+                values[key.replace("_threshold", "")] = _policy_value(key, value)  # a field's name
             except ValueError as error:
                 fail(key_line, "%s: %s" % (key, error))
     defaults = read.pop("defaults", {})
@@ -468,13 +447,8 @@ def parse_policy(text: str, source: str) -> Policy:
             fail(keys["instances"][1], "instances %d is fewer than the default min_healthy of %d: it "
                  "could never be met; give [%s] a min_healthy of its own" % (values["instances"], minimum.least,
                                                                             section))
-    services = {name[len("service:"):]: ExpectedService(
-        name[len("service:"):], v.get("min_healthy"), v.get("instances"), v.get("cpu_threshold"),
-        v.get("memory_threshold")) for name, v in read.items()}
-    default = Policy()
-    return Policy(defaults.get("cpu_threshold", default.cpu), defaults.get("memory_threshold",
-                  default.memory), defaults.get("min_healthy", default.min_healthy), MappingProxyType(services),
-                  source)
+    services = {s.name: s for s in (ExpectedService(name[len("service:"):], **v) for name, v in read.items())}
+    return Policy(**defaults, services=MappingProxyType(services), source=source)
 
 
 def read_policy(path: str, source: str) -> Policy:
@@ -548,12 +522,11 @@ def instance_reasons(instance: Instance, policy: Policy) -> List[str]:
     if not instance.readable:
         return []
     cpu, memory = policy.limits(instance.service)
-    return [name for name, value, limit in (("cpu", instance.cpu or 0.0, cpu), ("memory", instance.memory or 0.0,
-                                                                             memory)) if value > limit]
+    over = (("cpu", instance.cpu or 0.0, cpu), ("memory", instance.memory or 0.0, memory))
+    return [name for name, value, limit in over if value > limit]
 
 
 def _plural(count: int, noun: str, nouns: Optional[str] = None) -> str:
-    """'1 instance', '2 instances': the count and the noun that agrees with it."""
     return "%d %s" % (count, noun if count == 1 else nouns or noun + "s")
 
 
@@ -619,9 +592,7 @@ def flag_services(summaries: Iterable[ServiceSummary], policy: Policy) -> List[S
 
 def flag_problem(summary: ServiceSummary) -> str:
     """Why unhealthy flags a service, in a word or two."""
-    if not summary.instances:
-        return "missing"
-    return "unreadable" if summary.service is None else "below minimum"
+    return "missing" if not summary.instances else "unreadable" if summary.service is None else "below minimum"
 
 
 def filter_statuses(instances: Iterable[Instance], statuses: Sequence[str], policy: Policy) -> List[Instance]:
@@ -639,8 +610,7 @@ def sort_instances(instances: Iterable[Instance], key: str, policy: Policy) -> L
     if key == "status":
         return sorted(instances, key=lambda i: (_STATUS_RANK[instance_status(i, policy)],) + by_service(i))
     if key in ("cpu", "memory"):
-        return sorted(instances, key=lambda i: (getattr(i, key) is None, -(getattr(i, key) or 0),
-                                                 *by_service(i)))
+        return sorted(instances, key=lambda i: (getattr(i, key) is None, -(getattr(i, key) or 0), *by_service(i)))
     return sorted(instances, key=by_service)
 
 
@@ -656,8 +626,7 @@ def sort_summaries(summaries: Iterable[ServiceSummary], key: str) -> List[Servic
 
 
 def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str:
-    """The known service name means (exact, else the only one in any case); else ServiceUnreadable
-    when some instances were unreadable, or a UsageError naming the closest."""
+    """The service name means (exact, else the only one in any case); else ServiceUnreadable or UsageError."""
     import difflib
     known = sorted(set(known), key=lambda name: (name.lower(), name))
     if name in known:
@@ -675,18 +644,12 @@ def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str
     if unreadable:
         raise ServiceUnreadable("no readable instance of %r; %s could not be read, it may be among them%s" % (
             sanitize(name), _plural(unreadable, "instance"), _suggestion(close[0], close) if close else ""))
-    message = "unknown service %r" % sanitize(name)
-    if close:
-        message += " (did you mean %r?)" % sanitize(close[0])
-    if known:
-        message += "; known services: " + ", ".join(sanitize(service) for service in known)
-    else:
-        message += "; CPX lists no readable service"
-    raise UsageError(message)
+    hint = " (did you mean %r?)" % sanitize(close[0]) if close else ""
+    names = "known services: " + ", ".join(map(sanitize, known)) if known else "CPX lists no readable service"
+    raise UsageError("unknown service %r%s; %s" % (sanitize(name), hint, names))
 
 
 def _glob_class(body: str) -> str:
-    """The regex of a [seq] or [!seq], by fnmatch's rules, every character escaped."""
     negate = body[:1] == "!"
     body, items, k = body[negate:], [], 0
     while k < len(body):
@@ -704,8 +667,7 @@ def _glob_class(body: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def glob_parts(pattern: str) -> List[Tuple[Any, int]]:
-    """A shell pattern's '*'-separated parts, as (regex without repetition, its length): fnmatch's
-    regexes backtrack ('*a*a*a*a*b' takes minutes on 3.7 and 3.8); these cannot."""
+    """A pattern's '*'-separated parts as (regex, length): none backtracks, as fnmatch's do ('*a*a*a*a*b')."""
     parts: List[Tuple[Any, int]] = []
     regex, length, k = "", 0, 0
     while k < len(pattern):
@@ -769,16 +731,12 @@ def summarize_failures(instances: Sequence[Instance]) -> Optional[str]:
     by_reason: Dict[str, List[str]] = {}
     for instance in failed:
         by_reason.setdefault(instance.error or "no value", []).append(instance.ip)
-    parts = []
-    for reason, ips in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
-        ips = sorted(ips, key=ip_sort_key)
-        parts.append("%s %s" % (reason, _listed(ips[:IPS_LISTED_PER_REASON], len(ips))))
-    return "%d of %s could not be read: %s" % (len(failed), _plural(len(instances), "instance"),
-                                               "; ".join(parts))
+    parts = ["%s %s" % (reason, _listed(sorted(ips, key=ip_sort_key)[:IPS_LISTED_PER_REASON], len(ips)))
+             for reason, ips in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0]))]
+    return "%d of %s could not be read: %s" % (len(failed), _plural(len(instances), "instance"), "; ".join(parts))
 
 
 def _listed(shown: Sequence[str], total: int) -> str:
-    """The entries shown, comma-separated, and how many more of the total there are."""
     return ", ".join(shown) + (" and %d more" % (total - len(shown)) if total > len(shown) else "")
 
 
@@ -872,11 +830,9 @@ class RequestGuard:
     def _cut(self) -> None:
         import socket
         if self.sock is not None:
-            try:
+            with contextlib.suppress(OSError):  # already closed: nothing left to cut
                 # The socket level, not ssl's: shutdown wakes a thread blocked in recv.
                 socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed: nothing left to cut
 
 
 class Watchdog:
@@ -893,7 +849,6 @@ class Watchdog:
         self.local = threading.local()  # the guard of the request this thread is making
 
     def arm(self, give_up_at: float) -> RequestGuard:
-        """Start guarding the calling thread's next request until give_up_at."""
         guard = self.local.guard = RequestGuard(give_up_at)
         with self.condition:
             self.armed.add(guard)
@@ -905,7 +860,6 @@ class Watchdog:
         return guard
 
     def disarm(self, guard: RequestGuard) -> None:
-        """The request is over: stop guarding it."""
         self.local.guard = None
         with self.condition:
             self.armed.discard(guard)
@@ -915,10 +869,6 @@ class Watchdog:
         with self.condition:
             self.closing = True
             self.condition.notify()
-
-    def current(self) -> Optional[RequestGuard]:
-        """The guard of the request the calling thread is making, if any."""
-        return getattr(self.local, "guard", None)
 
     def _run(self) -> None:
         with self.condition:
@@ -936,7 +886,6 @@ class Watchdog:
 
 
 def _origin(url: str) -> Tuple[str, Optional[str], Optional[int]]:
-    """A URL's scheme, host and port (the scheme's own when none is given)."""
     from urllib.parse import urlsplit
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
@@ -945,27 +894,23 @@ def _origin(url: str) -> Tuple[str, Optional[str], Optional[int]]:
 
 def _build_opener(watchdog: Watchdog) -> Any:
     """One urllib opener: http(s) only, same-origin redirects, each connection given to the watchdog."""
-    import http.client
     import urllib.request
     from urllib.parse import urljoin
+    @functools.lru_cache(maxsize=None)  # a class each, made once
     def guarded(connection_class: Any) -> Any:
         class Guarded(connection_class):  # type: ignore[misc,valid-type]
             def connect(self) -> None:
                 began = time.monotonic()
                 super().connect()
-                guard = watchdog.current()
+                guard = getattr(watchdog.local, "guard", None)  # this thread's request's
                 if guard is not None:
                     guard.connected(self.sock, time.monotonic() - began)
         return Guarded
 
-    connections: Dict[Any, Any] = {http.client.HTTPConnection: guarded(http.client.HTTPConnection)}
-    if hasattr(http.client, "HTTPSConnection"):  # Python built without ssl: http only
-        connections[http.client.HTTPSConnection] = guarded(http.client.HTTPSConnection)
-
     class GuardedConnections:
         # urllib has no public hook for the connection class: do_open is where ours takes its place.
         def do_open(self, http_class: Any, req: Any, **http_conn_args: Any) -> Any:
-            return super().do_open(connections[http_class], req, **http_conn_args)  # type: ignore[misc]
+            return super().do_open(guarded(http_class), req, **http_conn_args)  # type: ignore[misc]
 
     class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
         """Redirects to the same scheme, host and port only: Authorization goes nowhere else."""
@@ -987,8 +932,7 @@ def _build_opener(watchdog: Watchdog) -> Any:
     opener = urllib.request.OpenerDirector()
     handlers = [urllib.request.ProxyHandler(), urllib.request.UnknownHandler(),
                 type("GuardedHTTPHandler", (GuardedConnections, urllib.request.HTTPHandler), {})(),
-                urllib.request.HTTPDefaultErrorHandler(), SameOriginRedirects(),
-                urllib.request.HTTPErrorProcessor()]
+                urllib.request.HTTPDefaultErrorHandler(), SameOriginRedirects(), urllib.request.HTTPErrorProcessor()]
     if hasattr(urllib.request, "HTTPSHandler"):
         handlers.append(type("GuardedHTTPSHandler", (GuardedConnections, urllib.request.HTTPSHandler), {})())
     for handler in handlers:
@@ -997,7 +941,6 @@ def _build_opener(watchdog: Watchdog) -> Any:
 
 
 def _read_capped(response: Any, cap: int) -> bytes:
-    """Read a body of at most cap bytes (the watchdog ends a trickle)."""
     length = response.headers.get("Content-Length")
     if length and re.match(r"\s*[0-9]{1,30}\s*\Z", length) and int(length) > cap:  # not isdigit(): '²'
         raise FetchError("answer over %s" % _size(cap))
@@ -1018,7 +961,6 @@ def _size(byte_count: int) -> str:
 
 
 def _describe_network_error(error: BaseException) -> FetchError:
-    """Map what urllib, http.client and socket raise to a short, groupable reason."""
     import http.client
     import socket
     reason = getattr(error, "reason", error)
@@ -1081,20 +1023,17 @@ class ConcurrencyLimit:
         """Learn from one attempt: its outcome, latency and connect time (None: never connected)."""
 
     def start(self, now: float) -> int:
-        """A request starts now; the ticket is for observe() and finish()."""
         with self.lock:
             self.tickets += 1
             self.running[self.tickets] = now
             return self.tickets
 
     def finish(self, ticket: int) -> None:
-        """The request of this ticket is over, however it ended."""
         with self.lock:
             if self.running.pop(ticket, None) is None:
                 self.stuck.discard(ticket)
 
     def room(self, now: float) -> int:
-        """How many more requests may start now."""
         with self.lock:
             cutoff = now - self.stuck_after()
             while self.running:
@@ -1130,9 +1069,8 @@ class AdaptiveLimit(ConcurrencyLimit):
     PROBE_DIVISOR = 8  # after slow start, grow by limit / 8 per flat round
     FLAT_RATIO = 1.5  # a round's lower quartile within this of the base: flat
     QUEUEING_RATIO = 2.5  # over this: requests are queueing at the server
-    # The first growth (does the server take concurrency at all?) needs flatter rounds, for
-    # STARTUP_EVIDENCE_SECONDS, and a base of GROWTH_MIN_BASE: below it the client's own cost
-    # (0.5-5 ms a request) hides queueing (measured on the single-threaded simulator).
+    # The first growth needs flatter rounds, for STARTUP_EVIDENCE_SECONDS, and a base of GROWTH_MIN_BASE:
+    # below it the client's own cost (0.5-5 ms a request) hides queueing (measured on the simulator).
     FIRST_ROUND_RATIO = 1.2
     STARTUP_EVIDENCE_SECONDS = 0.02
     GROWTH_MIN_BASE = 0.005
@@ -1272,9 +1210,8 @@ class AdaptiveLimit(ConcurrencyLimit):
                 self._set(min(self.recovery, self.limit * 2))
             return
         self.recovery = 0
-        # Growth also needs the round's answers close together: the client's own noise
-        # spreads those of a server that answers one at a time (0.5-12 ms under load,
-        # measured), and more in flight would overflow its backlog.
+        # Growth also needs the round's answers close together: the client's own noise spreads those of a
+        # server answering one at a time (0.5-12 ms under load), and more would overflow its backlog.
         tight = upper_quartile <= self.FLAT_RATIO * base
         if self.proving and (ratio > self.FIRST_ROUND_RATIO or not tight):
             self.proving = self.slow_start = False
@@ -1304,7 +1241,6 @@ class CpxClient:
     def __init__(self, options: Options):
         from concurrent.futures import ThreadPoolExecutor
         self.options = options
-        self.base_url = options.url
         self.watchdog = Watchdog()
         self.opener = _build_opener(self.watchdog)
         self.limiter = (AdaptiveLimit if options.adaptive else ConcurrencyLimit)(options.workers)
@@ -1312,9 +1248,8 @@ class CpxClient:
         self.retried_lock = threading.Lock()
         # One more thread than requests may be in flight: /servers never waits for a free one.
         self.executor = ThreadPoolExecutor(max_workers=self.limiter.capacity + 1)
-        self.headers = {"Accept": "application/json", "User-Agent": "cpx_devops/" + __version__}
-        if options.authorization is not None:
-            self.headers["Authorization"] = options.authorization
+        credentials = {} if options.authorization is None else {"Authorization": options.authorization}
+        self.headers = {"Accept": "application/json", "User-Agent": "cpx_devops/" + __version__, **credentials}
 
     def close(self) -> None:
         """Let go of the worker threads without waiting for requests still in flight."""
@@ -1338,21 +1273,18 @@ class CpxClient:
             with self.opener.open(request, timeout=give_up_at - started) as response:
                 body = _read_capped(response, cap)
         except urllib.error.HTTPError as error:
-            status = error.code
-            detail = ""
             try:
                 detail = error.read(200).decode("utf-8", "replace")
             except (OSError, ValueError):  # the error body is only decoration
-                pass
+                detail = ""
             finally:
                 error.close()
-            raise FetchError("HTTP %d" % status, retryable=status in RETRYABLE_HTTP_STATUSES,
+            raise FetchError("HTTP %d" % error.code, retryable=error.code in RETRYABLE_HTTP_STATUSES,
                              retry_after=parse_retry_after(error.headers.get("Retry-After")),
                              detail=sanitize(" ".join(detail.split()))[:120],
-                             pushback=ConcurrencyLimit.REFUSED if status == 429 else None)
+                             pushback=ConcurrencyLimit.REFUSED if error.code == 429 else None)
         except (OSError, http.client.HTTPException, UnicodeError) as error:
-            # The network's and HTTP's failures only (UnicodeError: a host IDNA cannot encode): a
-            # programming error must surface, not become an instance's "Unknown (...)".
+            # Network and HTTP failures only (UnicodeError: a host IDNA cannot encode): a bug surfaces.
             failure = _describe_network_error(error)
             if guard.fired or failure.reason == "timeout":
                 # Out of time before connecting: a listen queue dropping SYNs, for the limiter.
@@ -1367,15 +1299,14 @@ class CpxClient:
         return body, guard.connect_seconds
 
     def get_json(self, path: str, cap: int, deadline: float, ticket: Optional[int] = None) -> Any:
-        """GET base_url+path as JSON, retried while worth it; ticket: the limiter's, told each attempt."""
+        """GET --url + path as JSON, retried while worth it; ticket: the limiter's, told each attempt."""
         import json
-        url = self.base_url + path
         limiter = self.limiter
-        attempt = 0
-        while True:
+        for attempt in range(self.options.retries + 1):
             started = time.monotonic()
             try:
-                body, connect_seconds = self._get_once(url, cap, deadline)
+                body, connect_seconds = self._get_once(self.options.url + path, cap, deadline)
+                break
             except FetchError as error:
                 if ticket is not None:
                     limiter.observe(ticket, error.pushback or limiter.FAILED)
@@ -1385,13 +1316,10 @@ class CpxClient:
                 if time.monotonic() + delay >= deadline:
                     raise
                 time.sleep(delay)
-                attempt += 1
                 with self.retried_lock:
                     self.retried += 1
-                continue
-            if ticket is not None:
-                limiter.observe(ticket, limiter.ANSWERED, time.monotonic() - started, connect_seconds)
-            break
+        if ticket is not None:
+            limiter.observe(ticket, limiter.ANSWERED, time.monotonic() - started, connect_seconds)
         try:
             return json.loads(body)
         except (ValueError, RecursionError):
@@ -1408,7 +1336,7 @@ class CpxClient:
     def list_servers(self, deadline: float) -> ServerList:
         """The fleet from /servers; CpxUnavailable when it cannot be read or is not a list."""
         from concurrent.futures import TimeoutError as FutureTimeout
-        url = self.base_url + "/servers"
+        url = self.options.url + "/servers"
         # Run in a worker so that even a hanging DNS lookup cannot outlive the deadline.
         future = self.executor.submit(self.get_json, "/servers", SERVERS_BODY_CAP, deadline)
         try:
@@ -1416,8 +1344,7 @@ class CpxClient:
         except FutureTimeout:
             raise CpxUnavailable("GET %s: no answer within the deadline" % url)
         except FetchError as error:
-            # The watchdog cuts the request at the deadline, a moment before the wait
-            # above gives up: whichever comes first, the user reads the same words.
+            # Cut by the watchdog at the deadline, just before the wait above gives up: the same words.
             if error.reason == "deadline":
                 raise CpxUnavailable("GET %s: no answer within the deadline" % url)
             detail = ": " + error.detail if error.detail else ""
@@ -1464,13 +1391,10 @@ class CpxClient:
             ip, ticket = in_flight.pop(future)
             limiter.finish(ticket)
             results[ip] = future.result()
-        for future, (ip, ticket) in in_flight.items():
+        for future, (_, ticket) in in_flight.items():
             future.cancel()  # one still running is cut by the watchdog at the deadline
             limiter.finish(ticket)
-            results[ip] = Instance(ip, error="deadline")
-        for ip in waiting:
-            results[ip] = Instance(ip, error="deadline")
-        return [results[ip] for ip in ips]
+        return [results.get(ip) or Instance(ip, error="deadline") for ip in ips]
 
 
 # Renderers: table, json, csv, prometheus; sanitising of server text -------------------------------
@@ -1516,13 +1440,11 @@ def clip(text: str, width: Optional[int]) -> str:
     """text cut to width columns (None: all of it), ending in '~' where it was cut."""
     if width is None or display_width(text) <= width:
         return text
-    kept: List[str] = []
     used = 0
-    for char in text:
+    for index, char in enumerate(text):
         used += display_width(char)
         if used >= width:
-            return "".join(kept) + "~"
-        kept.append(char)
+            return text[:index] + "~"
     return text
 
 
@@ -1541,10 +1463,8 @@ class Column(NamedTuple):
 def render_table(columns: Sequence[Column], rows: Sequence[Sequence[str]], colors: Any = None,
                  color: bool = False, headers: bool = True) -> str:
     """An org-style table; colors gives a status per row, for its colour."""
-    widths = [display_width(column.title) for column in columns]
-    for row in rows:
-        for index, cell in enumerate(row):
-            widths[index] = max(widths[index], display_width(cell))
+    widths = [max([display_width(column.title)] + [display_width(row[k]) for row in rows])
+              for k, column in enumerate(columns)]
 
     def line(cells: Sequence[str], status: Optional[str] = None) -> str:
         padded = []
@@ -1631,14 +1551,12 @@ def summary_cells(summaries: Sequence[ServiceSummary], policy: Policy) -> List[D
     """The table cells of service rows, by column: one precision per column, '!' over thresholds."""
     limits = [policy.limits(s.service) for s in summaries]
     cpu, memory = [limit for limit, _ in limits], [limit for _, limit in limits]
-    columns = {AVG_CPU: percent_cells([s.avg_cpu for s in summaries], cpu),
-               MAX_CPU: percent_cells([s.max_cpu for s in summaries], cpu),
-               AVG_MEMORY: percent_cells([s.avg_memory for s in summaries], memory),
-               MAX_MEMORY: percent_cells([s.max_memory for s in summaries], memory)}
-    return [{**{column: cells[k] for column, cells in columns.items()},
+    fields = ((AVG_CPU, "avg_cpu", cpu), (MAX_CPU, "max_cpu", cpu), (AVG_MEMORY, "avg_memory", memory),
+              (MAX_MEMORY, "max_memory", memory))
+    columns = {c: percent_cells([getattr(s, name) for s in summaries], limit) for c, name, limit in fields}
+    return [{**{column: cells[k] for column, cells in columns.items()}, HEALTHY_COUNT: str(s.healthy),
              SERVICE: service_label(s.service) + ("" if s.instances else " (missing)"),
-             INSTANCES: str(s.instances), HEALTHY_COUNT: str(s.healthy),
-             MIN_HEALTHY: str(policy.min_healthy_for(s.service, s.instances)),
+             MIN_HEALTHY: str(policy.min_healthy_for(s.service, s.instances)), INSTANCES: str(s.instances),
              MAX_CPU_AT: sanitize(s.max_cpu_ip or "-"), MAX_MEMORY_AT: sanitize(s.max_memory_ip or "-")}
             for k, s in enumerate(summaries)]
 
@@ -1656,9 +1574,8 @@ def summary_record(summary: ServiceSummary, policy: Policy) -> Dict[str, Any]:
     cpu, memory = policy.limits(summary.service)
     return {"service": summary.service, "instances": summary.instances, "healthy": summary.healthy,
             "avg_cpu": _json_number(summary.avg_cpu, cpu), "max_cpu": _json_number(summary.max_cpu, cpu),
-            "avg_memory": _json_number(summary.avg_memory, memory),
-            "max_memory": _json_number(summary.max_memory, memory),
-            "max_cpu_ip": summary.max_cpu_ip, "max_memory_ip": summary.max_memory_ip,
+            "avg_memory": _json_number(summary.avg_memory, memory), "max_memory_ip": summary.max_memory_ip,
+            "max_memory": _json_number(summary.max_memory, memory), "max_cpu_ip": summary.max_cpu_ip,
             "min_healthy": policy.min_healthy_for(summary.service, summary.instances)}
 
 
@@ -1705,12 +1622,6 @@ def prometheus_label(value: Optional[str]) -> str:
     return text.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
-def _prometheus_number(value: float, places: Optional[int] = 6) -> str:
-    """A sample value: an int when whole, else the float, rounded to places unless None."""
-    value = value if places is None else round(value, places)
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
 PROMETHEUS_FAMILIES = (
     ("cpx_instance_cpu_ratio", "CPU use of an instance, 0-1 (absent when it could not be read)."),
     ("cpx_instance_memory_ratio", "Memory use of an instance, 0-1 (absent when it could not be read)."),
@@ -1735,39 +1646,41 @@ def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = T
     tail = (("shard", str(shard)),) if shard is not None else ()
     samples: Dict[str, List[str]] = {name: [] for name, _ in PROMETHEUS_FAMILIES}
 
-    def add(name: str, pairs: Sequence[Tuple[str, Optional[str]]], value: str) -> None:
+    def add(name: str, pairs: Sequence[Tuple[str, Optional[str]]], value: float,
+            places: Optional[int] = 6) -> None:  # an int when whole, else the float, rounded to places
         labels = tuple(pairs) + tail
         text = ",".join('%s="%s"' % (key, prometheus_label(label)) for key, label in labels)
-        samples[name].append(("{%s}" % text if labels else "") + " " + value)
+        number = float(value if places is None else round(value, places))
+        shown = str(int(number)) if number.is_integer() else repr(number)
+        samples[name].append(("{%s}" % text if labels else "") + " " + shown)
 
     instances = sort_instances(snapshot.instances, "service", policy)
     for instance in instances if per_instance else ():
         labels = (("ip", instance.ip), ("service", instance.service))
         if instance.readable:
-            add("cpx_instance_cpu_ratio", labels, _prometheus_number((instance.cpu or 0.0) / 100.0, None))
-            add("cpx_instance_memory_ratio", labels, _prometheus_number((instance.memory or 0.0) / 100.0, None))
-        add("cpx_instance_healthy", labels, "%d" % (instance_status(instance, policy) == HEALTHY))
-        add("cpx_instance_up", labels, "%d" % instance.readable)
+            add("cpx_instance_cpu_ratio", labels, (instance.cpu or 0.0) / 100.0, None)
+            add("cpx_instance_memory_ratio", labels, (instance.memory or 0.0) / 100.0, None)
+        add("cpx_instance_healthy", labels, instance_status(instance, policy) == HEALTHY)
+        add("cpx_instance_up", labels, instance.readable)
     flagged_services = {s.service for s in flagged or ()}
     for summary in fleet_summaries(instances, policy, chosen):
         if summary.service is None:
             continue  # unreadable instances count in cpx_scrape_errors and cpx_instance_up
         service = (("service", summary.service),)
-        add("cpx_service_instances", service, "%d" % summary.instances)
-        add("cpx_service_healthy_instances", service, "%d" % summary.healthy)
+        add("cpx_service_instances", service, summary.instances)
+        add("cpx_service_healthy_instances", service, summary.healthy)
         add("cpx_service_min_healthy_instances", service,
-            "%d" % policy.min_healthy_for(summary.service, summary.instances))
+            policy.min_healthy_for(summary.service, summary.instances))
         if summary.service in policy.services:
-            add("cpx_service_expected", service, "1")
+            add("cpx_service_expected", service, 1)
         if flagged is not None:
-            add("cpx_service_flagged", service, "%d" % (summary.service in flagged_services))
+            add("cpx_service_flagged", service, summary.service in flagged_services)
         for resource, limit in zip(("cpu", "memory"), policy.limits(summary.service)):
-            add("cpx_service_threshold_ratio", service + (("resource", resource),),
-                _prometheus_number(limit / 100.0))
+            add("cpx_service_threshold_ratio", service + (("resource", resource),), limit / 100.0)
     for resource, limit in (("cpu", policy.cpu), ("memory", policy.memory)):
-        add("cpx_threshold_ratio", (("resource", resource),), _prometheus_number(limit / 100.0))
-    add("cpx_scrape_duration_seconds", (), _prometheus_number(snapshot.seconds))
-    add("cpx_scrape_errors", (), "%d" % sum(1 for i in instances if not i.readable))
+        add("cpx_threshold_ratio", (("resource", resource),), limit / 100.0)
+    add("cpx_scrape_duration_seconds", (), snapshot.seconds)
+    add("cpx_scrape_errors", (), sum(1 for i in instances if not i.readable))
     lines = []
     for name, help_text in PROMETHEUS_FAMILIES:
         if samples[name]:
@@ -1777,7 +1690,7 @@ def render_prometheus(snapshot: Snapshot, policy: Policy, per_instance: bool = T
 
 
 class Report:
-    """A snapshot command's result, with an as_<format> method per format; a small class per command."""
+    """A snapshot command's result, a row per service unless said otherwise; an as_<format> per format."""
     COLUMNS: Sequence[Column] = ()  # the table's
     WIDE: Sequence[Column] = ()  # the columns -o wide adds
     FIELDS: Sequence[str] = ()  # the json/csv fields; new ones go last, so a csv column keeps its place
@@ -1792,29 +1705,23 @@ class Report:
         self.chosen = chosen
 
     def cells(self) -> List[Dict[Column, str]]:
-        """The table's cells, a dict by column per row."""
-        raise NotImplementedError
+        return summary_cells(self.rows, self.policy)
+
+    def record(self, row: Any) -> Dict[str, Any]:
+        return summary_record(row, self.policy)
 
     def records(self) -> List[Dict[str, Any]]:
         """The json/csv records, with the snapshot's time, their fields in FIELDS' order."""
-        time = self.snapshot.started
-        return [{name: time if name == "time" else record[name] for name in self.FIELDS}
-                for record in self.untimed_records()]
-
-    def untimed_records(self) -> List[Dict[str, Any]]:
-        """The json/csv records but their time."""
-        raise NotImplementedError
+        records = [dict(self.record(row), time=self.snapshot.started) for row in self.rows]
+        return [{name: record[name] for name in self.FIELDS} for record in records]
 
     def statuses(self) -> Optional[List[str]]:
-        """A status per row, for its colour."""
         return None
 
     def footer(self) -> str:
-        """The line under a table with headers."""
         return fleet_footer(self.snapshot.instances, self.policy)
 
     def empty(self) -> Optional[str]:
-        """What a table with no row says instead, if anything."""
         return None
 
     def flagged(self) -> Optional[Sequence[ServiceSummary]]:
@@ -1822,7 +1729,6 @@ class Report:
         return None
 
     def render(self, options: Options) -> str:
-        """The report in options.output's format."""
         return getattr(self, "as_" + options.output)(options)
 
     def as_table(self, options: Options, wide: bool = False) -> str:
@@ -1858,8 +1764,8 @@ class InstancesReport(Report):
     def cells(self) -> List[Dict[Column, str]]:
         return instance_cells(self.rows, self.policy)
 
-    def untimed_records(self) -> List[Dict[str, Any]]:
-        return [instance_record(i, self.policy) for i in self.rows]
+    def record(self, row: Any) -> Dict[str, Any]:
+        return instance_record(row, self.policy)
 
     def statuses(self) -> Optional[List[str]]:
         return [instance_status(i, self.policy) for i in self.rows]
@@ -1875,12 +1781,6 @@ class SummariesReport(Report):
     FIELDS = ("service", "instances", "healthy", "avg_cpu", "avg_memory", "max_cpu", "max_memory",
               "max_cpu_ip", "max_memory_ip", "time", "min_healthy")
 
-    def cells(self) -> List[Dict[Column, str]]:
-        return summary_cells(self.rows, self.policy)
-
-    def untimed_records(self) -> List[Dict[str, Any]]:
-        return [summary_record(s, self.policy) for s in self.rows]
-
     def statuses(self) -> Optional[List[str]]:
         return [UNHEALTHY if not s.instances else "" for s in self.rows]  # a missing service in red
 
@@ -1892,13 +1792,10 @@ class FlaggedReport(Report):
 
     def cells(self) -> List[Dict[Column, str]]:
         return [{**cells, SERVICE: service_label(s.service), self.COLUMNS[3]: cells[MIN_HEALTHY],
-                 self.COLUMNS[4]: flag_problem(s)}
-                for s, cells in zip(self.rows, summary_cells(self.rows, self.policy))]
+                 self.COLUMNS[4]: flag_problem(s)} for s, cells in zip(self.rows, super().cells())]
 
-    def untimed_records(self) -> List[Dict[str, Any]]:
-        return [{"service": s.service, "healthy": s.healthy, "instances": s.instances,
-                 "min_healthy": self.policy.min_healthy_for(s.service, s.instances),
-                 "missing": not s.instances} for s in self.rows]
+    def record(self, row: Any) -> Dict[str, Any]:
+        return dict(summary_record(row, self.policy), missing=not row.instances)
 
     def statuses(self) -> Optional[List[str]]:
         return [UNHEALTHY] * len(self.rows)
@@ -1929,11 +1826,9 @@ REPORTS = {"services": InstancesReport, "status": SummariesReport, "unhealthy": 
 
 def say(message: str) -> None:
     """One line on stderr; nothing when stderr is closed or failing (the exit status still tells)."""
-    try:
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # None when started with 2>&-
         sys.stderr.write(message + "\n")
         sys.stderr.flush()
-    except (AttributeError, OSError, ValueError):  # None when started with 2>&-
-        pass
 
 
 def warn(options: Options, message: str) -> None:
@@ -1954,8 +1849,7 @@ def _write_all(descriptor: int, data: bytes) -> None:
 
 
 def emit(text: str) -> None:
-    """Data to stdout, all of it, now, '?' for what its encoding lacks; BrokenPipeError when the
-    reader has gone, OutputFailed on any other failure (a full disk, say)."""
+    """All of text to stdout now ('?' for what its encoding lacks); OutputFailed, or BrokenPipeError."""
     stream = sys.stdout
     if stream is None:
         raise OutputFailed("stdout is closed")
@@ -1995,8 +1889,7 @@ def write_target(path: str) -> Tuple[str, Any]:
         raise UsageError("cannot write %s: it is %s, not a regular file" % (sanitize(path), kind))
     target = os.path.realpath(path)
     if not os.path.isdir(os.path.dirname(target)):
-        folder = os.path.dirname(target)
-        raise UsageError("cannot write %s: no directory %s" % (sanitize(path), sanitize(folder)))
+        raise UsageError("cannot write %s: no directory %s" % (sanitize(path), sanitize(os.path.dirname(target))))
     return target, status
 
 
@@ -2032,26 +1925,18 @@ def _replace_with(target: str, text: str, mode: Optional[int] = None, owner: Any
             os.chown(temporary, *owner)
         os.replace(temporary, target)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
-        except OSError:
-            pass
         raise
 
 
 def write_atomically(path: str, text: str) -> None:
-    """Replace path with text atomically, keeping its mode (and owner, for root); a new file gets 0666
-    less the umask, not mkstemp's 0600. OutputFailed when it cannot be done."""
-    import stat
+    """Replace path with text atomically, keeping its mode (and owner, for root); new: 0666 less the umask."""
     target, old = write_target(path)
-    if old is not None:
-        mode = stat.S_IMODE(old.st_mode)
-    else:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    # POSIX only: Windows has no geteuid and no owners to keep.
-    root = getattr(os, "geteuid", lambda: None)() == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask if old is None else old.st_mode & 0o7777  # stat.S_IMODE
+    root = getattr(os, "geteuid", lambda: None)() == 0  # POSIX only: Windows has no owners to keep
     owner = (old.st_uid, old.st_gid) if old is not None and root else None
     try:
         _replace_with(target, text, mode, owner)
@@ -2073,15 +1958,14 @@ def completable(name: str) -> bool:
 
 
 def remember_services(instances: Iterable[Instance], options: Options) -> None:
-    """Keep the services seen where shell completion reads them: in a folder of the user's own
-    (made 0700), through a temporary file and a rename, at most SERVICE_CACHE_CAP bytes. A
-    folder or file that is not the user's own, or not what it should be (a symlink, say), is
-    left alone, and so is any failure: completion is a convenience. Limit: the folders above
-    the cache home are trusted."""
+    """Keep the services seen for shell completion: in a folder of the user's own (made 0700), by a rename, at
+    most SERVICE_CACHE_CAP bytes. A folder or file not the user's own, or not what it should be (a symlink),
+    is left alone, as is any failure (a convenience). Limit: the folders above the cache home are trusted."""
     import stat
-    if options.service_cache is None:
+    cache = options.service_cache
+    if cache is None:
         return
-    folder = os.path.dirname(options.service_cache)
+    folder = os.path.dirname(cache)
     lines, size = [], 0
     for name in sorted({i.service for i in instances if i.service is not None}):
         size += len(name.encode("utf-8", "replace")) + 1
@@ -2089,28 +1973,19 @@ def remember_services(instances: Iterable[Instance], options: Options) -> None:
             break
         lines += [name + "\n"] if completable(name) else []
     mine = getattr(os, "geteuid", lambda: None)()
-    try:
-        # The cache home (~/.cache), made if need be, in a home of the user's own: root with
-        # another user's HOME (sudo) must not leave folders of root's there.
+    with contextlib.suppress(OSError):
+        # The cache home (~/.cache), made if need be, only in a home of the user's own (not under sudo).
         home = os.path.dirname(folder)
         if mine not in (None, os.stat(home if os.path.isdir(home) else os.path.dirname(home)).st_uid):
             return
         os.makedirs(home, 0o700, exist_ok=True)
-        try:
-            os.mkdir(folder, 0o700)
-        except FileExistsError:
-            pass
+        os.makedirs(folder, 0o700, exist_ok=True)  # one there already: checked below
         found = os.lstat(folder)
         if not stat.S_ISDIR(found.st_mode) or found.st_mode & 0o022 or mine not in (None, found.st_uid):
             return
-        try:
-            if not stat.S_ISREG(os.lstat(options.service_cache).st_mode):
-                return
-        except FileNotFoundError:
-            pass
-        _replace_with(options.service_cache, "".join(lines))
-    except OSError:
-        pass
+        if os.path.lexists(cache) and not stat.S_ISREG(os.lstat(cache).st_mode):
+            return
+        _replace_with(cache, "".join(lines))
 
 
 def list_fleet(client: Any, options: Options, deadline: float) -> List[str]:
@@ -2119,9 +1994,8 @@ def list_fleet(client: Any, options: Options, deadline: float) -> List[str]:
     servers = client.list_servers(deadline)
     if servers.rejected:
         shown = [sanitize(json.dumps(entry))[:60] for entry in servers.rejected[:IPS_LISTED_PER_REASON]]
-        warn(options, "/servers listed %s, not requested: %s" % (
-            _plural(len(servers.rejected), "entry that is not an IP address",
-                    "entries that are not IP addresses"),
+        warn(options, "/servers listed %s, not requested: %s" % (_plural(
+            len(servers.rejected), "entry that is not an IP address", "entries that are not IP addresses"),
             _listed(shown, len(servers.rejected))))
     if servers.duplicates:
         warn(options, "/servers listed %s, each address requested once"
@@ -2157,21 +2031,12 @@ def take_snapshot(client: Any, options: Options, deadline: Optional[float] = Non
     return Snapshot(instances, time.monotonic() - scrape_started, started)
 
 
-class SnapshotSettings(NamedTuple):
-    """What a snapshot command was asked, beyond the options."""
-    services: Tuple[str, ...] = ()
-    statuses: Tuple[str, ...] = ()
-    sort: str = "service"
-    reverse: bool = False
-    strict: bool = False
-
-
 def chosen_services(snapshot: Snapshot, patterns: Sequence[str], options: Options) -> Optional[Set[str]]:
     """The services patterns mean (seen or expected), None for all; under --shard, unknown ones warn."""
     if not patterns:
         return None
     unreadable = sum(1 for i in snapshot.instances if i.service is None)
-    known = [i.service for i in snapshot.instances if i.service is not None] + options.policy.expected
+    known = [i.service for i in snapshot.instances if i.service is not None] + list(options.policy.services)
     if options.shard is None:
         return set(resolve_services(patterns, known, unreadable))
     chosen: Set[str] = set()
@@ -2183,30 +2048,27 @@ def chosen_services(snapshot: Snapshot, patterns: Sequence[str], options: Option
     return chosen
 
 
-def snapshot_report(kind: Any, client: Any, options: Options, settings: SnapshotSettings,
-                    deadline: Optional[float] = None) -> Tuple[Report, int]:
+def snapshot_report(kind: Any, client: Any, options: Options, services: Sequence[str] = (),
+                    statuses: Sequence[str] = (), sort: str = "service", reverse: bool = False,
+                    strict: bool = False, deadline: Optional[float] = None) -> Tuple[Report, int]:
     """Read the fleet; the report of kind (a Report class), and the exit status once it is out."""
     whole = take_snapshot(client, options, deadline)
-    chosen = chosen_services(whole, settings.services, options)
+    chosen = chosen_services(whole, services, options)
     snapshot = whole._replace(instances=[i for i in whole.instances if chosen is None or i.service in chosen])
     policy = options.policy
     if kind is InstancesReport:
-        shown = filter_statuses(snapshot.instances, settings.statuses, policy)
-        rows: List[Any] = sort_instances(shown, settings.sort, policy)
+        rows: List[Any] = sort_instances(filter_statuses(snapshot.instances, statuses, policy), sort, policy)
     elif kind is SummariesReport:
-        rows = sort_summaries(fleet_summaries(snapshot.instances, policy, chosen), settings.sort)
+        rows = sort_summaries(fleet_summaries(snapshot.instances, policy, chosen), sort)
     else:
         if options.shard is not None:
             warn(options, "--shard %s: this judges only the shard's own instances; judge the whole fleet "
                           "on the shards' sum, in Prometheus (see the README)" % (options.shard,))
         rows = flag_services(fleet_summaries(snapshot.instances, policy), policy)
     remember_services(whole.instances, options)
-    code = EXIT_OK
-    if kind is FlaggedReport and rows:
-        code = EXIT_FLAGGED
-    elif settings.strict and not all(i.readable for i in whole.instances):
-        code = EXIT_PARTIAL
-    return kind(rows[::-1] if settings.reverse else rows, snapshot, policy, options.shard, chosen), code
+    partial = strict and not all(i.readable for i in whole.instances)
+    code = EXIT_FLAGGED if kind is FlaggedReport and rows else EXIT_PARTIAL if partial else EXIT_OK
+    return kind(rows[::-1] if reverse else rows, snapshot, policy, options.shard, chosen), code
 
 
 # track: a live view of one service or of the whole fleet (state, polling, views) ------------------
@@ -2235,8 +2097,7 @@ NOT_READ: Any = object()  # the membership of an instance that never answered: a
 class Membership:
     """The service of each listed instance, as its answers said: a name; None, answered without a
     valid one ("(unknown)"); NOT_READ until it answers (a body that is not JSON is no answer)."""
-    # A never-answered instance is read again after 1, 2, 4... samples, at most RETRY_CAP apart:
-    # read every sample, a few hanging ones would hold every sample to its deadline.
+    # Never answered: read again 1, 2, 4... RETRY_CAP samples later (hanging ones would stall each sample).
     RETRY_CAP = 32
 
     def __init__(self) -> None:
@@ -2280,7 +2141,6 @@ class Membership:
                 self.retry.pop(reading.ip, None)
 
     def service_of(self, ip: str) -> Optional[str]:
-        """The service ip is known to belong to, or None."""
         known = self.services.get(ip)
         return known if isinstance(known, str) else None
 
@@ -2289,33 +2149,11 @@ class Membership:
         return [r if r.service is not None else r._replace(service=self.service_of(r.ip)) for r in readings]
 
     def known_services(self) -> List[str]:
-        """Every service some instance answered with."""
         return sorted({known for known in self.services.values() if isinstance(known, str)})
 
-    def unknown_count(self) -> int:
-        """Instances whose service is not known: never answered, or answered without a valid one."""
-        return sum(1 for known in self.services.values() if not isinstance(known, str))
-
-    def not_read_count(self) -> int:
-        """Instances that never answered (later samples read them again)."""
-        return sum(1 for known in self.services.values() if known is NOT_READ)
-
-
-class RunningStats:
-    """Count, min, mean and max in constant memory."""
-    def __init__(self) -> None:
-        self.count, self.total, self.minimum, self.maximum = 0, 0.0, float("inf"), float("-inf")
-
-    def add(self, value: float) -> None:
-        """Take one value into account."""
-        self.count += 1
-        self.total += value
-        self.minimum = min(self.minimum, value)
-        self.maximum = max(self.maximum, value)
-
-    @property
-    def mean(self) -> Optional[float]:
-        return self.total / self.count if self.count else None
+    def unknown_count(self, answered: bool = True) -> int:
+        """Instances whose service is not known: never answered, or (if answered) answered without one."""
+        return sum(1 for known in self.services.values() if known is NOT_READ or answered and known is None)
 
 
 class SessionTrend:
@@ -2328,7 +2166,6 @@ class SessionTrend:
         self.buckets: List[List[float]] = []
 
     def add(self, value: Optional[float]) -> None:
-        """One sample's value, None for a gap (unknown)."""
         if not self.buckets or self.buckets[-1][2] >= self.per_bucket:
             if len(self.buckets) >= self.size:
                 self.buckets = [[a + b for a, b in zip(first, second)]
@@ -2342,7 +2179,6 @@ class SessionTrend:
             bucket[1] += 1
 
     def values(self) -> List[Optional[float]]:
-        """The mean of each bucket, None where it holds no value."""
         return [total / count if count else None for total, count, _ in self.buckets]
 
 
@@ -2353,15 +2189,21 @@ class Series:
     def __init__(self) -> None:
         from collections import deque
         self.recent: Any = deque(maxlen=self.WINDOW)
-        self.stats = RunningStats()
         self.trend = SessionTrend()
+        self.count, self.total, self.minimum, self.maximum = 0, 0.0, float("inf"), float("-inf")
 
     def add(self, value: Optional[float]) -> None:
-        """One sample's value."""
         self.recent.append(value)
         self.trend.add(value)
         if value is not None:
-            self.stats.add(value)
+            self.count += 1
+            self.total += value
+            self.minimum = min(self.minimum, value)
+            self.maximum = max(self.maximum, value)
+
+    @property
+    def mean(self) -> Optional[float]:
+        return self.total / self.count if self.count else None
 
 
 class InstanceTrack:
@@ -2386,10 +2228,7 @@ class InstanceTrack:
             self.unhealthy += instance_status(reading, self.policy) == UNHEALTHY
 
     def status(self) -> str:
-        """Its status now: Gone, Unknown, or that of its last reading."""
-        if self.gone:
-            return GONE
-        return UNKNOWN if self.last is None else instance_status(self.last, self.policy)
+        return GONE if self.gone else UNKNOWN if self.last is None else instance_status(self.last, self.policy)
 
     def counts(self) -> Tuple[int, int]:
         """(healthy, instances) now: for the worst moment."""
@@ -2403,14 +2242,12 @@ class ServiceTrack:
         self.policy = policy  # the minimum of healthy instances
         self.last: Optional[ServiceSummary] = None
         self.healthy_share = Series()  # percent of its instances healthy: the sparkline
-        self.healthy = RunningStats()  # healthy instances: the summary's min/avg/max
+        self.healthy = Series()  # healthy instances: the summary's min/avg/max
         self.cpu, self.memory = Series(), Series()  # average cpu and memory
-        self.samples = 0
-        self.flagged = 0  # samples under the policy's minimum of healthy instances, or missing
+        self.samples = self.flagged = 0  # flagged: samples under the policy's minimum, or missing
         self.gone = False
 
     def add(self, summary: Optional[ServiceSummary]) -> None:
-        """One sample: the service's summary, or None when CPX could not be reached (a gap)."""
         share = 100.0 * summary.healthy / summary.instances if summary and summary.instances else None
         self.healthy_share.add(share)
         self.cpu.add(summary.avg_cpu if summary else None)
@@ -2422,7 +2259,6 @@ class ServiceTrack:
             self.flagged += self.under_minimum(summary)
 
     def under_minimum(self, summary: ServiceSummary) -> bool:
-        """Whether a sample flags the service, as `unhealthy` would."""
         return bool(flag_services([summary], self.policy))
 
     def rank(self) -> Tuple:
@@ -2434,7 +2270,6 @@ class ServiceTrack:
                 service_sort_key(self.key))
 
     def counts(self) -> Tuple[int, int]:
-        """(healthy, instances) now: for the worst moment."""
         return (0, 0) if self.gone or self.last is None else (self.last.healthy, self.last.instances)
 
 
@@ -2477,15 +2312,12 @@ class TrackState:
         return self.samples > 1 and self.last.seconds > self.interval
 
     def tracks(self) -> List[Any]:
-        """Every row seen this session, in the scope's order."""
         return self.scope.order(list(self.rows.values()))
 
     def present(self) -> List[Any]:
-        """The rows still there."""
         return [t for t in self.tracks() if not t.gone]
 
     def record(self, sample: Sample) -> None:
-        """Take one sample."""
         self.samples += 1
         self.first_time = self.first_time or sample.moment
         self.last = sample
@@ -2501,9 +2333,7 @@ class TrackState:
         for key in self.gone:
             self.rows[key].gone = True
         for key, value in sample.values.items():
-            track = self.rows.get(key)
-            if track is None:
-                track = self.rows[key] = self.scope.new_track(key)
+            track = self.rows[key] = self.rows.get(key) or self.scope.new_track(key)
             track.gone = False
             track.add(value)
         self._note_worst()
@@ -2530,7 +2360,7 @@ def sparkline(values: Iterable[Optional[float]], blocks: str) -> str:
     return "".join(" " if v is None else blocks[min(top, int(v * len(blocks) / 100.0))] for v in values)
 
 
-def _min_avg_max(stats: RunningStats, unit: str = "%", threshold: Optional[float] = None) -> str:
+def _min_avg_max(stats: Series, unit: str = "%", threshold: Optional[float] = None) -> str:
     if not stats.count:
         return "-"
 
@@ -2542,8 +2372,7 @@ def _min_avg_max(stats: RunningStats, unit: str = "%", threshold: Optional[float
 
 def fit_table(columns: Sequence[Column], rows: List[Dict[Column, str]], drop: Sequence[Column],
               width: Optional[int], styles: Sequence[Optional[str]], color: bool) -> str:
-    """The columns that fit `width` (None: all), dropping those in `drop` in order; then the first
-    column's cells are cut, ending in '~', so that no line runs past the edge."""
+    """The columns that fit `width` (None: all), dropping `drop`'s in order, then the first's cells cut."""
     kept = list(columns)
     widths = {c: max([display_width(c.title)] + [display_width(row[c]) for row in rows]) for c in columns}
 
@@ -2561,20 +2390,14 @@ def fit_table(columns: Sequence[Column], rows: List[Dict[Column, str]], drop: Se
     return render_table(kept, [[cells[c] for c in kept] for cells in rows], styles, color)
 
 
-def _fit_rows(tracks: List[Any], max_rows: Optional[int], worst_first: Any) -> Tuple[List[Any], int]:
-    """The worst rows that fit max_rows (a line kept to count the rest), in order; and how many left."""
+def _fit_rows(tracks: List[Any], max_rows: Optional[int], worst_first: Any, noun: str) -> Tuple[List, str]:
+    """The worst rows that fit max_rows (a line kept to count the rest), in order; and that line, if any."""
     if max_rows is None or len(tracks) <= max_rows:
-        return tracks, 0
+        return tracks, ""
     kept = {id(t) for t in sorted(tracks, key=worst_first)[:max(1, max_rows - 1)]}
     shown = [t for t in tracks if id(t) in kept]
-    return shown, len(tracks) - len(shown)
-
-
-def _left_out(hidden: int, noun: str) -> str:
-    """The line under a table cut to fit the terminal, or nothing."""
-    if not hidden:
-        return ""
-    return "%s not shown (the worst are shown first; a taller terminal shows all)\n" % _plural(hidden, noun)
+    return shown, "%s not shown (the worst are shown first; a taller terminal shows all)\n" % _plural(
+        len(tracks) - len(shown), noun)
 
 
 class ServiceScope:
@@ -2630,19 +2453,15 @@ class ServiceScope:
             resolve_service(self.name, membership.known_services(), membership.unknown_count())
 
     def values(self, membership: Membership, readings: Sequence[Instance]) -> Dict[Any, Any]:
-        """The sample's rows: each member's reading, by IP."""
         ours = [r for r in membership.attribute(readings) if self.service and r.service == self.service]
         return {r.ip: r for r in sorted(ours, key=lambda r: ip_sort_key(r.ip))}
 
     def note(self, membership: Membership) -> Optional[str]:
         """A line above the table: the service not found yet, or instances not read yet."""
-        missing = self.not_found(membership)
-        if missing is not None:
-            return missing
-        waiting = membership.not_read_count()
-        if waiting:
+        waiting = membership.unknown_count(answered=False)
+        if self.service is not None and waiting:  # found: not_found() says nothing
             return "%s not read yet: read again in later samples" % _plural(waiting, "instance")
-        return None
+        return self.not_found(membership)
 
     def order(self, tracks: List[InstanceTrack]) -> List[InstanceTrack]:
         return sorted(tracks, key=lambda t: t.order)
@@ -2653,7 +2472,8 @@ class ServiceScope:
     def table(self, state: TrackState, blocks: str, color: bool, max_rows: Optional[int] = None,
               width: Optional[int] = None) -> str:
         """The instances as `services` shows them, with trends; when cut to max_rows, the worst."""
-        tracks, hidden = _fit_rows(state.tracks(), max_rows, lambda t: _STATUS_RANK.get(t.status(), 3))
+        tracks, left_out = _fit_rows(state.tracks(), max_rows, lambda t: _STATUS_RANK.get(t.status(), 3),
+                                     "more instance")
         readings = [t.last if t.status() in (HEALTHY, UNHEALTHY) else Instance(t.key) for t in tracks]
         rows, styles = instance_cells(readings, self.policy), []
         for track, cells in zip(tracks, rows):
@@ -2666,14 +2486,12 @@ class ServiceScope:
             else:
                 cells[STATUS], style = status_label(track.last, self.policy), track.status()
             styles.append(style)
-        table = fit_table(self.COLUMNS, rows, self.DROP, width, styles, color)
-        return table + _left_out(hidden, "more instance")
+        return fit_table(self.COLUMNS, rows, self.DROP, width, styles, color) + left_out
 
     def summary_table(self, state: TrackState, blocks: str) -> str:
-        """Per instance: samples, min/avg/max, samples unhealthy, the session's trend."""
         cpu, memory = self.policy.limits(self.service)
         rows = [[sanitize(t.key) + (" (gone)" if t.gone else ""), str(t.samples),
-                 _min_avg_max(t.cpu.stats, "%", cpu), _min_avg_max(t.memory.stats, "%", memory), str(t.unhealthy),
+                 _min_avg_max(t.cpu, "%", cpu), _min_avg_max(t.memory, "%", memory), str(t.unhealthy),
                  sparkline(t.cpu.trend.values(), blocks), sparkline(t.memory.trend.values(), blocks)]
                 for t in state.tracks()]
         return render_table(self.SUMMARY_COLUMNS, rows)
@@ -2707,7 +2525,6 @@ class FleetScope:
         return ServiceTrack(service, self.policy)
 
     def to_read(self, membership: Membership, full: bool) -> List[str]:
-        """The whole fleet, every sample."""
         return membership.choose(None, True)
 
     def resolve(self, membership: Membership, first: bool) -> None:
@@ -2720,7 +2537,6 @@ class FleetScope:
         """Nothing to check."""
 
     def values(self, membership: Membership, readings: Sequence[Instance]) -> Dict[Any, Any]:
-        """The sample's rows: fleet_summaries of the readings, by service."""
         return {s.service: s for s in fleet_summaries(membership.attribute(readings), self.policy)}
 
     def note(self, membership: Membership) -> Optional[str]:
@@ -2736,8 +2552,7 @@ class FleetScope:
 
     def table(self, state: TrackState, blocks: str, color: bool, max_rows: Optional[int] = None,
               width: Optional[int] = None) -> str:
-        """The services as `status` shows them, with trends, worst first; when cut to max_rows, the worst."""
-        tracks, hidden = _fit_rows(state.tracks(), max_rows, ServiceTrack.rank)
+        tracks, left_out = _fit_rows(state.tracks(), max_rows, ServiceTrack.rank, "more service")
         lasts = [ServiceSummary(t.key, 0, 0) if t.gone or t.last is None else t.last for t in tracks]
         rows, styles = summary_cells(lasts, self.policy), []
         for track, last, cells in zip(tracks, lasts, rows):
@@ -2749,12 +2564,10 @@ class FleetScope:
             elif track.under_minimum(last):
                 cells[HEALTHY_COUNT] += "!"
             styles.append(self._style(track, state))
-        table = fit_table(self.COLUMNS, rows, self.DROP, width, styles, color)
-        return table + _left_out(hidden, "more service")
+        return fit_table(self.COLUMNS, rows, self.DROP, width, styles, color) + left_out
 
     @staticmethod
     def _style(track: ServiceTrack, state: TrackState) -> Optional[str]:
-        """A row's colour: dim when stale, red when flagged (a missing service too)."""
         if track.gone or track.last is None or state.last.outage is not None:
             return "stale"
         if track.under_minimum(track.last):
@@ -2762,21 +2575,18 @@ class FleetScope:
         return UNKNOWN if track.key is None else None
 
     def summary_table(self, state: TrackState, blocks: str) -> str:
-        """Per service: samples, healthy and average min/avg/max, samples flagged, the session's trend."""
         rows = [[service_label(t.key) + (" (gone)" if t.gone else "" if t.last and t.last.instances else " (missing)"),
                  str(t.samples), _min_avg_max(t.healthy, ""),
-                 _min_avg_max(t.cpu.stats, "%", self.policy.limits(t.key)[0]),
-                 _min_avg_max(t.memory.stats, "%", self.policy.limits(t.key)[1]), str(t.flagged),
+                 _min_avg_max(t.cpu, "%", self.policy.limits(t.key)[0]),
+                 _min_avg_max(t.memory, "%", self.policy.limits(t.key)[1]), str(t.flagged),
                  sparkline(t.healthy_share.trend.values(), blocks), sparkline(t.cpu.trend.values(), blocks)]
                 for t in state.tracks()]
         return render_table(self.SUMMARY_COLUMNS, rows)
 
     def records(self, state: TrackState) -> List[Dict[str, Any]]:
         """The last sample as json/csv records: a service each, then those gone (0 instances)."""
-        records = [dict(summary_record(summary, self.policy), time=state.last.moment)
-                   for summary in state.last.values.values()]
-        records += [dict(summary_record(ServiceSummary(service, 0, 0), self.policy), time=state.last.moment)
-                    for service in state.gone]
+        summaries = [*state.last.values.values(), *(ServiceSummary(service, 0, 0) for service in state.gone)]
+        records = [dict(summary_record(s, self.policy), time=state.last.moment) for s in summaries]
         return [{name: record[name] for name in self.FIELDS} for record in records]
 
 
@@ -2787,10 +2597,8 @@ def poll(client: Any, membership: Membership, scope: Any, full: bool, seconds: f
     moment, started, deadline = utc_now(), clock.monotonic(), time.monotonic() + seconds
     listing_error = None
     try:
-        if first:
-            membership.forget(list_fleet(client, client.options, deadline))
-        else:
-            membership.forget(client.list_servers(deadline).ips)
+        membership.forget(list_fleet(client, client.options, deadline) if first else
+                          client.list_servers(deadline).ips)
     except CpxUnavailable as error:
         if first:
             raise
@@ -2835,10 +2643,8 @@ class Schedule:
 def render_track_header(state: TrackState) -> str:
     """One line: what is watched, the time (UTC), the sample, the interval (or a late sample's time)."""
     line = "%s  %sZ  sample %d  " % (state.scope.subject(state), state.last.moment[11:19], state.samples)
-    if state.last_was_late:
-        line += "interval %gs, sample took %.1fs" % (state.interval, state.last.seconds)
-    else:
-        line += "every %gs" % state.interval
+    late = "interval %gs, sample took %.1fs" % (state.interval, state.last.seconds)
+    line += late if state.last_was_late else "every %gs" % state.interval
     return line + ("  %s skipped" % _plural(state.skipped, "slot") if state.skipped else "")
 
 
@@ -2853,8 +2659,7 @@ def render_track_summary(state: TrackState, blocks: str) -> str:
     """The end-of-session summary, like ping's: per row, then the worst moment."""
     lines = ["--- %s: %s from %s to %s, %d over the interval, %s skipped, %d unreachable ---" % (
         state.scope.title, _plural(state.samples, "sample"), state.first_time, state.last.moment, state.late,
-        _plural(state.skipped, "slot"), state.unreachable),
-        state.scope.summary_table(state, blocks).rstrip("\n")]
+        _plural(state.skipped, "slot"), state.unreachable), state.scope.summary_table(state, blocks).rstrip("\n")]
     worst = state.worst
     if worst is not None and worst.instances:
         lines.append("worst moment: %d of %s healthy at %s (sample %d)" % (
@@ -2895,11 +2700,8 @@ class Keyboard:
             return False
         end = time.monotonic() + seconds
         descriptor = self.stream.fileno()
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                return False
-            if not select.select([descriptor], [], [], left)[0]:
+        while time.monotonic() < end:
+            if not select.select([descriptor], [], [], max(0.0, end - time.monotonic()))[0]:
                 continue
             keys = os.read(descriptor, 64)
             if not keys:  # end of input: nothing more to read, sleep the rest
@@ -2907,21 +2709,19 @@ class Keyboard:
                 return False
             if b"q" in keys.lower():
                 return True
+        return False
 
     def close(self) -> None:
-        """Give the terminal its modes back."""
         if self.saved is None:
             return
         import termios
-        try:
+        with contextlib.suppress(OSError, ValueError, termios.error):
             termios.tcsetattr(self.stream.fileno(), termios.TCSADRAIN, self.saved)
-        except (OSError, ValueError, termios.error):
-            pass
         self.saved = None
 
 
-class TrackView:
-    """Where track's samples go: LogView, ScreenView or RecordsView."""
+class LogView:
+    """Where track's samples go: each appended as a block (header, table, outage line); see its subclasses."""
     def __init__(self, options: Options, settings: TrackSettings):
         self.options = options
         self.settings = settings
@@ -2932,25 +2732,17 @@ class TrackView:
         """Get ready for the first sample."""
 
     def show(self, state: TrackState) -> None:
-        """Show one sample."""
-        raise NotImplementedError
+        table = state.scope.table(state, self.blocks, self.options.color)
+        outage = [render_outage(state)] if state.last.outage is not None else []
+        lines = [render_track_header(state)] + self.note(state) + [table.rstrip("\n")] + outage
+        emit("\n".join(lines) + "\n\n")
 
     def note(self, state: TrackState, width: Optional[int] = None) -> List[str]:
         """The sample's note (instances not read yet, say), painted, as 0 or 1 line."""
         return [paint(clip(state.last.note, width), UNKNOWN, self.options.color)] if state.last.note else []
 
     def close(self, state: TrackState) -> None:
-        """Print the session summary."""
         emit(render_track_summary(state, self.blocks))
-
-
-class LogView(TrackView):
-    """Each sample appended as a block: the header, the table, an outage line."""
-    def show(self, state: TrackState) -> None:
-        table = state.scope.table(state, self.blocks, self.options.color)
-        outage = [render_outage(state)] if state.last.outage is not None else []
-        lines = [render_track_header(state)] + self.note(state) + [table.rstrip("\n")] + outage
-        emit("\n".join(lines) + "\n\n")
 
 
 class ScreenView(LogView):
@@ -2979,7 +2771,6 @@ class ScreenView(LogView):
         self.keyboard.open()
 
     def footer(self, state: TrackState, width: int) -> str:
-        """The screen's last line: an outage, else how the view ends."""
         if state.last.outage is not None:
             return paint(clip(render_outage(state), width), UNHEALTHY, self.options.color)
         if self.settings.samples is not None:
@@ -3009,7 +2800,7 @@ class ScreenView(LogView):
         super().close(state)
 
 
-class RecordsView(TrackView):
+class RecordsView(LogView):
     """JSON Lines or csv records on stdout; outages and the summary on stderr (stdout stays data)."""
     def show(self, state: TrackState) -> None:
         import json
@@ -3035,11 +2826,10 @@ def first_sample(client: Any, membership: Membership, scope: Any, options: Optio
     return sample._replace(moment=utc_now())
 
 
-def track_view(options: Options, settings: TrackSettings) -> TrackView:
+def track_view(options: Options, settings: TrackSettings) -> LogView:
     """RecordsView for json and csv; else ScreenView on an interactive terminal, else LogView."""
-    if options.output in ("json", "csv"):
-        return RecordsView(options, settings)
-    return ScreenView(options, settings) if options.interactive else LogView(options, settings)
+    cls = RecordsView if options.output in ("json", "csv") else ScreenView if options.interactive else LogView
+    return cls(options, settings)
 
 
 def cmd_track(client: Any, options: Options, settings: TrackSettings, clock: Any = time) -> int:
@@ -3082,8 +2872,7 @@ def cmd_track(client: Any, options: Options, settings: TrackSettings, clock: Any
 # serve: a Prometheus exporter that reads the fleet at scrape time ---------------------------------
 
 SERVE_PORT = 9968  # serve's own port (not in Prometheus's list of exporter ports)
-# Connections served at once, a thread each: an idle one holds only its own thread, for
-# REQUEST_SECONDS at most. Past that, a new one is closed at once: refused, never queued.
+# Connections served at once, a thread each (one idle for REQUEST_SECONDS at most); more: refused, not queued.
 SERVE_CONNECTIONS = 64
 REQUEST_SECONDS = 5.0  # a client has this long to send its request, however it trickles
 SCRAPE_MARGIN = 0.5  # seconds kept from Prometheus's scrape timeout, to answer in (as blackbox_exporter)
@@ -3091,8 +2880,7 @@ MIN_SCRAPE_DEADLINE = 0.1
 LANDING_PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>cpx_devops exporter</title></head>
 <body><h1>cpx_devops exporter</h1><p>The health of a CPX fleet, read at each scrape:
-<a href="/metrics">/metrics</a>. Health: <a href="/-/healthy">/-/healthy</a>.</p></body></html>
-"""
+<a href="/metrics">/metrics</a>. Health: <a href="/-/healthy">/-/healthy</a>.</p></body></html>\n"""
 
 
 class ServeSettings(NamedTuple):
@@ -3103,10 +2891,8 @@ class ServeSettings(NamedTuple):
 
 
 class Exporter:
-    """serve's reads of the fleet: one at a time, shared by every scrape that comes while it
-    is in flight (two Prometheus replicas, a curl), and a good one kept for scrapes within
-    --min-interval of its start. A failed read is never kept: a scrape that shared it, and
-    has time left, reads again (a client with a shorter timeout cannot spoil another's)."""
+    """serve's reads of the fleet: one at a time, shared by the scrapes that come meanwhile, a good one kept
+    for --min-interval from its start; a failed one never (a scrape that shared it retries if it has time)."""
     def __init__(self, options: Options, settings: ServeSettings):
         self.options = options
         self.settings = settings
@@ -3148,10 +2934,8 @@ class Exporter:
         return self.result
 
     def read(self, deadline: float) -> Tuple[int, str]:
-        """One read of the fleet, rendered as `services -o prometheus` renders it."""
         try:
-            report, _ = snapshot_report(InstancesReport, self.client, self.options, SnapshotSettings(),
-                                        deadline)
+            report, _ = snapshot_report(InstancesReport, self.client, self.options, deadline=deadline)
         except (CpxUnavailable, UsageError) as error:
             return 503, "%s: %s%s\n" % (program_name(), getattr(error, "prefix", ""), error)
         return 200, report.as_prometheus(self.options)
@@ -3160,8 +2944,19 @@ class Exporter:
 def _http_classes() -> Tuple[Any, Any]:
     """The HTTP server classes of serve and simulate, made on first use (http.server costs 20 ms)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    class QuietHandler(BaseHTTPRequestHandler):
+        def answer(self, status: int, body: bytes, content_type: str = "application/json",
+                   headers: Sequence[Tuple[str, str]] = ()) -> None:
+            self.send_response(status)
+            for header in (("Content-Type", content_type), *headers, ("Content-Length", str(len(body)))):
+                self.send_header(*header)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # a line per request would drown what matters
+
     class QuietServer(ThreadingHTTPServer):
-        """A thread per request, IPv6 as well as IPv4, and no traceback for a client that hangs up."""
         daemon_threads = True
 
         def __init__(self, address: Tuple[str, int], handler: Any):
@@ -3179,7 +2974,7 @@ def _http_classes() -> Tuple[Any, Any]:
             if not isinstance(sys.exc_info()[1], OSError):
                 super().handle_error(request, client_address)
 
-    return QuietServer, BaseHTTPRequestHandler
+    return QuietServer, QuietHandler
 
 
 def listening(make: Callable[[], Any], settings: Any) -> Any:
@@ -3187,8 +2982,7 @@ def listening(make: Callable[[], Any], settings: Any) -> Any:
     try:
         server = make()
     except OSError as error:
-        raise UsageError("cannot listen on %s port %d: %s" % (settings.host, settings.port,
-                                                               error.strerror or error))
+        raise UsageError("cannot listen on %s port %d: %s" % (settings.host, settings.port, error.strerror or error))
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     return server
 
@@ -3197,8 +2991,7 @@ def serve_until_stopped(server: Any) -> NoReturn:
     """Serve until Ctrl+C or SIGTERM (which reach main() as for any command), then close."""
     try:
         while True:
-            # Short sleeps: a signal the kernel hands to another thread interrupts no sleep
-            # here, and is handled when the sleep ends (seen: SIGTERM unheard for an hour).
+            # Short: a signal another thread gets waits for this sleep to end (seen: SIGTERM unheard an hour).
             time.sleep(0.5)
     finally:
         server.shutdown()
@@ -3207,11 +3000,11 @@ def serve_until_stopped(server: Any) -> NoReturn:
 
 def serve_exporter(options: Options, settings: ServeSettings) -> Any:
     """Start serve's HTTP server in a background thread; returns the server (see .url)."""
-    QuietServer, BaseHTTPRequestHandler = _http_classes()
+    QuietServer, QuietHandler = _http_classes()
     exporter = Exporter(options, settings)
     watchdog = Watchdog()  # cuts a client that has not sent its whole request in time
 
-    class ExporterHandler(BaseHTTPRequestHandler):  # type: ignore[valid-type,misc]
+    class ExporterHandler(QuietHandler):  # type: ignore[valid-type,misc]
         server_version = "cpx_devops/" + __version__
         timeout = REQUEST_SECONDS  # any one read or write; HTTP/1.0: one request per connection
 
@@ -3234,44 +3027,29 @@ def serve_exporter(options: Options, settings: ServeSettings) -> Any:
                 except ValueError:
                     seconds = None
                 status, body = exporter.scrape(seconds if seconds is None or seconds > 0 else None)
-                self.answer(status, body, "text/plain; version=0.0.4; charset=utf-8")
+                self.text(status, body, "text/plain; version=0.0.4; charset=utf-8")
             elif path == "/":
-                self.answer(200, LANDING_PAGE, "text/html; charset=utf-8")
+                self.text(200, LANDING_PAGE, "text/html; charset=utf-8")
             elif path == "/-/healthy":
-                self.answer(200, "OK\n", "text/plain; charset=utf-8")
+                self.text(200, "OK\n", "text/plain; charset=utf-8")
             else:
-                self.answer(404, "not found: see /\n", "text/plain; charset=utf-8")
+                self.text(404, "not found: see /\n", "text/plain; charset=utf-8")
 
-        def answer(self, status: int, text: str, content_type: str) -> None:
-            body = text.encode("utf-8")
+        def text(self, status: int, text: str, content_type: str) -> None:
+            body, headers = text.encode("utf-8"), [("Vary", "Accept-Encoding")]
             # gzip when accepted: named, and not with q=0 (a q of 0.001 is an acceptance).
-            gzipped = re.search(r"(?:^|,)\s*gzip\s*(?:,|$|;\s*q=(?!0(?:\.0*)?\s*(?:,|$)))",
-                                self.headers.get("Accept-Encoding", "").lower())
-            if gzipped:
+            if re.search(r"(?:^|,)\s*gzip\s*(?:,|$|;\s*q=(?!0(?:\.0*)?\s*(?:,|$)))",
+                         self.headers.get("Accept-Encoding", "").lower()):
                 import gzip
-                body = gzip.compress(body, 6)
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Vary", "Accept-Encoding")
-            if gzipped:
-                self.send_header("Content-Encoding", "gzip")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+                body, headers = gzip.compress(body, 6), headers + [("Content-Encoding", "gzip")]
+            self.answer(status, body, content_type, headers)
 
         def refuse(self) -> None:
-            self.send_response(405)
-            self.send_header("Allow", "GET")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self.answer(405, b"", "text/plain; charset=utf-8", [("Allow", "GET")])
 
         do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = refuse
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # a line per scrape would drown what matters
-
     class ExporterServer(QuietServer):  # type: ignore[valid-type,misc]
-        """serve's server: SERVE_CONNECTIONS at most, whatever the clients do."""
         connections = threading.BoundedSemaphore(SERVE_CONNECTIONS)
         request_queue_size = SERVE_CONNECTIONS  # the listen backlog: accepted at once, or refused
 
@@ -3298,9 +3076,8 @@ def cmd_serve(options: Options, settings: ServeSettings) -> int:
 
 # The simulator: a CPX-compatible server on loopback -----------------------------------------------
 
-SIMULATED_SERVICES = ("UserService", "TicketService", "PaymentService", "AuthService",
-                      "SearchService", "InventoryService", "NotificationService",
-                      "ReportService", "GeoService", "MailService")
+SIMULATED_SERVICES = ("UserService", "TicketService", "PaymentService", "AuthService", "SearchService",
+                      "InventoryService", "NotificationService", "ReportService", "GeoService", "MailService")
 FAIL, HANG, SLOW = "fail", "hang", "slow"
 
 
@@ -3319,11 +3096,8 @@ class Sickness(NamedTuple):
     slow_fraction: float = 0.0
     slow_ms: float = 0.0
 
-    def counts(self, servers: int) -> Tuple[int, int, int]:
-        """How many instances fail, hang and are slow in a fleet of this size."""
-        def count(fraction: float) -> int:
-            return max(1, int(fraction * servers + 0.5)) if fraction > 0 else 0
-        return count(self.fail_fraction), count(self.hang_fraction), count(self.slow_fraction)
+    def counts(self, servers: int) -> Tuple[int, ...]:
+        return tuple(max(1, int(f * servers + 0.5)) if f > 0 else 0 for f in self[:3])  # fail, hang, slow
 
 
 class SimulatedInstance:
@@ -3336,8 +3110,7 @@ class SimulatedInstance:
 
 
 class SimulatedFleet:
-    """Instances with a service and a cpu/memory random walk, some sick; thread-safe. A generator per
-    instance: seeded runs are reproducible, whatever the order of concurrent requests."""
+    """Random cpu/memory walks, some sick; thread-safe; a generator per instance: seeded runs repeat."""
     def __init__(self, count: int, seed: Optional[int] = None, sickness: Sickness = Sickness()):  # noqa: B008
         import random
         rng = random.Random(seed)
@@ -3359,12 +3132,8 @@ class SimulatedFleet:
         # A generator of its own, so that a sick fleet shows the same values as a healthy one.
         order = list(self.ips)
         random.Random(None if seed is None else "sick-%d" % seed).shuffle(order)
-        fail, hang, slow = sickness.counts(count)
-        self.sick: Dict[str, str] = {}  # ip -> FAIL, HANG or SLOW
-        for kind, how_many in ((FAIL, fail), (HANG, hang), (SLOW, slow)):
-            for ip in order[:how_many]:
-                self.sick[ip] = kind
-            order = order[how_many:]
+        kinds = [kind for kind, n in zip((FAIL, HANG, SLOW), sickness.counts(count)) for _ in range(n)]
+        self.sick: Dict[str, str] = dict(zip(order, kinds))  # ip -> FAIL, HANG or SLOW
 
     def read(self, ip: str) -> Optional[Dict[str, str]]:
         """The next reading of an instance (the walk moves on every read), None if unknown."""
@@ -3400,13 +3169,12 @@ def serve_simulator(settings: SimulatorSettings) -> Any:
     """Start a CPX-compatible server in a background thread; returns the server (see .url)."""
     import json
     import socket
-    QuietServer, BaseHTTPRequestHandler = _http_classes()
+    QuietServer, QuietHandler = _http_classes()
     fleet = SimulatedFleet(settings.servers, settings.seed, settings.sickness)
     server_list = json.dumps(fleet.ips).encode()
     stopping = threading.Event()  # set on close: hanging answers end
 
-    class SimulatorHandler(BaseHTTPRequestHandler):  # type: ignore[valid-type,misc]
-        """The CPX API, answered from the simulated fleet."""
+    class SimulatorHandler(QuietHandler):  # type: ignore[valid-type,misc]
         server_version = "cpx-simulator/" + __version__
 
         def do_GET(self) -> None:
@@ -3425,7 +3193,6 @@ def serve_simulator(settings: SimulatorSettings) -> Any:
             self.answer(200, reading if isinstance(reading, bytes) else json.dumps(reading).encode())
 
         def hang(self) -> None:
-            """Answer nothing until the client gives up (or the simulator stops)."""
             import select
             self.close_connection = True
             while not stopping.is_set():
@@ -3436,16 +3203,6 @@ def serve_simulator(settings: SimulatorSettings) -> Any:
                     except OSError:
                         return
                     stopping.wait(0.2)  # it sent more than its request: keep hanging
-
-        def answer(self, status: int, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # a request log would drown the demo
 
     class SimulatorServer(QuietServer):  # type: ignore[valid-type,misc]
         request_queue_size = 5 if settings.single_threaded else 1024
@@ -3470,9 +3227,8 @@ def cmd_simulate(settings: SimulatorSettings) -> int:
     if sum(sickness.counts(settings.servers)) > settings.servers:
         raise UsageError("--fail-fraction, --hang-fraction and --slow-fraction add up to more than the fleet")
     server = serve_simulator(settings)
-    fail, hang, slow = sickness.counts(settings.servers)
-    sick = ", ".join("%d %s" % (n, what) for n, what in ((fail, "answer HTTP 500"), (hang, "hang"),
-                                                          (slow, "answer %g ms late" % sickness.slow_ms)) if n)
+    whats = ("answer HTTP 500", "hang", "answer %g ms late" % sickness.slow_ms)
+    sick = ", ".join("%d %s" % (n, what) for n, what in zip(sickness.counts(settings.servers), whats) if n)
     say("%s: simulating %d servers%s, listening on %s (Ctrl+C to stop)"
         % (program_name(), settings.servers, " (%s)" % sick if sick else "", server.url))
     return serve_until_stopped(server)
@@ -3504,9 +3260,8 @@ def completion_table(parser: Any) -> Dict[str, Tuple[List[Tuple[Sequence[str], A
     return table
 
 
-# Service names come from SERVICE_CACHE (CPX_COMPLETE_LIVE: refreshed by `status` first). CPX's words:
-# compared as plain strings (no compgen -W, no eval, no unquoted expansion), inserted quoted, and
-# read only from the user's own regular file.
+# Service names from SERVICE_CACHE (CPX_COMPLETE_LIVE: refreshed by `status` first), the user's own regular
+# file: compared as plain strings (no compgen -W, eval or unquoted expansion), inserted quoted.
 _SHELL_PROLOGUES = {
     "bash": ("# bash completion for cpx_devops, made by `cpx_devops.py completion bash` from its parser.\n"
              "_cpx_devops_words() {  # the words given that begin with what was typed\n"
@@ -3543,8 +3298,7 @@ _SHELL_PROLOGUES = {
     "zsh": ("# zsh completion for cpx_devops, made by `cpx_devops.py completion zsh` from its parser.\n"
             "# It needs zsh's completion system: 'autoload -Uz compinit && compinit' in ~/.zshrc first.\n"
             "if (( ! $+functions[compdef] )); then\n"
-            "    print -u2 \"cpx_devops: add 'autoload -Uz compinit && compinit' to ~/.zshrc, before this "
-            "script\"\n"
+            "    print -u2 \"cpx_devops: add 'autoload -Uz compinit && compinit' to ~/.zshrc, before this script\"\n"
             "    return 1\n"
             "fi\n"
             "_cpx_devops_words() { compadd -- \"$@\" }\n"
@@ -3571,7 +3325,6 @@ _SHELL_EPILOGUES = {"bash": "}\ncomplete -F _cpx_devops %s\n", "zsh": "}\ncompde
 
 
 def _reply(value: Any) -> str:
-    """The shell function call that completes a value (bash and zsh name them alike)."""
     return {"file": "_cpx_devops_files", "service": "_cpx_devops_services", "other": ":"}.get(
         value) or "_cpx_devops_words " + " ".join(value)
 
@@ -3648,8 +3401,7 @@ ENVIRONMENT = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with one-line usage errors suggesting the closest choice, help through emit(), and a
-    record of each argument and command for completion (argparse's own is private)."""
+    """argparse with one-line errors (closest choice suggested), help via emit(), a record for completion."""
     def __init__(self, *args: Any, **kwargs: Any):
         self.arguments: List[Tuple[argparse.Action, Any, bool]] = []  # (action, what it completes, alias)
         self.commands: Dict[str, "_Parser"] = {}
@@ -3663,7 +3415,6 @@ class _Parser(argparse.ArgumentParser):
         return action
 
     def spellings(self) -> List[str]:
-        """Every option string this parser takes."""
         return [spelling for action, _, _ in self.arguments for spelling in action.option_strings]
 
     def add_command(self, commands: Any, name: str, help_text: str, examples: str,
@@ -3681,7 +3432,6 @@ class _Parser(argparse.ArgumentParser):
         return command
 
     def populate(self) -> "_Parser":
-        """This command's arguments, added once, now."""
         builders, self.builders = self.builders, []
         if builders:
             self.add_argument("--version", action=_Version, help=argparse.SUPPRESS)
@@ -3714,8 +3464,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, "%s: error: %s (see '%s --help')" % (program_name(), message, self.prog))
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
-        # argparse's own check, plus the closest choice: a typo'd command or sort key. A private
-        # method: argparse has no public hook for this before 3.14's suggest_on_error.
+        # argparse's check plus the closest choice (a typo'd command, say): no public hook before 3.14.
         choices = [str(choice) for choice in action.choices or () if choice not in COMMAND_ALIASES]
         if action.choices is not None and value not in action.choices:
             raise argparse.ArgumentError(action, "invalid choice: %r%s (choose from %s)" % (
@@ -3767,7 +3516,6 @@ def _names(choices: Optional[Sequence[str]] = None) -> Callable[[str], List[str]
 
 
 def _shard(text: str) -> Shard:
-    """--shard K/N: slice K (1 to N) of N."""
     match = re.match(r"([0-9]{1,6})/([0-9]{1,6})\Z", text.strip())
     if not match:
         raise argparse.ArgumentTypeError("%r is not K/N (shard K of N, such as 1/4)" % text)
@@ -3794,7 +3542,6 @@ def _percent_option(text: str) -> float:
 
 
 def _listen(text: str) -> Tuple[str, int]:
-    """--listen HOST:PORT, [IPV6]:PORT or :PORT (every IPv4 interface)."""
     match = re.match(r"(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]]*)):([0-9]{1,5})\Z", text.strip())
     if not match or int(match.group(3)) > 65535:
         raise argparse.ArgumentTypeError("%r is not HOST:PORT, [IPV6]:PORT or :PORT (a port up to 65535)"
@@ -3836,8 +3583,7 @@ def _add_global_options(parser: _Parser, on_command: bool) -> None:
                                                              "always (watch -c), or never")
     add("--no-color", dest="color", action="store_const", const="never", help="the same as --color never")
     add("-v", "--verbose", action="store_true", help="say on stderr how the fetch went")
-    parser.add_argument("--cp-url", dest="url", alias=True, help=argparse.SUPPRESS,
-                        **({"default": argparse.SUPPRESS} if on_command else {}))
+    add("--cp-url", dest="url", alias=True, help=argparse.SUPPRESS)
 
 
 def _services_arguments(command: _Parser) -> None:
@@ -3877,11 +3623,11 @@ def _snapshot_arguments(command: _Parser) -> None:
 
 def _track_arguments(command: _Parser) -> None:
     watched = command.add_mutually_exclusive_group()
-    command.arguments += [(watched.add_argument("service", nargs="?", metavar="SERVICE", help="the service to "
-                                                "watch, a row per instance (default: the whole fleet)"),
-                           "service", False),
-                          (watched.add_argument("--all", action="store_true", help="the whole fleet, a row per "
-                                                "service, worst first (the default)"), None, False)]
+    command.arguments += [
+        (watched.add_argument("service", nargs="?", metavar="SERVICE", help="the service to watch, a row per "
+                              "instance (default: the whole fleet)"), "service", False),
+        (watched.add_argument("--all", action="store_true", help="the whole fleet, a row per service, worst "
+                              "first (the default)"), None, False)]
     command.add_argument("-n", "--interval", type=_interval, default=DEFAULT_INTERVAL, metavar="SECONDS",
                          help="time between samples, %g or more (default %g)" % (MIN_INTERVAL, DEFAULT_INTERVAL))
     command.add_argument("-c", "--count", type=_number(int, 1, 10 ** 9, "a count"), metavar="N",
@@ -3921,20 +3667,18 @@ def _simulate_arguments(command: _Parser) -> None:
                              metavar="F", help="this fraction of the instances %s (default 0)" % what)
 
 
-# Each command: help, examples, what adds its arguments (when it is parsed: the others pay nothing
-# for them), and whether it reads CPX (and so takes the global options).
+# Each command: help, examples, its arguments' builder (run when it is parsed), whether it reads CPX.
 COMMANDS = (
-    ("services", "every instance: IP, service, status, cpu, memory",
-     "--service UserService --sort cpu\n-o csv > fleet.csv\n--status unhealthy,unknown", _services_arguments, True),
+    ("services", "every instance: IP, service, status, cpu, memory", "--service UserService --sort cpu\n"
+     "-o csv > fleet.csv\n--status unhealthy,unknown", _services_arguments, True),
     ("status", "per service: instances, healthy, average and maximum cpu and memory",
      "UserService -o json\n'Pay*,Auth*' -o wide\n--sort cpu", _status_arguments, True),
     ("unhealthy", "services under their minimum of healthy instances, or expected and missing (exit 1 if any)",
      "--min-healthy 3 -o json\n--policy fleet.ini", _unhealthy_arguments, True),
-    ("track", "a live view of one service, or of the whole fleet, until q or Ctrl+C",
-     "UserService\nUserService -n 0.5 -c 20 -o json\n--all          (a row per service)", _track_arguments, True),
-    ("serve", "a Prometheus exporter: reads the fleet at each scrape of /metrics",
-     "\n--listen :%d --policy /etc/cpx/policy.ini\n--listen 127.0.0.1:0     (a free port)" % SERVE_PORT,
-     _serve_arguments, True),
+    ("track", "a live view of one service, or of the whole fleet, until q or Ctrl+C", "UserService\n"
+     "UserService -n 0.5 -c 20 -o json\n--all          (a row per service)", _track_arguments, True),
+    ("serve", "a Prometheus exporter: reads the fleet at each scrape of /metrics", "\n--listen :%d --policy "
+     "/etc/cpx/policy.ini\n--listen 127.0.0.1:0     (a free port)" % SERVE_PORT, _serve_arguments, True),
     ("completion", "print a shell completion script", "bash > ~/.local/share/bash-completion/completions/"
      "cpx-devops\nfish > ~/.config/fish/completions/cpx-devops.fish", _completion_arguments, False),
     ("simulate", "a CPX-compatible API server, for demos and tests", "--port 0 --servers 1000 --latency-ms 20\n"
@@ -3953,8 +3697,7 @@ def build_parser() -> _Parser:
                          "simulate --port 8080")))
     parser.add_argument("--version", action=_Version)
     _add_global_options(parser, on_command=False)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    commands.required = True
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser, required=True)
     for name, help_text, examples, arguments, reads_cpx in COMMANDS:
         parser.add_command(commands, name, help_text, examples, arguments, reads_cpx)
     for alias, name in COMMAND_ALIASES.items():
@@ -3989,29 +3732,22 @@ def use_color(stream: Any, mode: str, environ: Dict[str, str]) -> bool:
 
 def options_from_args(args: argparse.Namespace, environ: Dict[str, str]) -> Options:
     """The options record for a command, from parsed arguments and the environment."""
-    if args.url is not None:
-        url, authorization = parse_base_url(args.url, "--url")
-    elif environ.get("CPX_URL"):
-        url, authorization = parse_base_url(environ["CPX_URL"], "$CPX_URL")
-    else:
-        url, authorization = DEFAULT_URL, None
+    given = args.url if args.url is not None else environ.get("CPX_URL") or DEFAULT_URL
+    url, authorization = parse_base_url(given, "--url" if args.url is not None else "$CPX_URL")
     interactive = sys.stdout is not None and sys.stdout.isatty() and environ.get("TERM") != "dumb"
     cache_home = environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(cache_home):  # as the XDG spec says: a relative one is ignored
         cache_home = os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".cache")
-    policy = Policy()
-    if args.policy is not None or environ.get("CPX_POLICY"):
-        policy = read_policy(args.policy if args.policy is not None else environ["CPX_POLICY"],
-                             "--policy" if args.policy is not None else "$CPX_POLICY")
+    source = "--policy" if args.policy is not None else "$CPX_POLICY"
+    path = args.policy if args.policy is not None else environ.get("CPX_POLICY") or None
+    policy = Policy() if path is None else read_policy(path, source)
+    policy = policy.overridden(args.cpu_threshold, args.mem_threshold, getattr(args, "min_healthy", None))
     return Options(url=url, authorization=authorization, timeout=args.timeout, deadline=args.deadline,
                    retries=args.retries, workers=args.workers, adaptive=args.concurrency == "adaptive",
-                   policy=policy.overridden(args.cpu_threshold, args.mem_threshold,
-                                            getattr(args, "min_healthy", None)),
                    shard=args.shard, output=args.output, quiet=args.quiet, verbose=args.verbose,
                    # Never colour a file: --write's codes would be read by a collector, not a terminal.
                    color=args.write is None and use_color(sys.stdout, args.color, environ),
-                   interactive=interactive,
-                   headers=not args.no_headers, write=args.write,
+                   interactive=interactive, headers=not args.no_headers, write=args.write, policy=policy,
                    service_cache=os.path.join(cache_home, *SERVICE_CACHE)
                    if interactive or environ.get("CPX_COMPLETE_LIVE") else None)
 
@@ -4048,34 +3784,26 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     elif sys.stdout is None:
         raise UsageError("stdout is closed (>&-): nowhere to write the output; use --write FILE")
     client = CpxClient(options)
-    interrupted = False
     try:
         if command == "track":
             settings = TrackSettings(args.service, args.interval, args.count, args.rediscover)
             return cmd_track(client, options, settings)
-        services = [name for names in args.service + getattr(args, "named", []) for name in names] \
-            if command != "unhealthy" else []
-        report, code = snapshot_report(REPORTS[command], client, options, SnapshotSettings(
-            tuple(services), tuple(s for names in getattr(args, "status", ()) for s in names),
-            getattr(args, "sort", "service"), args.reverse, args.strict))
+        named = getattr(args, "service", []) + getattr(args, "named", [])  # unhealthy takes none
+        services = [name for names in named for name in names]
+        statuses = [s for names in getattr(args, "status", ()) for s in names]
+        report, code = snapshot_report(REPORTS[command], client, options, services, statuses,
+                                       getattr(args, "sort", "service"), args.reverse, args.strict)
         deliver(report.render(options), options)
         return code
-    except (KeyboardInterrupt, Terminated):
-        # Left open: the process ends at once (os._exit), and an interrupt inside the pool's
-        # `with lock:` can leave it held (bpo-29988): close() would wait for ever.
-        interrupted = True
-        raise
     finally:
-        if not interrupted:
+        # Not on Ctrl+C or SIGTERM: os._exit ends it all; an interrupted pool lock (bpo-29988) hangs close().
+        if not isinstance(sys.exc_info()[1], (KeyboardInterrupt, Terminated)):
             client.close()
 
 
 def _quiet_stdout() -> None:
-    """Point stdout at /dev/null, so that the interpreter's final flush is quiet too."""
-    try:
+    with contextlib.suppress(AttributeError, OSError, ValueError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (AttributeError, OSError, ValueError):
-        pass
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -4086,12 +3814,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)  # start-up is over
         signal.signal(signal.SIGTERM, _on_sigterm)
         return run(argv)
-    except UsageError as error:
-        say("%s: error: %s" % (name, error))
-        return EXIT_USAGE
-    except CpxUnavailable as error:
-        say("%s: error: %s%s" % (name, error.prefix, error))
-        return EXIT_UNAVAILABLE
+    except (UsageError, CpxUnavailable) as error:
+        say("%s: error: %s%s" % (name, getattr(error, "prefix", ""), error))
+        return EXIT_USAGE if isinstance(error, UsageError) else EXIT_UNAVAILABLE
     except OutputFailed as error:
         say("%s: error: %s" % (name, error))
         _quiet_stdout()
@@ -4116,17 +3841,12 @@ def _exit(code: int) -> NoReturn:
     try:
         if sys.stdout is not None:
             sys.stdout.flush()
-    except BrokenPipeError:
+    except (OSError, ValueError) as error:
         _quiet_stdout()
-        code = code or EXIT_BROKEN_PIPE
-    except (OSError, ValueError):
-        _quiet_stdout()
-        code = code or EXIT_OUTPUT
-    try:
+        code = code or (EXIT_BROKEN_PIPE if isinstance(error, BrokenPipeError) else EXIT_OUTPUT)
+    with contextlib.suppress(OSError, ValueError):
         if sys.stderr is not None:
             sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
     os._exit(code)
 
 

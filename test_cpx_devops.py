@@ -442,9 +442,9 @@ class TrackStateTest(unittest.TestCase):
         state.record(sample_of("t4", outage="connection refused"))
         self.assertEqual(state.gone, [])
         first, second = state.tracks()
-        self.assertEqual((first.samples, first.unhealthy, first.cpu.stats.minimum, first.cpu.stats.maximum),
+        self.assertEqual((first.samples, first.unhealthy, first.cpu.minimum, first.cpu.maximum),
                          (3, 1, 10, 95))
-        self.assertAlmostEqual(first.cpu.stats.mean, 145 / 3)
+        self.assertAlmostEqual(first.cpu.mean, 145 / 3)
         self.assertEqual(list(first.cpu.recent), [10, 95, 40, None])
         self.assertTrue(second.gone)
         self.assertEqual(state.worst, cpx.WorstMoment(0, 2, "t2", 2))
@@ -548,12 +548,12 @@ class MembershipTest(unittest.TestCase):
     def test_new_instances_are_not_read_and_read_by_every_sample(self):
         membership = self.fleet("10.0.0.1", "10.0.0.2")
         self.assertEqual(membership.choose("A", full=False), ["10.0.0.1", "10.0.0.2"])
-        self.assertEqual(membership.not_read_count(), 2)
+        self.assertEqual(membership.unknown_count(answered=False), 2)
         membership.learn([cpx.Instance("10.0.0.1", "A", 1.0, 1.0), cpx.Instance("10.0.0.2", "B", 1.0, 1.0)])
         self.assertEqual(membership.choose("A", full=False), ["10.0.0.1"])
         self.assertEqual(membership.choose("A", full=True), ["10.0.0.1", "10.0.0.2"])
         self.assertEqual(membership.choose(None, full=False), ["10.0.0.1", "10.0.0.2"])  # the whole fleet
-        self.assertEqual((membership.not_read_count(), membership.unknown_count()), (0, 0))
+        self.assertEqual((membership.unknown_count(answered=False), membership.unknown_count()), (0, 0))
 
     def test_an_instance_failing_its_first_read_is_read_again_next_sample(self):
         membership = self.fleet("10.0.0.1", "10.0.0.2")
@@ -588,7 +588,7 @@ class MembershipTest(unittest.TestCase):
                           cpx.Instance("10.0.0.2", "A", 1.0, 1.0)])
         self.assertIsNone(membership.services["10.0.0.1"])  # read, service unknown: the "(unknown)" group
         self.assertEqual(membership.choose("A", full=False), ["10.0.0.2"])  # not read again each sample
-        self.assertEqual((membership.not_read_count(), membership.unknown_count()), (0, 1))
+        self.assertEqual((membership.unknown_count(answered=False), membership.unknown_count()), (0, 1))
         self.assertEqual(membership.attribute([cpx.Instance("10.0.0.1", error="timeout")])[0].service, None)
 
     def test_instances_that_leave_servers_are_forgotten(self):
@@ -1117,7 +1117,7 @@ SHARD_GOLDEN = (("10.58.1.1", 1, 5), ("10.58.1.2", 2, 5), ("10.58.4.254", 2, 3),
 class PolicyUnitTest(unittest.TestCase):
     def test_a_policy_file_is_read_into_expected_services_minimums_and_thresholds(self):
         policy = cpx.parse_policy(POLICY_TEXT, "fleet.ini")
-        self.assertEqual(policy.expected, ["PaymentService", "UserService", "AuthService"])
+        self.assertEqual(list(policy.services), ["PaymentService", "UserService", "AuthService"])
         self.assertEqual((policy.cpu, policy.memory, policy.min_healthy), (85.0, 90.0, cpx.HealthyCount(1)))
         self.assertEqual(policy.source, "fleet.ini")
         # A share is of the larger of the instances seen and the count the policy gives.
@@ -1133,7 +1133,7 @@ class PolicyUnitTest(unittest.TestCase):
 
     def test_no_file_is_the_built_in_defaults(self):
         policy = cpx.parse_policy("# nothing yet\n", "empty.ini")
-        self.assertEqual((policy.expected, policy.cpu, policy.memory), ([], 90.0, 90.0))
+        self.assertEqual((list(policy.services), policy.cpu, policy.memory), ([], 90.0, 90.0))
         self.assertEqual(policy.min_healthy_for("X", 50), cpx.DEFAULT_MIN_HEALTHY)
         self.assertEqual(cpx.Policy().limits("X"), (cpx.DEFAULT_THRESHOLD, cpx.DEFAULT_THRESHOLD))
 
@@ -1203,7 +1203,7 @@ class PolicyUnitTest(unittest.TestCase):
         self.assertEqual(overridden.min_healthy_for("UserService", 10), 4)
         self.assertEqual(overridden.min_healthy_for("PaymentService", 10), 4)
         self.assertEqual(overridden.limits("UserService"), (50.0, 40.0))  # memory was not given: the file's stays
-        self.assertEqual(overridden.expected, policy.expected)
+        self.assertEqual(list(overridden.services), list(policy.services))
         self.assertEqual(policy.overridden(), policy)
 
     def test_per_service_thresholds_decide_status_and_reasons(self):
@@ -5187,7 +5187,7 @@ class PolicyFileTest(ServerTestCase):
 
     def test_a_section_name_with_a_bracket_is_read_the_same_on_every_python(self):
         policy = cpx.parse_policy("[service:Odd]Name] # a comment ] too\nmin_healthy = 0\n", "p")
-        self.assertEqual(policy.expected, ["Odd]Name"])  # 3.7's configparser read "Odd", 3.13's "Odd]Name] # ..."
+        self.assertEqual(list(policy.services), ["Odd]Name"])  # 3.7's configparser read "Odd", 3.13's "Odd]Name] # ..."
 
     def test_only_a_regular_file_is_read(self):
         directory = scratch_folder(self)
