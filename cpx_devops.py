@@ -789,13 +789,10 @@ def parse_base_url(text: str, source: str = "--url") -> Tuple[str, Optional[str]
     if not parts.path.isascii():
         refuse("has a character that is not ASCII in its path (percent-encode it)")
     host = parts.hostname
-    if ":" in host:
-        host = "[%s]" % host
-    else:
-        try:
-            host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            refuse("has a host name that cannot be looked up (a label empty or over 63 characters?)")
+    try:
+        host = "[%s]" % host if ":" in host else host.encode("idna").decode("ascii")
+    except UnicodeError:
+        refuse("has a host name that cannot be looked up (a label empty or over 63 characters?)")
     authorization = None
     if parts.username is not None or parts.password is not None:
         import base64
@@ -849,6 +846,7 @@ class Watchdog:
         self.local = threading.local()  # the guard of the request this thread is making
 
     def arm(self, give_up_at: float) -> RequestGuard:
+        """Guard the calling thread's next request until give_up_at."""
         guard = self.local.guard = RequestGuard(give_up_at)
         with self.condition:
             self.armed.add(guard)
@@ -860,6 +858,7 @@ class Watchdog:
         return guard
 
     def disarm(self, guard: RequestGuard) -> None:
+        """The request is over: stop guarding it."""
         self.local.guard = None
         with self.condition:
             self.armed.discard(guard)
@@ -1023,17 +1022,20 @@ class ConcurrencyLimit:
         """Learn from one attempt: its outcome, latency and connect time (None: never connected)."""
 
     def start(self, now: float) -> int:
+        """A request starts now; the ticket is for observe() and finish()."""
         with self.lock:
             self.tickets += 1
             self.running[self.tickets] = now
             return self.tickets
 
     def finish(self, ticket: int) -> None:
+        """The request of this ticket is over, however it ended."""
         with self.lock:
             if self.running.pop(ticket, None) is None:
                 self.stuck.discard(ticket)
 
     def room(self, now: float) -> int:
+        """How many more requests may start now."""
         with self.lock:
             cutoff = now - self.stuck_after()
             while self.running:
@@ -1060,10 +1062,9 @@ class ConcurrencyLimit:
 
 
 class AdaptiveLimit(ConcurrencyLimit):
-    """Requests in flight, adapted to what the server can take, up to a ceiling: see docs/design.md,
-    "The adaptive concurrency limit". Only valid answers teach latency; the base is the median of
-    each batch's opening burst; a request STUCK_RATIO x the base stops counting; flat rounds grow
-    the limit, queueing scales it down, pushback (HTTP 429, a dropped SYN) halves it."""
+    """Requests in flight, adapted to the server up to a ceiling (docs/design.md): only valid answers teach
+    latency; the base is the median of each batch's opening burst; a request STUCK_RATIO x the base stops
+    counting; flat rounds grow the limit, queueing scales it down, pushback (429, a dropped SYN) halves it."""
     INITIAL = 5  # in flight at first: never overflows a listen backlog of 5
     GROWTH_FACTOR = 4  # per round, in slow start
     PROBE_DIVISOR = 8  # after slow start, grow by limit / 8 per flat round
@@ -1328,10 +1329,9 @@ class CpxClient:
     def read_instance(self, ip: str, deadline: float, ticket: Optional[int] = None) -> Instance:
         """One instance; any failure becomes an Unknown instance with its reason."""
         try:
-            payload = self.get_json("/" + ip, INSTANCE_BODY_CAP, deadline, ticket)
+            return parse_instance(ip, self.get_json("/" + ip, INSTANCE_BODY_CAP, deadline, ticket))
         except FetchError as error:
             return Instance(ip, error=error.reason)
-        return parse_instance(ip, payload)
 
     def list_servers(self, deadline: float) -> ServerList:
         """The fleet from /servers; CpxUnavailable when it cannot be read or is not a list."""
@@ -1341,14 +1341,10 @@ class CpxClient:
         future = self.executor.submit(self.get_json, "/servers", SERVERS_BODY_CAP, deadline)
         try:
             payload = future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except FutureTimeout:
-            raise CpxUnavailable("GET %s: no answer within the deadline" % url)
-        except FetchError as error:
-            # Cut by the watchdog at the deadline, just before the wait above gives up: the same words.
-            if error.reason == "deadline":
+        except (FutureTimeout, FetchError) as error:  # the wait's end, or the watchdog's cut: the same words
+            if isinstance(error, FutureTimeout) or error.reason == "deadline":
                 raise CpxUnavailable("GET %s: no answer within the deadline" % url)
-            detail = ": " + error.detail if error.detail else ""
-            raise CpxUnavailable("GET %s: %s%s" % (url, error.reason, detail))
+            raise CpxUnavailable("GET %s: %s%s" % (url, error.reason, ": " + error.detail if error.detail else ""))
         try:
             servers = parse_server_list(payload)
         except ValueError as error:
@@ -1705,9 +1701,11 @@ class Report:
         self.chosen = chosen
 
     def cells(self) -> List[Dict[Column, str]]:
+        """The table's cells, a dict by column per row."""
         return summary_cells(self.rows, self.policy)
 
     def record(self, row: Any) -> Dict[str, Any]:
+        """A row's json/csv fields, but its time."""
         return summary_record(row, self.policy)
 
     def records(self) -> List[Dict[str, Any]]:
@@ -1716,12 +1714,15 @@ class Report:
         return [{name: record[name] for name in self.FIELDS} for record in records]
 
     def statuses(self) -> Optional[List[str]]:
+        """A status per row, for its colour."""
         return None
 
     def footer(self) -> str:
+        """The line under a table with headers."""
         return fleet_footer(self.snapshot.instances, self.policy)
 
     def empty(self) -> Optional[str]:
+        """What a table with no row says instead, if anything."""
         return None
 
     def flagged(self) -> Optional[Sequence[ServiceSummary]]:
@@ -1729,6 +1730,7 @@ class Report:
         return None
 
     def render(self, options: Options) -> str:
+        """The report in options.output's format."""
         return getattr(self, "as_" + options.output)(options)
 
     def as_table(self, options: Options, wide: bool = False) -> str:
@@ -2140,13 +2142,10 @@ class Membership:
             if self.services[reading.ip] is not NOT_READ:
                 self.retry.pop(reading.ip, None)
 
-    def service_of(self, ip: str) -> Optional[str]:
-        known = self.services.get(ip)
-        return known if isinstance(known, str) else None
-
     def attribute(self, readings: Iterable[Instance]) -> List[Instance]:
         """Readings with their service: one that failed keeps its instance's last known service."""
-        return [r if r.service is not None else r._replace(service=self.service_of(r.ip)) for r in readings]
+        known = {ip: name for ip, name in self.services.items() if isinstance(name, str)}
+        return [r if r.service is not None else r._replace(service=known.get(r.ip)) for r in readings]
 
     def known_services(self) -> List[str]:
         return sorted({known for known in self.services.values() if isinstance(known, str)})
@@ -2296,10 +2295,9 @@ class TrackState:
         self.scope = scope
         self.interval = interval
         self.rows: Dict[Any, Any] = {}
-        self.samples = 0
+        self.samples = self.unreachable = 0
         self.skipped = 0  # slots that began while a sample was still running
         self.late = 0  # samples that took longer than the interval
-        self.unreachable = 0
         self.first_time: Optional[str] = None
         self.last_good_time: Optional[str] = None
         self.last = Sample("", {})  # the last sample taken
@@ -2318,6 +2316,7 @@ class TrackState:
         return [t for t in self.tracks() if not t.gone]
 
     def record(self, sample: Sample) -> None:
+        """Take one sample."""
         self.samples += 1
         self.first_time = self.first_time or sample.moment
         self.last = sample
@@ -2686,9 +2685,8 @@ class Keyboard:
         try:
             descriptor = self.stream.fileno()
             if os.isatty(descriptor) and os.tcgetpgrp(descriptor) == os.getpgrp():
-                saved = termios.tcgetattr(descriptor)
+                self.saved = termios.tcgetattr(descriptor)
                 tty.setcbreak(descriptor, termios.TCSANOW)
-                self.saved = saved
         except (OSError, ValueError, AttributeError, termios.error):
             self.saved = None
 
@@ -2712,6 +2710,7 @@ class Keyboard:
         return False
 
     def close(self) -> None:
+        """Give the terminal its modes back."""
         if self.saved is None:
             return
         import termios
@@ -2732,6 +2731,7 @@ class LogView:
         """Get ready for the first sample."""
 
     def show(self, state: TrackState) -> None:
+        """Show one sample."""
         table = state.scope.table(state, self.blocks, self.options.color)
         outage = [render_outage(state)] if state.last.outage is not None else []
         lines = [render_track_header(state)] + self.note(state) + [table.rstrip("\n")] + outage
@@ -2742,6 +2742,7 @@ class LogView:
         return [paint(clip(state.last.note, width), UNKNOWN, self.options.color)] if state.last.note else []
 
     def close(self, state: TrackState) -> None:
+        """End the view: the session's summary."""
         emit(render_track_summary(state, self.blocks))
 
 
@@ -2881,6 +2882,7 @@ LANDING_PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>cpx_devops exporter</title></head>
 <body><h1>cpx_devops exporter</h1><p>The health of a CPX fleet, read at each scrape:
 <a href="/metrics">/metrics</a>. Health: <a href="/-/healthy">/-/healthy</a>.</p></body></html>\n"""
+PAGES = {"/": (LANDING_PAGE, "text/html"), "/-/healthy": ("OK\n", "text/plain")}  # serve's, but /metrics
 
 
 class ServeSettings(NamedTuple):
@@ -3021,19 +3023,13 @@ def serve_exporter(options: Options, settings: ServeSettings) -> Any:
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
-                timeout = self.headers.get("X-Prometheus-Scrape-Timeout-Seconds")
-                try:
-                    seconds: Optional[float] = float(timeout) if timeout else None
-                except ValueError:
-                    seconds = None
-                status, body = exporter.scrape(seconds if seconds is None or seconds > 0 else None)
+                header = self.headers.get("X-Prometheus-Scrape-Timeout-Seconds") or ""
+                seconds = float(header) if re.match(r"\s*(?:[0-9]+\.?[0-9]*|\.[0-9]+)\s*\Z", header) else 0.0
+                status, body = exporter.scrape(seconds or None)  # absent, 0 or not a number: none
                 self.text(status, body, "text/plain; version=0.0.4; charset=utf-8")
-            elif path == "/":
-                self.text(200, LANDING_PAGE, "text/html; charset=utf-8")
-            elif path == "/-/healthy":
-                self.text(200, "OK\n", "text/plain; charset=utf-8")
             else:
-                self.text(404, "not found: see /\n", "text/plain; charset=utf-8")
+                page, kind = PAGES.get(path, ("not found: see /\n", "text/plain"))
+                self.text(200 if path in PAGES else 404, page, kind + "; charset=utf-8")
 
         def text(self, status: int, text: str, content_type: str) -> None:
             body, headers = text.encode("utf-8"), [("Vary", "Accept-Encoding")]
