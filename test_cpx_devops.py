@@ -503,6 +503,10 @@ class TrackStateTest(unittest.TestCase):
         for value in [10, 20, 30, 40, 50, 60, None, None]:
             trend.add(value)
         self.assertEqual(trend.values(), [15, 35, 55, None])
+        trend = cpx.SessionTrend(size=4)
+        trend.add(10.0)
+        trend.add(20.0)
+        self.assertEqual(trend.values(), [10, 20])  # catches: a bucket of one sample taking a second (`>`)
 
     def test_memory_stays_constant_over_a_long_run(self):
         import tracemalloc
@@ -4736,6 +4740,104 @@ class FleetViewTest(ServerTestCase):
 
 
 class SurvivorsTest(ServerTestCase):
+    # The round of issues 20-22 (100 mutants): the survivors, a test each.
+
+    def test_a_retry_after_date_in_the_past_is_no_wait(self):
+        # Catches: max(0.0, ...) dropped (a negative sleep raises ValueError).
+        self.assertEqual(cpx.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=2e9), 0.0)
+
+    def test_a_policy_of_exactly_the_cap_is_read(self):
+        # Catches: `> POLICY_SIZE_CAP` turned `>=`.
+        folder = scratch_folder(self)
+        path = os.path.join(folder, "big.ini")
+        line = "# " + "x" * 1021 + "\n"
+        with open(path, "w") as policy:
+            policy.write("[defaults]\n" + line * ((cpx.POLICY_SIZE_CAP - 11) // len(line)))
+            policy.write("#" * (cpx.POLICY_SIZE_CAP - policy.tell() - 1) + "\n")
+        self.assertEqual(os.path.getsize(path), cpx.POLICY_SIZE_CAP)
+        self.assertEqual(cpx.read_policy(path, "--policy").min_healthy, cpx.HealthyCount(2))
+        with open(path, "a") as policy:
+            policy.write("\n")
+        with self.assertRaisesRegex(cpx.UsageError, "over 1 MiB"):
+            cpx.read_policy(path, "--policy")
+
+    def test_a_one_character_range_matches_its_character(self):
+        # Catches: `<=` turned `<` in a class's range ([a-a] matching nothing).
+        self.assertTrue(cpx.glob_match("a", "[a-a]"))
+        self.assertFalse(cpx.glob_match("b", "[a-a]"))
+
+    def test_an_error_body_from_servers_reaches_the_terminal_sanitised(self):
+        # Catches: the detail of an HTTP error not sanitised (a server's escape codes on the terminal).
+        self.server.routes["/servers"] = Reply("\x1b[2J\x1b]0;owned\x07 down", status=500)
+        result = self.cli("--retries", "0", "services")
+        self.assertEqual(result.returncode, 3)
+        self.assertNotIn("\x1b", result.stderr)
+        self.assertIn("HTTP 500: ?[2J?]0;owned? down", result.stderr)
+
+    def test_instances_are_requested_in_the_order_listed(self):
+        # Catches: the last listed first (under a deadline, the first listed would be the ones lost).
+        ips = ["10.0.0.%d" % k for k in (7, 3, 9, 1, 5)]
+        self.server.fleet({ip: instance("A", "1%", "1%") for ip in ips})
+        self.cli("--concurrency", "fixed", "--workers", "1", "services")
+        self.assertEqual([path[1:] for path in self.server.paths() if path != "/servers"], ips)
+
+    def test_a_sample_that_ends_on_the_next_slot_skips_none(self):
+        # Catches: `>` turned `>=` (a sample ending exactly on its slot skipping it).
+        schedule = cpx.Schedule(1.0, start=0.0)
+        self.assertEqual(schedule.next_wait(1.0), (0.0, 0))
+
+    def test_a_table_that_exactly_fits_keeps_every_column(self):
+        # Catches: `total() <= width` turned `<` (a column dropped from a table that fits).
+        columns = (cpx.Column("A"), cpx.Column("B"))
+        rows = [{columns[0]: "x", columns[1]: "y"}]
+        table = cpx.fit_table(columns, rows, (columns[1],), None, [None], False)
+        width = len(table.splitlines()[0])
+        self.assertEqual(cpx.fit_table(columns, [dict(rows[0])], (columns[1],), width, [None], False), table)
+        self.assertNotIn("| B", cpx.fit_table(columns, [dict(rows[0])], (columns[1],), width - 1, [None], False))
+
+    def test_serve_answers_metrics_with_a_query_and_takes_o_prometheus(self):
+        # Catches: the query kept in the path (a 404 for /metrics?x=1); `-o prometheus` refused.
+        self.server.fleet(FIXED_FLEET)
+        parsed = cpx.build_parser().parse_args(["--url", self.server.url, "-q", "serve", "--listen", "127.0.0.1:0"])
+        exporter = cpx.serve_exporter(cpx.options_from_args(parsed, {}), cpx.ServeSettings("127.0.0.1", 0))
+        self.addCleanup(exporter.server_close)
+        self.addCleanup(exporter.shutdown)
+        self.assertEqual(http_get(exporter.url + "/metrics?x=1")[0], 200)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        result = self.cli("-o", "prometheus", "serve", "--listen", "127.0.0.1:%d" % taken.getsockname()[1])
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("cannot listen on 127.0.0.1 port", result.stderr)  # past the -o check
+
+    def test_a_scrape_timeout_of_zero_is_no_timeout(self):
+        # Catches: a header of 0 taken as 0 s (a 0.1 s read: every instance slower than that down).
+        self.server.fleet(dict(FIXED_FLEET, **{"10.0.0.4": Delayed(Reply(FIXED_FLEET["10.0.0.4"]), 0.5)}))
+        parsed = cpx.build_parser().parse_args(["--url", self.server.url, "-q", "serve", "--listen", "127.0.0.1:0"])
+        exporter = cpx.serve_exporter(cpx.options_from_args(parsed, {}), cpx.ServeSettings("127.0.0.1", 0))
+        self.addCleanup(exporter.server_close)
+        self.addCleanup(exporter.shutdown)
+        body = http_get(exporter.url + "/metrics", {"X-Prometheus-Scrape-Timeout-Seconds": "0"})[2].decode()
+        self.assertEqual(parse_exposition(body)[("cpx_scrape_errors", ())], 0)
+
+    def test_sick_counts_round_to_nearest_and_a_fleet_of_20_has_its_small_service(self):
+        # Catches: int() without + 0.5 (2.5 instances giving 2); `>= 20` turned `> 20`.
+        self.assertEqual(cpx.Sickness(0.25, 0.0, 0.0).counts(10), (3, 0, 0))
+        services = [entry.service for entry in cpx.SimulatedFleet(20, seed=1).state.values()]
+        self.assertEqual(services.count(cpx.SIMULATED_SERVICES[-1]), 2)
+
+    def test_listen_takes_the_last_port(self):
+        # Catches: `> 65535` turned `>=`.
+        self.assertEqual(cpx.build_parser().parse_args(["serve", "--listen", ":65535"]).listen, ("", 65535))
+
+    def test_an_option_with_its_value_after_equals_takes_no_next_word(self):
+        # Catches: --url=X read as wanting the next word too: '--bogus' then skipped, and argparse's
+        # "invalid choice: 'http://y'" said instead of the misspelt option.
+        result = run_cli("--url=http://127.0.0.1:1", "--bogus", "http://y", "status")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("unrecognized arguments: --bogus", result.stderr)
+
     def test_a_policy_expecting_zero_instances_is_refused(self):
         # Catches: the check `< 1` weakened to `< 0`.
         self.assertEqual(policy_error("[service:A]\ninstances = 0\n"),
@@ -4966,6 +5068,9 @@ class CompletionSafetyTest(unittest.TestCase):
         os.rename(cache, elsewhere)
         os.symlink(elsewhere, cache)
         self.assertEqual(self.bash_words(""), ([], []))
+        if shutil.which("zsh"):  # catches: zsh's `! -L` dropped
+            self.assertEqual(completed_words("zsh", self.script("zsh"), "cpx-devops status \\$\\(t", self.env()),
+                             ["cpx-devops", "status", "$(t"])
         if shutil.which("fish"):
             self.assertEqual(self.run_shell(["fish", "--no-config", "-c", "source %s; complete -C'cpx-devops status '"
                                              % self.script("fish")]), "")
