@@ -2448,7 +2448,7 @@ class TrackTest(ServerTestCase):
 
     def test_q_quits_the_live_view_and_the_terminal_is_given_back(self):
         code, text = run_in_pty(["--url", self.server.url, "track", "TicketService", "-n", "3"],
-                                {"TERM": "xterm"}, keys=b"q")
+                                {"TERM": "xterm"}, keys=b"Q")  # caps lock on: Q quits too
         self.assertEqual(code, 0)
         self.assertIn("q or Ctrl+C to stop", text)  # no -c: the footer says how to stop
         leave = text.index("\x1b[?25h\x1b[?1049l")
@@ -4826,6 +4826,62 @@ class SurvivorsTest(ServerTestCase):
         self.assertEqual(cpx.Sickness(0.25, 0.0, 0.0).counts(10), (3, 0, 0))
         services = [entry.service for entry in cpx.SimulatedFleet(20, seed=1).state.values()]
         self.assertEqual(services.count(cpx.SIMULATED_SERVICES[-1]), 2)
+
+    def test_a_service_name_of_the_longest_length_is_valid(self):
+        # Catches: `> MAX_SERVICE_NAME` turned `>=`.
+        name = "S" * cpx.MAX_SERVICE_NAME
+        self.assertIsNone(cpx.parse_instance("10.0.0.1", instance(name, "1%", "1%")).error)
+        self.assertEqual(cpx.parse_instance("10.0.0.1", instance(name + "S", "1%", "1%")).error, "invalid service")
+
+    def test_a_port_given_or_the_schemes_own_is_one_origin(self):
+        # Catches: the scheme's port not filled in (a redirect from http://h/ to http://h:80/ refused).
+        self.assertEqual(cpx._origin("http://h/a"), cpx._origin("http://h:80/b"))
+        self.assertEqual(cpx._origin("https://h/"), cpx._origin("HTTPS://h:443/"))
+        self.assertNotEqual(cpx._origin("http://h/"), cpx._origin("https://h:80/"))
+
+    def test_prometheus_values_keep_six_decimals(self):
+        # Catches: the rounding of thresholds and durations made coarser (90.05% exported as 0.9).
+        text = cpx.render_prometheus(cpx.Snapshot([], 0.1234567), cpx.Policy(cpu=90.05))
+        self.assertIn('cpx_threshold_ratio{resource="cpu"} 0.9005\n', text)
+        self.assertIn("cpx_scrape_duration_seconds 0.123457\n", text)
+
+    def test_one_expected_service_present_is_said_in_the_singular(self):
+        # Catches: the singular chosen for no count, or for the wrong one.
+        for text, said in (("[service:A]\n", "and the 1 expected service is present."),
+                           ("[service:A]\n[service:B]\n", "and the 2 expected services are all present.")):
+            report = cpx.FlaggedReport([], cpx.Snapshot([], 0.0), cpx.parse_policy(text, "p"))
+            self.assertIn(said, report.as_table(cpx.Options()))
+
+    def test_a_cache_folder_that_the_group_can_write_is_left_alone(self):
+        # Catches: the folder's mode checked against others only (0o002), not the group (0o022).
+        folder = os.path.join(scratch_folder(self), "cpx_devops")
+        os.makedirs(folder)
+        os.chmod(folder, 0o770)
+        cpx.remember_services([cpx.Instance("10.0.0.1", "A", 1.0, 1.0)],
+                              cpx.Options(service_cache=os.path.join(folder, "services")))
+        self.assertEqual(os.listdir(folder), [])
+
+    def test_a_relative_cache_home_is_ignored(self):
+        # Catches: only an empty XDG_CACHE_HOME ignored (a relative one put the cache in the working folder).
+        args = cpx.build_parser().parse_args(["status"])
+        options = cpx.options_from_args(args, {"XDG_CACHE_HOME": "rel", "HOME": "/h", "CPX_COMPLETE_LIVE": "1"})
+        self.assertEqual(options.service_cache, "/h/.cache/cpx_devops/services")
+
+    def test_a_bad_entry_listed_twice_is_a_duplicate(self):
+        # Catches: a spelling not remembered (each repeat refused again, and looked at again: 20x slower).
+        servers = cpx.parse_server_list(["10.0.0.1", "bogus", "bogus", 7])
+        self.assertEqual((servers.ips, servers.rejected, servers.duplicates), (["10.0.0.1"], ["bogus", 7], 1))
+
+    def test_a_burst_with_one_answer_sets_no_base(self):
+        # Catches: `< 2` turned `< 1` (the base taken from a single answer of a burst that mostly failed).
+        limiter = cpx.AdaptiveLimit(ceiling=64)
+        limiter.begin_batch()
+        first, second = limiter.start(0.0), limiter.start(0.0)
+        limiter.observe(first, limiter.ANSWERED, 0.010)
+        limiter.observe(second, limiter.FAILED)
+        for ticket in (first, second):
+            limiter.finish(ticket)
+        self.assertIsNone(limiter.base)
 
     def test_listen_takes_the_last_port(self):
         # Catches: `> 65535` turned `>=`.
