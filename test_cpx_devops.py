@@ -5470,19 +5470,22 @@ class InstallTest(unittest.TestCase):
         self.make("uninstall", "DESTDIR=" + stage, "PREFIX=/usr")
         self.assertEqual(self.files(stage), [])
 
-    def test_every_file_goes_under_the_prefix_tilde_or_not_home_or_not(self):
+    def test_a_prefix_in_the_home_puts_completion_in_the_users_data_home(self):
         self.make("install", "PREFIX=~/opt")  # as a shell that leaves the ~ alone passes it
         written = [path for path in self.files(self.home) if "__pycache__" not in path]
-        self.assertEqual(written, ["opt/bin/cpx-devops", "opt/lib/cpx-devops/cpx_devops.py",
-                                   "opt/share/bash-completion/completions/cpx-devops"])  # catches: ~/.local/share
+        self.assertEqual(written, [".local/share/bash-completion/completions/cpx-devops", "opt/bin/cpx-devops",
+                                   "opt/lib/cpx-devops/cpx_devops.py"])  # catches: ~ not expanded
         self.make("uninstall", "PREFIX=~/opt")
         self.assertEqual(self.files(self.home), [])
+
+    def test_with_no_home_every_file_goes_under_destdir_and_the_prefix(self):
         stage = os.path.join(self.root, "stage")
         env = {"PATH": os.environ["PATH"]}  # no HOME at all (env -i, a build chroot)
         result = subprocess.run(["make", "-s", "install", "DESTDIR=" + stage, "PREFIX=/usr"], cwd=HERE, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
                                 timeout=120)
         self.assertEqual(result.returncode, 0, result.stdout)
+        # catches: an empty HOME taking every prefix for one inside it (the completion in stage/.local)
         self.assertTrue(all(path.startswith("usr/") for path in self.files(stage)), self.files(stage))
 
     def test_an_old_symlink_in_the_way_is_replaced_never_written_through(self):
