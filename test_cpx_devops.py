@@ -4478,6 +4478,7 @@ class ServeTest(ServerTestCase):
                                                                                           min_interval))
         self.addCleanup(exporter.server_close)
         self.addCleanup(exporter.shutdown)
+        self.exporter = exporter
         return exporter.url
 
     def test_a_scrape_reads_the_fleet_and_renders_what_services_o_prometheus_does(self):
@@ -4575,7 +4576,11 @@ class ServeTest(ServerTestCase):
         started = time.monotonic()
         self.assertEqual(http_get(url + "/-/healthy")[0], 200)
         self.assertLess(time.monotonic() - started, cpx.REQUEST_SECONDS)  # catches: waiting for a thread they hold
-        self.assertTrue(wait_until(lambda: http_get(url + "/-/healthy")[0] == 200))  # its place is free again
+        places = self.exporter.connections  # freed just after an answer is sent, so waited for
+
+        def free():
+            return places.acquire(blocking=False) and (places.release() or True)
+        self.assertTrue(wait_until(free))  # its place is free again
         idle.append(socket.create_connection(("127.0.0.1", port)))  # the last place
         self.addCleanup(idle[-1].close)
         refused = socket.create_connection(("127.0.0.1", port))
