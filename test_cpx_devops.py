@@ -1677,13 +1677,23 @@ class ClientTest(ServerTestCase):
         self.assertEqual(self.client().list_servers(self.deadline()).ips, ["10.0.0.1"])
         for location in ["http://127.0.0.2:%d/servers" % free_port(), "http://127.0.0.1:%d/servers" % free_port(),
                          "file:///etc/passwd",
-                         "ftp://127.0.0.1/servers", self.server.url.replace("127.0.0.1", "localhost") + "/x"]:
+                         "ftp://127.0.0.1/servers", self.server.url.replace("127.0.0.1", "localhost") + "/x",
+                         "http://127.0.0.1:port/servers", "http://[::1/servers"]:  # catches: a ValueError let out
             with self.subTest(case=location):
                 self.server.routes["/servers"] = Reply("", 301, {"Location": location})
                 with self.assertRaises(cpx.CpxUnavailable) as caught:
                     self.client().list_servers(self.deadline())
                 self.assertIn("redirected to %s, not followed" % location, str(caught.exception))
         self.assertEqual(self.server.count("/etc/passwd"), 0)
+
+    def test_the_proxy_of_the_environment_carries_every_request(self):
+        base = "http://cpx.invalid:8080"  # never resolved here: only the proxy is asked for it
+        self.server.routes.update({base + "/servers": Reply(["10.0.0.1"]),
+                                   base + "/10.0.0.1": Reply(instance("A", "1%", "1%"))})
+        result = run_cli("--url", base, "services", "-o", "csv", env={"http_proxy": self.server.url})
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertIn("10.0.0.1,A,", result.stdout)  # catches: a handler list that leaves out the proxy's
+        self.assertEqual(self.server.paths(), [base + "/servers", base + "/10.0.0.1"])
 
     def check_hanging_instances_do_not_hold_back_the_healthy_ones(self, workers):
         # 20 ms answers, as a real fleet's: at loopback's 1 ms, a few ms of the client's own
