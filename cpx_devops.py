@@ -637,10 +637,11 @@ def resolve_service(name: str, known: Iterable[str], unreadable: int = 0) -> str
     if folded:
         raise UsageError("%r could be any of %s: give the name in its own case" % (
             sanitize(name), ", ".join(repr(sanitize(service)) for service in folded)))
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    if not close:
-        lowered = {service.lower(): service for service in known}
-        close = [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)]
+    # Suggested among names of up to 64 characters: difflib costs the product of the two lengths.
+    alike = [service for service in known if len(service) <= 64] if len(name) <= 64 else []
+    lowered = {service.lower(): service for service in alike}
+    close = difflib.get_close_matches(name, alike, n=1, cutoff=0.5) or [
+        lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)]
     if unreadable:
         raise ServiceUnreadable("no readable instance of %r; %s could not be read, it may be among them%s" % (
             sanitize(name), _plural(unreadable, "instance"), _suggestion(close[0], close) if close else ""))
@@ -2872,7 +2873,7 @@ def cmd_track(client: Any, options: Options, settings: TrackSettings, clock: Any
 
 # serve: a Prometheus exporter that reads the fleet at scrape time ---------------------------------
 
-SERVE_PORT = 9968  # serve's own port (not in Prometheus's list of exporter ports)
+SERVE_PORT = 9968  # in the exporters' 9100-9999, which Prometheus's port list has filled: --listen moves it
 # Connections served at once, a thread each (one idle for REQUEST_SECONDS at most); more: refused, not queued.
 SERVE_CONNECTIONS = 64
 REQUEST_SECONDS = 5.0  # a client has this long to send its request, however it trickles
@@ -3115,10 +3116,8 @@ class SimulatedFleet:
         self.ips = ["10.58.%d.%d" % (1 + k // 254, 1 + k % 254) for k in range(count)]
         small = SIMULATED_SERVICES[-1]
         for index, ip in enumerate(self.ips):
-            if count >= 20 and index in (0, 1):
-                service = small  # a two-instance service, one of them hot: something to flag
-            elif count >= 20:
-                service = rng.choice(SIMULATED_SERVICES[:-1])
+            if count >= 20:  # the first two: a two-instance service, one of them hot, something to flag
+                service = small if index in (0, 1) else rng.choice(SIMULATED_SERVICES[:-1])
             else:
                 service = SIMULATED_SERVICES[index % len(SIMULATED_SERVICES)]
             hot = index == 0 or rng.random() < 0.04

@@ -5424,11 +5424,22 @@ class LinearInputTest(ServerTestCase):
     def test_a_server_list_of_a_million_entries_naming_200_costs_what_200_do(self):
         ips = ["10.1.%d.%d" % divmod(k, 250) for k in range(200)]
         self.server.fleet({ip: instance("A", "1%", "1%") for ip in ips})
-        self.server.routes["/servers"] = Reply("[%s]" % ", ".join(
-            '"%s"' % ips[k % 200] for k in range(1000000)))
-        # Per entry, this took over 6 s, the deadline with it: every instance Unknown (deadline).
-        result = self.cli("--deadline", "3", "-q", "services", "-o", "json")
+        body = "[%s]" % ", ".join('"%s"' % ips[k % 200] for k in range(1000000))
+        self.server.routes["/servers"] = Reply(body)
+        result = self.cli("-q", "services", "-o", "json")
         self.assertEqual((result.returncode, len(json.loads(result.stdout))), (0, 200))
+        # Judged against the JSON decoding that any client pays, not in seconds: with an address
+        # parsed per entry, the list cost 30-46 times its decoding (over 6 s here); now about 1.
+        payload = json.loads(body)
+
+        def fastest(work):  # the best of 3, in one thread: load slows both alike
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                work()
+                times.append(time.perf_counter() - started)
+            return min(times)
+        self.assertLess(fastest(lambda: cpx.parse_server_list(payload)), 8 * fastest(lambda: json.loads(body)))
 
     def test_a_deadline_spent_on_the_server_list_says_so(self):
         self.server.routes["/servers"] = Reply("[%s]" % ", ".join(
