@@ -1696,15 +1696,15 @@ class ClientTest(ServerTestCase):
         self.assertEqual(self.server.paths(), [base + "/servers", base + "/10.0.0.1"])
 
     def check_hanging_instances_do_not_hold_back_the_healthy_ones(self, workers):
-        # 20 ms answers, as a real fleet's: at loopback's 1 ms, a few ms of the client's own
-        # jitter read as queueing. Judged by the order of events at the server, not by seconds:
-        # every healthy instance is asked for before the first hanging request is given up
-        # (hanging requests that held their slots would leave about half of them behind).
-        answer = Delayed(Reply(instance("A", "1%", "1%")), 0.02)
+        # 100 ms answers: at loopback's 1 ms, the client's own jitter reads as queueing, and at
+        # 20 ms so did a loaded client's stalls. Judged by the order of events at the server, not
+        # by seconds: every healthy instance is asked for before the first hanging request is
+        # given up (hanging requests that held their slots would leave about half of them behind).
+        answer = Delayed(Reply(instance("A", "1%", "1%")), 0.1)
         hanging = HangUntilClosed()
         fleet = {"10.0.1.%d" % k: hanging if k % 7 == 3 else answer for k in range(70)}
         self.server.fleet(fleet)
-        timeout = 3.0  # a margin no load closes: the healthy 60 take about 0.3 s
+        timeout = 5.0  # a margin no load closes: the healthy 60 take about 1 s
         instances = self.client(timeout=timeout, retries=0, workers=workers).read_instances(
             list(fleet), self.deadline(30))
         healthy = [i for i in instances if fleet[i.ip] is not hanging]
@@ -5554,10 +5554,10 @@ class InstallTest(unittest.TestCase):
 
 class FuzzTest(unittest.TestCase):
     """Seeded fuzzing of every parser of outside input: each input parses or raises the documented
-    error, and nothing else, each within a time bound (a margin no load closes)."""
+    error, and nothing else, each within a bound of this thread's CPU time (which no load stretches)."""
 
     SEED = 20261203
-    BOUND = 2.0  # seconds for one input: every parser here takes microseconds
+    BOUND = 2.0  # CPU seconds for one input: every parser here takes microseconds to milliseconds
 
     def setUp(self):
         import random
@@ -5583,12 +5583,12 @@ class FuzzTest(unittest.TestCase):
     def check(self, parse, value, errors):
         """parse(value) returns, or raises one of errors; never anything else, never slowly."""
         self.tried += 1
-        started = time.monotonic()
+        started = time.thread_time()  # not the wall clock: under load, 0.1 s of work took 2.4 s
         try:
             parse(value)
         except errors:
             pass
-        self.assertLess(time.monotonic() - started, self.BOUND, repr(value)[:200])
+        self.assertLess(time.thread_time() - started, self.BOUND, repr(value)[:200])
 
     def test_api_values(self):
         junk = [None, True, 1, -1, 1.5, float("nan"), float("inf"), 10 ** 400, "", [], {}, "61%", "1e3", "٣"]
