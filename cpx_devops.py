@@ -2570,9 +2570,7 @@ class FleetScope:
     def _style(track: ServiceTrack, state: TrackState) -> Optional[str]:
         if track.gone or track.last is None or state.last.outage is not None:
             return "stale"
-        if track.under_minimum(track.last):
-            return UNHEALTHY
-        return UNKNOWN if track.key is None else None
+        return UNHEALTHY if track.under_minimum(track.last) else UNKNOWN if track.key is None else None
 
     def summary_table(self, state: TrackState, blocks: str) -> str:
         rows = [[service_label(t.key) + (" (gone)" if t.gone else "" if t.last and t.last.instances else " (missing)"),
@@ -2897,7 +2895,6 @@ class Exporter:
     """serve's reads of the fleet: one at a time, shared by the scrapes that come meanwhile, a good one kept
     for --min-interval from its start; a failed one never (a scrape that shared it retries if it has time)."""
     def __init__(self, options: Options, settings: ServeSettings):
-        self.options = options
         self.settings = settings
         self.client = CpxClient(options)
         self.lock = threading.Lock()
@@ -2907,7 +2904,7 @@ class Exporter:
 
     def scrape(self, timeout: Optional[float]) -> Tuple[int, str]:
         """(HTTP status, body) of a read, within the scrape's timeout less a margin, at most --deadline."""
-        seconds = self.options.deadline or DEFAULT_DEADLINE
+        seconds = self.client.options.deadline or DEFAULT_DEADLINE
         if timeout is not None:
             seconds = min(seconds, max(MIN_SCRAPE_DEADLINE, timeout - SCRAPE_MARGIN))
         deadline = time.monotonic() + seconds
@@ -2938,10 +2935,10 @@ class Exporter:
 
     def read(self, deadline: float) -> Tuple[int, str]:
         try:
-            report, _ = snapshot_report(InstancesReport, self.client, self.options, deadline=deadline)
+            report, _ = snapshot_report(InstancesReport, self.client, self.client.options, deadline=deadline)
         except (CpxUnavailable, UsageError) as error:
             return 503, "%s: %s%s\n" % (program_name(), getattr(error, "prefix", ""), error)
-        return 200, report.as_prometheus(self.options)
+        return 200, report.as_prometheus(self.client.options)
 
 
 def _http_classes() -> Tuple[Any, Any]:
@@ -3412,12 +3409,16 @@ class _Parser(argparse.ArgumentParser):
     def spellings(self) -> List[str]:
         return [spelling for action, _, _ in self.arguments for spelling in action.option_strings]
 
+    def _get_option_tuples(self, option_string: str) -> Any:
+        # No long option abbreviated (--ur); -ojson and -qv read on 3.7 too (bpo-26967). No public hook.
+        return [t for t in super()._get_option_tuples(option_string) if t[1] == option_string[:2]]
+
     def add_command(self, commands: Any, name: str, help_text: str, examples: str,
                     arguments: Callable[["_Parser"], None], reads_cpx: bool, alias: bool = False) -> "_Parser":
         """A command, whose arguments are added when it is first parsed or completed (populate())."""
         epilog = "examples:\n%s\nThe global options and the exit statuses: %s --help" % (
             "".join("  %(prog)s " + example + "\n" for example in examples.split("\n")), self.prog)
-        command = commands.add_parser(name, description=help_text, epilog=epilog, allow_abbrev=False,
+        command = commands.add_parser(name, description=help_text, epilog=epilog,
                                       formatter_class=argparse.RawDescriptionHelpFormatter,
                                       **({} if alias else {"help": help_text}))
         command.builders = [arguments] + ([functools.partial(_add_global_options, on_command=True)]
@@ -3683,7 +3684,7 @@ COMMANDS = (
 
 def build_parser() -> _Parser:
     """The command line: global options before or after a command."""
-    parser = _Parser(prog=os.path.basename(sys.argv[0]) or "cpx_devops.py", allow_abbrev=False,
+    parser = _Parser(prog=os.path.basename(sys.argv[0]) or "cpx_devops.py",
                      description="See the health of a CPX fleet in seconds.",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="examples:\n" + "".join("  %(prog)s " + line + "\n" for line in (
@@ -3703,17 +3704,16 @@ def build_parser() -> _Parser:
 def _unknown_option(parser: _Parser, argv: Sequence[str]) -> Optional[str]:
     """The first option before the command that the program does not take (argparse reads it as a value)."""
     takes = {s: action for action, _, _ in parser.arguments for s in action.option_strings}
-    value_next = False
-    for word in argv:
-        if value_next:
-            value_next = False
-        elif word in parser.commands or word in COMMAND_ALIASES or word == "--":
+    words = iter(argv)
+    for word in words:
+        if word in parser.commands or word in COMMAND_ALIASES or word == "--":
             return None
-        elif word.startswith("-") and word != "-":
+        if word.startswith("-") and word != "-":
             action = takes.get(word.split("=", 1)[0]) or takes.get(word[:2])
             if action is None:
                 return word
-            value_next = action.nargs != 0 and word in action.option_strings
+            if action.nargs != 0 and word in action.option_strings:
+                next(words, None)  # its value, whatever it looks like
     return None
 
 

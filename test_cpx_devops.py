@@ -708,6 +708,7 @@ class ParseInstanceTest(unittest.TestCase):
                  (instance(None, "1%", "1%"), "invalid service"), (instance("", "1%", "1%"), "invalid service"),
                  (instance({"a": 1}, "1%", "1%"), "invalid service"),
                  (instance("x" * 300, "1%", "1%"), "invalid service"),
+                 (instance(" \t", "1%", "1%"), "invalid service"),  # catches: blank taken for a name
                  ({"service": "A", "memory": "1%"}, "missing cpu"),
                  (instance("A", "abc", "1%"), "invalid cpu"), (instance("A", "1%", "250%"), "invalid memory"),
                  (instance("A", None, "1%"), "invalid cpu"), (instance("A", {"v": 1}, "1%"), "invalid cpu")]
@@ -1685,6 +1686,14 @@ class ClientTest(ServerTestCase):
                     self.client().list_servers(self.deadline())
                 self.assertIn("redirected to %s, not followed" % location, str(caught.exception))
         self.assertEqual(self.server.count("/etc/passwd"), 0)
+        elsewhere = ControlledServer()
+        self.addCleanup(elsewhere.close)
+        for code in (301, 302, 303, 307, 308):  # catches: one of them left to urllib's handler
+            with self.subTest(case=code):
+                self.server.routes["/servers"] = Reply("", code, {"Location": elsewhere.url + "/servers"})
+                with self.assertRaisesRegex(cpx.CpxUnavailable, "redirected to .*, not followed"):
+                    self.client().list_servers(self.deadline())
+        self.assertEqual(elsewhere.paths(), [])
 
     def test_the_proxy_of_the_environment_carries_every_request(self):
         base = "http://cpx.invalid:8080"  # never resolved here: only the proxy is asked for it
@@ -3636,6 +3645,16 @@ class HostileCornersCliTest(ServerTestCase):
                 self.assertEqual(result.returncode, 2)
                 self.assertIn(suggestion, result.stderr)
                 self.assertEqual(len(result.stderr.splitlines()), 1)
+        # The quiet aliases are never suggested nor listed (catches: the alias filter dropped).
+        self.assertIn("did you mean 'unhealthy'? (choose from services, status, unhealthy, track, serve, completion, "
+                      "simulate)", self.cli("unhealthy-servics").stderr)
+
+    def test_a_short_option_with_its_value_attached_before_the_command(self):
+        self.server.fleet({"10.0.0.1": instance("A", "1%", "1%")})
+        # On 3.7 too, whose argparse refuses both where abbreviations are off (bpo-26967).
+        result = self.cli("-ojson", "services", "-qojson")  # catches: only --long=value spellings looked up
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+        self.assertEqual([record["service"] for record in json.loads(result.stdout)], ["A"])
 
     def test_version_and_help_work_after_any_command(self):
         for command in ("services", "status", "unhealthy", "track", "serve", "completion", "simulate"):
@@ -4582,6 +4601,11 @@ class ServeTest(ServerTestCase):
         self.assertEqual(gzip.decompress(zipped[2]), plain[2])
         refused = http_get(url + "/metrics", {"Accept-Encoding": "gzip;q=0, identity"})
         self.assertNotIn("Content-Encoding", refused[1])  # catches: "gzip" looked for as a substring
+        for accepted, zipped in (("gzip;q=0.5", True), ("br, gzip;q=0.001", True), ("gzip; q=1", True),
+                                 ("gzip;q=0.000", False), ("x-gzip", False)):
+            with self.subTest(case=accepted):  # catches: any q that starts with 0 read as a refusal
+                headers = http_get(url + "/metrics", {"Accept-Encoding": accepted})[1]
+                self.assertEqual(headers.get("Content-Encoding"), "gzip" if zipped else None)
 
     def test_idle_connections_hold_up_no_scrape_and_past_the_cap_are_refused_at_once(self):
         url = self.serve()
@@ -5110,6 +5134,15 @@ class CompletionSafetyTest(unittest.TestCase):
                                  ["cpx-devops", "status", inserted])
         self.assertNothingRan()
 
+    def test_zsh_offers_no_name_read_as_an_option_or_with_a_control_character(self):
+        require_tool(self, "zsh", "zsh")  # the names it hands to compadd, as a stand-in compadd prints them
+        line = ("autoload -Uz compinit && compinit -u -D; source %s; compadd() { shift; print -rl -- \"$@\" }; "
+                "_cpx_devops_services" % self.script("zsh"))
+        out = subprocess.run(["zsh", "-f", "-c", line], stdout=subprocess.PIPE, universal_newlines=True,
+                             env=self.env(), timeout=60).stdout
+        self.assertEqual(sorted(out.splitlines()), sorted(HOSTILE_NAMES))  # catches: '-rf' or a tab let through
+        self.assertNothingRan()
+
     def test_zsh_without_compinit_says_in_one_line_what_to_add(self):
         require_tool(self, "zsh", "zsh")
         result = subprocess.run(["zsh", "-f", "-c", "source %s; echo after $?" % self.script("zsh")],
@@ -5260,6 +5293,11 @@ class ServiceCacheTest(ServerTestCase):
         self.remember(["Service%05d-%s" % (k, "x" * 200) for k in range(3000)])
         self.assertLessEqual(os.path.getsize(self.cache), cpx.SERVICE_CACHE_CAP)
         self.assertGreater(os.path.getsize(self.cache), cpx.SERVICE_CACHE_CAP - 300)
+        names = ["N%03d%s" % (k, "x" * 1019) for k in range(cpx.SERVICE_CACHE_CAP // 1024)]  # 1,024 bytes a line
+        self.remember(names)
+        self.assertEqual(os.path.getsize(self.cache), cpx.SERVICE_CACHE_CAP)  # catches: > turned >= (one lost)
+        self.remember(names[:-1] + [names[-1] + "y"])
+        self.assertEqual(os.path.getsize(self.cache), cpx.SERVICE_CACHE_CAP - 1024)  # a byte over: the last dropped
 
 
 def stat_mode(path):
@@ -5367,6 +5405,14 @@ class PolicyFileTest(ServerTestCase):
         self.assertEqual(cpx.parse_policy(POLICY_TEXT.replace("\n", "\r"), "fleet.ini"), lf)  # configparser: no keys
         self.assertEqual(cpx.parse_policy("[defaults]  ; comment [x]\nmin_healthy: 4 # four\n", "p").min_healthy,
                          cpx.HealthyCount(4))
+        commented = "; a comment\n" + POLICY_TEXT.replace("[service:UserService]\n", "[service:UserService]\n; x\n")
+        self.assertEqual(cpx.parse_policy(commented, "fleet.ini"), lf)  # catches: ';' lines not read as comments
+
+    def test_a_file_that_starts_with_a_byte_order_mark_is_read(self):
+        path = os.path.join(scratch_folder(self), "fleet.ini")  # as Notepad saves UTF-8
+        with open(path, "wb") as policy:
+            policy.write(b"\xef\xbb\xbf[defaults]\ncpu_threshold = 70\n")
+        self.assertEqual(cpx.read_policy(path, "--policy").cpu, 70.0)  # catches: the mark read as text
 
     def test_a_section_name_with_a_bracket_is_read_the_same_on_every_python(self):
         policy = cpx.parse_policy("[service:Odd]Name] # a comment ] too\nmin_healthy = 0\n", "p")
