@@ -1688,9 +1688,10 @@ class ClientTest(ServerTestCase):
         self.assertEqual(self.server.count("/etc/passwd"), 0)
         elsewhere = ControlledServer()
         self.addCleanup(elsewhere.close)
-        for code in (301, 302, 303, 307, 308):  # catches: one of them left to urllib's handler
-            with self.subTest(case=code):
-                self.server.routes["/servers"] = Reply("", code, {"Location": elsewhere.url + "/servers"})
+        for code, header in ((301, "Location"), (302, "Location"), (303, "Location"), (307, "Location"),
+                             (308, "Location"), (302, "URI")):  # catches: one of them left to urllib's handler
+            with self.subTest(case=(code, header)):
+                self.server.routes["/servers"] = Reply("", code, {header: elsewhere.url + "/servers"})
                 with self.assertRaisesRegex(cpx.CpxUnavailable, "redirected to .*, not followed"):
                     self.client().list_servers(self.deadline())
         self.assertEqual(elsewhere.paths(), [])
@@ -2701,6 +2702,12 @@ class WriteTest(ServerTestCase):
             parse_exposition(written.read())
         self.assertEqual(os.listdir(self.directory), ["cpx.prom"])  # no temporary file left behind
         self.assertEqual(os.stat(self.target).st_mode & 0o777, 0o644)  # under the usual umask 022
+        old_umask = os.umask(0o027)
+        try:  # a new file: the umask's mode (catches: 0o666 whatever the umask)
+            self.cli("services", "--write", os.path.join(self.directory, "new.txt"))
+        finally:
+            os.umask(old_umask)
+        self.assertEqual(stat_mode(os.path.join(self.directory, "new.txt")), 0o640)
         for output in ("table", "json", "csv"):
             with self.subTest(case=output):
                 self.cli("status", "-o", output, "--write", self.target)
@@ -4636,7 +4643,8 @@ class ServeTest(ServerTestCase):
         self.assertEqual(status, 200)
         self.assertIn(b'href="/metrics"', body)
         self.assertEqual(http_get(url + "/-/healthy")[:3:2], (200, b"OK\n"))
-        self.assertEqual(http_get(url + "/nope")[0], 404)
+        for path in ("/nope", "/metricsfoo", "/metrics.txt", "/metrics/"):  # catches: a prefix taken for /metrics
+            self.assertEqual(http_get(url + path)[0], 404, path)
         for method in ("POST", "PUT", "DELETE", "HEAD"):
             with self.subTest(case=method):
                 status, headers, _ = http_get(url + "/metrics", method=method)
@@ -4786,7 +4794,41 @@ class FleetViewTest(ServerTestCase):
 
 
 class SurvivorsTest(ServerTestCase):
-    # The round of issues 20-22 (100 mutants): the survivors, a test each.
+    # The rounds of issues 20-22 (100, 50 and 40 mutants): the survivors, a test each.
+
+    def test_the_longest_address_spelling_is_an_address(self):
+        # Catches: the 45 characters of an IPv4-embedded IPv6 address cut (the entry refused).
+        self.assertIsNotNone(cpx.address_key("0000:0000:0000:0000:0000:ffff:255.255.255.255"))
+
+    def test_policy_keys_are_read_in_any_case(self):
+        # Catches: keys no longer folded (CPU_THRESHOLD refused as an unknown key).
+        self.assertEqual(cpx.parse_policy("[defaults]\nCPU_THRESHOLD = 70\n", "p").cpu, 70.0)
+
+    def test_a_bracket_first_in_a_class_is_literal_as_in_fnmatch(self):
+        import fnmatch
+        for name, pattern in (("a", "[]a]"), ("]", "[]a]"), ("x]", "x[]]"), ("b", "[!]a]")):
+            with self.subTest(case=(name, pattern)):  # catches: ']' first taken for the class's end
+                self.assertEqual(cpx.glob_match(name, pattern), fnmatch.fnmatchcase(name, pattern))
+                self.assertTrue(cpx.glob_match(name, pattern))
+
+    def test_c1_controls_are_escaped_as_bytes_and_enclosing_marks_take_no_column(self):
+        self.assertEqual(cpx.escape_unsafe("a\x85b\xadc"), "a\\x85b\\xadc")  # catches: only below 0x80 so
+        self.assertEqual(cpx.display_width("a\u20dd"), 1)  # catches: an enclosing mark counted as a column
+
+    def test_the_simulator_keeps_cpu_within_0_and_100(self):
+        fleet = cpx.SimulatedFleet(20, seed=3)  # instance 0 runs hot: over 2,000 reads it walks to the top
+        for _ in range(2000):
+            cpx.parse_percent(fleet.read(fleet.ips[0])["cpu"])  # catches: no clamp at 100 (invalid cpu)
+
+    def test_the_cache_home_is_made_0700_where_there_is_none(self):
+        home = scratch_folder(self)
+        self.server.fleet({"10.0.0.1": instance("A", "1%", "1%")})
+        old_umask = os.umask(0o022)
+        try:
+            self.cli("status", env={"HOME": home, "XDG_CACHE_HOME": "", "CPX_COMPLETE_LIVE": "1"})
+        finally:
+            os.umask(old_umask)
+        self.assertEqual(stat_mode(os.path.join(home, ".cache")), 0o700)  # catches: made by the umask's mode
 
     def test_a_retry_after_date_in_the_past_is_no_wait(self):
         # Catches: max(0.0, ...) dropped (a negative sleep raises ValueError).
@@ -5133,6 +5175,23 @@ class CompletionSafetyTest(unittest.TestCase):
                 self.assertEqual(completed_words("zsh", script, "cpx-devops status " + typed, self.env()),
                                  ["cpx-devops", "status", inserted])
         self.assertNothingRan()
+
+    def test_a_single_dash_completes_options_not_names(self):
+        self.assertIn(("-o",), self.bash_words("-")[0])  # catches: only '--' read as an option
+
+    def test_fish_ignores_a_relative_cache_home(self):
+        require_tool(self, "fish", "fish")  # catches: any XDG_CACHE_HOME taken, a relative one from the cwd
+        self.write_cache(["HomeSvc"])
+        os.makedirs(os.path.join(self.directory, ".cache"))
+        os.rename(self.cache, os.path.join(self.directory, ".cache", "x"))
+        os.rename(os.path.join(self.directory, ".cache", "x", "cpx_devops"),
+                  os.path.join(self.directory, ".cache", "cpx_devops"))
+        os.makedirs(os.path.join(self.directory, "rel", "cpx_devops"))
+        with open(os.path.join(self.directory, "rel", "cpx_devops", "services"), "w") as planted:
+            planted.write("RelSvc\n")
+        line = "source %s; complete -C'cpx-devops status '" % self.script("fish")
+        out = self.run_shell(["fish", "--no-config", "-c", line], self.env({"XDG_CACHE_HOME": "rel"}))
+        self.assertEqual(out.split(), ["HomeSvc"])
 
     def test_zsh_offers_no_name_read_as_an_option_or_with_a_control_character(self):
         require_tool(self, "zsh", "zsh")  # the names it hands to compadd, as a stand-in compadd prints them
