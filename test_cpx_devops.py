@@ -566,6 +566,17 @@ class MembershipTest(unittest.TestCase):
         self.assertEqual(membership.choose(None, full=False), ["10.0.0.1", "10.0.0.2"])  # the whole fleet
         self.assertEqual((membership.unknown_count(answered=False), membership.unknown_count()), (0, 0))
 
+    def test_an_instance_back_in_the_list_is_read_at_once_whatever_it_failed_before(self):
+        membership = self.fleet("10.0.0.1", "10.0.0.2")
+        membership.learn([cpx.Instance("10.0.0.1", "A", 1.0, 1.0)])
+        for _ in range(4):  # 10.0.0.2 never answers: read again later and later
+            membership.choose("A", full=False)
+            membership.learn([cpx.Instance("10.0.0.2", error="timeout")])
+        self.assertEqual(membership.choose("A", full=False), ["10.0.0.1"])  # not due yet
+        membership.forget(["10.0.0.1"])  # it leaves /servers, then comes back: a new instance
+        membership.forget(["10.0.0.1", "10.0.0.2"])
+        self.assertEqual(membership.choose("A", full=False), ["10.0.0.1", "10.0.0.2"])  # catches: old schedule kept
+
     def test_an_instance_failing_its_first_read_is_read_again_next_sample(self):
         membership = self.fleet("10.0.0.1", "10.0.0.2")
         membership.learn([cpx.Instance("10.0.0.1", "A", 1.0, 1.0), cpx.Instance("10.0.0.2", error="timeout")])
@@ -4084,6 +4095,12 @@ class OutputPathTest(ServerTestCase):
                 self.assertEqual((result.returncode, result.stderr),
                                  (74, b"cpx_devops: error: cannot write to stdout: No space left on device\n"))
 
+    def test_help_and_version_into_a_closed_stdout_are_one_line_and_exit_74(self):
+        for args in (["--version"], ["--help"], ["completion", "bash"]):
+            with self.subTest(case=args):  # catches: the closed stream left to fail as a bug (exit 70)
+                result = self.run_tool(*args, stdout=None, preexec_fn=_closing(1))
+                self.assertEqual((result.returncode, result.stderr), (74, b"cpx_devops: error: stdout is closed\n"))
+
     def test_a_closed_stdout_is_refused_before_any_request_unless_there_is_a_file(self):
         self.server.fleet(FIXED_FLEET)
         result = self.run_tool("services", stdout=None, preexec_fn=_closing(1))
@@ -4563,7 +4580,7 @@ class ServeTest(ServerTestCase):
 
     def test_the_scrape_timeout_header_bounds_the_read(self):
         self.server.routes["/10.0.0.4"] = hang
-        url = self.serve("--deadline", "30")
+        url = self.serve("--deadline", "30", "--timeout", "30")
         started = time.monotonic()
         status, _, body = http_get(url + "/metrics", {"X-Prometheus-Scrape-Timeout-Seconds": "2"})
         self.assertLess(time.monotonic() - started, 2)  # answered within Prometheus's timeout...
@@ -4571,6 +4588,9 @@ class ServeTest(ServerTestCase):
         self.assertEqual(status, 200)  # ...with the hanging instance down, the others up
         self.assertEqual(served[("cpx_instance_up", (("ip", "10.0.0.4"), ("service", "")))], 0)
         self.assertEqual(served[("cpx_instance_up", (("ip", "10.0.0.9"), ("service", "UserService")))], 1)
+        started = time.monotonic()  # a value that starts with its point (catches: ".5" ignored, no deadline)
+        http_get(url + "/metrics", {"X-Prometheus-Scrape-Timeout-Seconds": ".5"})
+        self.assertLess(time.monotonic() - started, 15)  # 0.1 s of reading, not the hanging one's 30 s
         # Never more than --deadline, whatever the header says.
         url = self.serve("--deadline", "0.5")
         started = time.monotonic()
@@ -4663,7 +4683,9 @@ class ServeTest(ServerTestCase):
         status, headers, body = http_get(url + "/")
         self.assertEqual(status, 200)
         self.assertIn(b'href="/metrics"', body)
-        self.assertEqual(http_get(url + "/-/healthy")[:3:2], (200, b"OK\n"))
+        healthy = http_get(url + "/-/healthy")
+        self.assertEqual((healthy[0], healthy[2], healthy[1]["Content-Type"]),
+                         (200, b"OK\n", "text/plain; charset=utf-8"))
         for path in ("/nope", "/metricsfoo", "/metrics.txt", "/metrics/"):  # catches: a prefix taken for /metrics
             self.assertEqual(http_get(url + path)[0], 404, path)
         for method in ("POST", "PUT", "DELETE", "HEAD"):
@@ -4816,6 +4838,46 @@ class FleetViewTest(ServerTestCase):
 
 class SurvivorsTest(ServerTestCase):
     # The rounds of issues 20-22 (100, 50 and 40 mutants): the survivors, a test each.
+
+    def test_defaults_are_what_the_help_says(self):
+        args = cpx.build_parser().parse_args(["status"])
+        self.assertEqual(cpx.options_from_args(args, {}).timeout, 5.0)  # catches: a default changed unsaid
+        self.assertIn("default 5", " ".join(run_cli("--help").stdout.split()))
+        self.assertEqual(cpx.build_parser().parse_args(["simulate"]).servers, 150)
+        self.assertIn("default 150", " ".join(run_cli("simulate", "--help").stdout.split()))
+
+    def test_a_middle_part_is_found_before_the_last_part(self):
+        import fnmatch
+        for name, pattern in (("ab", "a*b*b"), ("abc", "a*bc*c"), ("abb", "a*b*b")):
+            with self.subTest(case=(name, pattern)):  # catches: the next part searched from the match's start
+                self.assertEqual(cpx.glob_match(name, pattern), fnmatch.fnmatchcase(name, pattern))
+
+    def test_a_429_is_recovered_up_to_the_limit_before_it_not_past(self):
+        limiter, now, seen = cpx.AdaptiveLimit(ceiling=64), 0.0, []
+        limiter.begin_batch()
+        burst = [limiter.start(now) for _ in range(5)]
+        for ticket in burst:  # a 10 ms base
+            limiter.observe(ticket, limiter.ANSWERED, 0.010)
+            limiter.finish(ticket)
+        limiter.limit = 41  # where a 429 finds it
+
+        def answer(outcome):
+            ticket = limiter.start(now)
+            limiter.observe(ticket, outcome, 0.010)
+            limiter.finish(ticket)
+            seen.append(limiter.limit)
+        answer(limiter.REFUSED)
+        for _ in range(400):
+            now += 0.010
+            answer(limiter.ANSWERED)
+        self.assertEqual(seen[0], 20)
+        self.assertIn(41, seen)  # catches: doubling past the limit it had before the 429 (40 -> 64)
+
+    def test_a_simulated_instance_stays_near_its_base(self):
+        fleet = cpx.SimulatedFleet(20, seed=3)
+        ip = fleet.ips[0]  # a hot one: its base is over 90%
+        values = [cpx.parse_percent(fleet.read(ip)["cpu"]) for _ in range(500)]
+        self.assertGreater(sum(values[100:]) / 400, 80)  # catches: the pull back to the base reversed
 
     def test_an_instance_that_comes_back_is_no_longer_gone(self):
         state = service_state()
@@ -5230,6 +5292,13 @@ class CompletionSafetyTest(unittest.TestCase):
                 self.assertEqual(completed_words("zsh", script, "cpx-devops status " + typed, self.env()),
                                  ["cpx-devops", "status", inserted])
         self.assertNothingRan()
+
+    def test_a_typed_glob_character_is_compared_as_itself(self):
+        self.assertEqual(self.bash_words("*")[0], [("*",)])  # a name: only the one named '*'
+        for typed, offered in (("j", ["json"]), ("*", [])):  # a choice: none starts with '*'
+            line = ("source %s; COMP_WORDS=(cpx-devops status --output '%s'); COMP_CWORD=3; _cpx_devops; "
+                    "printf '%%s\\n' \"${COMPREPLY[@]}\"" % (self.script("bash"), typed))
+            self.assertEqual(self.run_shell(["bash", "-c", line]).split(), offered)  # catches: $cur unquoted
 
     def test_a_single_dash_completes_options_not_names(self):
         self.assertIn(("-o",), self.bash_words("-")[0])  # catches: only '--' read as an option
