@@ -81,9 +81,11 @@ install: check-python ## install cpx-devops in PREFIX (~/.local): bin/cpx-devops
 	  'runpy.run_module("cpx_devops", run_name="__main__")' >> "$(DESTDIR)$(BINDIR)/.cpx-devops.tmp"
 	chmod 0755 "$(DESTDIR)$(BINDIR)/.cpx-devops.tmp"
 	$(PY) cpx_devops.py completion bash > "$(DESTDIR)$(COMPLETIONDIR)/.cpx-devops.tmp"
-	# Renamed into place: an old symlink there is replaced, never written through.
-	mv -f "$(DESTDIR)$(BINDIR)/.cpx-devops.tmp" "$(DESTDIR)$(BINDIR)/cpx-devops"
-	mv -f "$(DESTDIR)$(COMPLETIONDIR)/.cpx-devops.tmp" "$(DESTDIR)$(COMPLETIONDIR)/cpx-devops"
+	# Renamed into place: an old symlink there is removed, never written through nor (to a folder)
+	# moved into; a real folder there stops the install (rm -f refuses it).
+	rm -f "$(DESTDIR)$(BINDIR)/cpx-devops" && mv -f "$(DESTDIR)$(BINDIR)/.cpx-devops.tmp" "$(DESTDIR)$(BINDIR)/cpx-devops"
+	rm -f "$(DESTDIR)$(COMPLETIONDIR)/cpx-devops" && mv -f "$(DESTDIR)$(COMPLETIONDIR)/.cpx-devops.tmp" \
+	  "$(DESTDIR)$(COMPLETIONDIR)/cpx-devops"
 	@echo "installed $(DESTDIR)$(BINDIR)/cpx-devops, and bash completion in $(DESTDIR)$(COMPLETIONDIR)"
 
 uninstall: ## remove what install wrote (the same PREFIX and DESTDIR)

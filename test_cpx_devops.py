@@ -5764,6 +5764,13 @@ class InstallTest(unittest.TestCase):
         result = subprocess.run([os.path.join(prefix, "bin", "cpx-devops"), "--version"], stdout=subprocess.PIPE,
                                 universal_newlines=True, timeout=60)
         self.assertEqual(result.stdout, "cpx-devops %s\n" % cpx.__version__)
+        folder = os.path.join(self.root, "a-folder")  # a link to a folder: mv would move the file into it
+        os.makedirs(folder)
+        os.unlink(os.path.join(prefix, "bin", "cpx-devops"))
+        os.symlink(folder, os.path.join(prefix, "bin", "cpx-devops"))
+        self.make("install", "PREFIX=" + prefix)
+        self.assertEqual(os.listdir(folder), [])  # catches: mv -f alone (the launcher left in the folder)
+        self.assertFalse(os.path.islink(os.path.join(prefix, "bin", "cpx-devops")))
 
     def test_uninstall_removes_only_what_install_wrote(self):
         prefix = os.path.join(self.root, "usr")
